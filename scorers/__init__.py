@@ -1,0 +1,1 @@
+"""Reference-model scoring and difficulty signals for stepwise DPO."""
