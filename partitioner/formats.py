@@ -1,0 +1,361 @@
+"""Preference-data layouts, their detection, and conversion of one row to TRL's canonical form.
+
+Canonical form (what DPOTrainer reads): ``prompt``, ``chosen``, ``rejected``, either all text (*standard*)
+or all lists of ``{"role", "content"}`` messages (*conversational*), with an explicit prompt.
+
+Layouts read (``format=`` names):
+  ``standard``           TRL standard, explicit prompt: ``prompt``/``chosen``/``rejected`` strings
+  ``standard_implicit``  TRL standard, implicit prompt: ``chosen``/``rejected`` strings sharing a prefix
+  ``conversational``     TRL conversational, explicit prompt: message lists
+  ``conversational_implicit``  TRL conversational, implicit prompt: full conversations in chosen/rejected
+  ``openai``             OpenAI DPO fine-tuning rows: ``input.messages``, ``preferred_output``, ``non_preferred_output``
+  ``sharegpt``           ``conversations`` of ``{"from", "value"}`` turns, ``chosen``/``rejected`` turns, optional ``system``
+  ``messages``           ``chosen_messages``/``rejected_messages``: full conversations (content as text or parts)
+  ``hh``                 Anthropic-HH transcripts: ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` in chosen and rejected
+  ``mapping``            any columns, named by a column mapping (``prompt``, ``chosen``, ``rejected``, optional ``system``)
+
+Implicit prompts are extracted as TRL's ``maybe_extract_prompt`` does (longest common prefix of turns, or of
+characters for text).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+FORMATS = (
+    "standard",
+    "standard_implicit",
+    "conversational",
+    "conversational_implicit",
+    "openai",
+    "sharegpt",
+    "messages",
+    "hh",
+    "mapping",
+)
+
+ROLE_MAP = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
+
+MAPPING_KEYS = ("prompt", "chosen", "rejected", "system")
+
+
+class RowReject(Exception):
+    """A row that cannot be used; ``reason`` is a code from ``partitioner.rejects.REASONS``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class PreferenceDataError(ValueError):
+    """Input that cannot be read at all (one-line message): unknown layout, unreadable file, bad option."""
+
+
+# --------------------------------------------------------------------------------------------- detection
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, Mapping) for m in value)
+
+
+def _looks_hh(text) -> bool:
+    return isinstance(text, str) and ("\n\nHuman:" in text or text.startswith("Human:")) and "\n\nAssistant:" in text
+
+
+def detect_row_format(row: Mapping) -> str | None:
+    """The layout of one row, from its keys and value types; None when it matches none."""
+    if not isinstance(row, Mapping):
+        return None
+    keys = set(row)
+    if {"input", "preferred_output", "non_preferred_output"} <= keys:
+        return "openai"
+    if "conversations" in keys and {"chosen", "rejected"} <= keys:
+        return "sharegpt"
+    if {"chosen_messages", "rejected_messages"} <= keys:
+        return "messages"
+    if {"chosen", "rejected"} <= keys:
+        chosen = row["chosen"]
+        if _is_messages(chosen):
+            return "conversational" if _is_messages(row.get("prompt")) else "conversational_implicit"
+        if isinstance(chosen, str):
+            if isinstance(row.get("prompt"), str):
+                return "standard"
+            return "hh" if _looks_hh(chosen) else "standard_implicit"
+    return None
+
+
+def detect_format(rows: list, columns: list[str]) -> str:
+    """The layout of a file, from its first rows that match a layout.
+
+    Raises:
+        PreferenceDataError: no row matches a known layout; the message lists the columns seen.
+    """
+    for row in rows:
+        fmt = detect_row_format(row)
+        if fmt is not None:
+            return fmt
+    raise PreferenceDataError(
+        f"no known preference format fits columns {sorted(columns)}; expected one of {', '.join(FORMATS[:-1])} "
+        "(see partitioner/formats.py), or pass a column mapping, e.g. --column-mapping prompt=question,"
+        "chosen=response_j,rejected=response_k"
+    )
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _field(row: Mapping, key: str):
+    value = row.get(key)
+    if value is None:
+        raise RowReject("missing_field", f"field {key!r} is missing or null")
+    return value
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise RowReject("non_text", f"{what} is {type(value).__name__}, expected text")
+    if not value.strip():
+        raise RowReject("empty_text", f"{what} is empty")
+    return value
+
+
+def _content_text(content, what: str) -> str:
+    """Message content as text: a string, or a list of parts whose text parts are joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, Mapping) and part.get("type", "text") == "text":
+                t = part.get("text", part.get("value"))
+                if not isinstance(t, str):
+                    raise RowReject("non_text", f"{what} has a text part without text")
+                texts.append(t)
+            else:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise RowReject("non_text", f"{what} has a non-text part ({kind})")
+        return "".join(texts)
+    if content is None:
+        raise RowReject("missing_field", f"{what} has no content")
+    raise RowReject("non_text", f"{what} content is {type(content).__name__}, expected text")
+
+
+def _message(m, what: str, role_key: str = "role", content_key: str = "content") -> dict:
+    if not isinstance(m, Mapping):
+        raise RowReject("non_text", f"{what} is {type(m).__name__}, expected a message object")
+    role = m.get(role_key)
+    if role is None:
+        raise RowReject("missing_field", f"{what} has no {role_key!r}")
+    if not isinstance(role, str):
+        raise RowReject("non_text", f"{what} {role_key!r} is {type(role).__name__}")
+    mapped = ROLE_MAP.get(role.strip().lower())
+    if mapped is None:
+        raise RowReject("unknown_role", f"{what} has role {role!r}")
+    content = _content_text(m.get(content_key), what)
+    if mapped != "system" and not content.strip():
+        raise RowReject("empty_text", f"{what} ({mapped}) has empty content")
+    return {"role": mapped, "content": content}
+
+
+def _messages(value, what: str, role_key: str = "role", content_key: str = "content") -> list[dict]:
+    if value is None:
+        raise RowReject("missing_field", f"{what} is missing or null")
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list):
+        raise RowReject("non_text", f"{what} is {type(value).__name__}, expected a list of messages")
+    if not value:
+        raise RowReject("empty_text", f"{what} has no messages")
+    return [_message(m, f"{what}[{i}]", role_key, content_key) for i, m in enumerate(value)]
+
+
+def _split_implicit(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    """TRL's extract_prompt on message lists: longest common prefix of turns is the prompt."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            break
+    else:
+        idx = min(len(chosen), len(rejected))
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _check_conversational(prompt: list, chosen: list, rejected: list) -> tuple[list, list, list]:
+    if not prompt:
+        raise RowReject("empty_text", "prompt has no messages")
+    if prompt[-1]["role"] == "assistant":
+        raise RowReject("no_assistant_turn", "prompt ends with an assistant turn; nothing left to prefer")
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns:
+            raise RowReject("no_assistant_turn", f"{name} has no turns after the prompt")
+        if not any(m["role"] == "assistant" for m in turns):
+            raise RowReject("no_assistant_turn", f"{name} has no assistant turn")
+    if chosen == rejected:
+        raise RowReject("identical_pair", "chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+def _check_standard(prompt, chosen, rejected) -> tuple[str, str, str]:
+    prompt = _text(prompt, "prompt")
+    chosen = _text(chosen, "chosen")
+    rejected = _text(rejected, "rejected")
+    if chosen == rejected:
+        raise RowReject("identical_pair", "chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def _parse_hh(text: str, what: str) -> list[dict]:
+    text = text if text.startswith("\n\n") else "\n\n" + text
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise RowReject("non_text", f"{what} has text before the first Human:/Assistant: turn")
+    turns = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        turns.append({"role": "user" if speaker == "Human" else "assistant", "content": content})
+    if not turns:
+        raise RowReject("non_text", f"{what} has no Human:/Assistant: turns")
+    return turns
+
+
+# --------------------------------------------------------------------------------------------- conversion
+def _consumed(fmt: str, mapping: Mapping | None) -> set[str]:
+    return {
+        "standard": {"prompt", "chosen", "rejected"},
+        "standard_implicit": {"chosen", "rejected"},
+        "conversational": {"prompt", "chosen", "rejected"},
+        "conversational_implicit": {"prompt", "chosen", "rejected"},
+        "openai": {"input", "preferred_output", "non_preferred_output"},
+        "sharegpt": {"conversations", "chosen", "rejected", "system"},
+        "messages": {"chosen_messages", "rejected_messages"},
+        "hh": {"chosen", "rejected"},
+        "mapping": set((mapping or {}).values()),
+    }[fmt]
+
+
+def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple[dict, dict]:
+    """Convert one row of layout ``fmt`` to ``({"prompt", "chosen", "rejected"}, extras)``.
+
+    Raises:
+        RowReject: the row is unusable; ``reason`` says why.
+    """
+    if not isinstance(row, Mapping):
+        raise RowReject("not_an_object", f"row is {type(row).__name__}, expected an object")
+    if fmt != "mapping":
+        own = detect_row_format(row)
+        if own is not None and own != fmt and not _compatible(own, fmt):
+            raise RowReject("mixed_format", f"row looks like {own!r} in a {fmt!r} input")
+    if fmt == "standard":
+        p, c, r = _check_standard(_field(row, "prompt"), _field(row, "chosen"), _field(row, "rejected"))
+    elif fmt == "standard_implicit":
+        from trl.data_utils import extract_prompt
+
+        c, r = _text(_field(row, "chosen"), "chosen"), _text(_field(row, "rejected"), "rejected")
+        parts = extract_prompt({"chosen": c, "rejected": r})
+        p, c, r = _check_standard(parts["prompt"], parts["chosen"], parts["rejected"])
+    elif fmt == "conversational":
+        p, c, r = _check_conversational(
+            _messages(_field(row, "prompt"), "prompt"),
+            _messages(_field(row, "chosen"), "chosen"),
+            _messages(_field(row, "rejected"), "rejected"),
+        )
+    elif fmt in ("conversational_implicit", "messages"):
+        ck, rk = ("chosen", "rejected") if fmt == "conversational_implicit" else ("chosen_messages", "rejected_messages")
+        p, c, r = _split_implicit(_messages(_field(row, ck), ck), _messages(_field(row, rk), rk))
+        p, c, r = _check_conversational(p, c, r)
+    elif fmt == "openai":
+        inp = _field(row, "input")
+        if not isinstance(inp, Mapping):
+            raise RowReject("non_text", f"input is {type(inp).__name__}, expected an object with 'messages'")
+        p, c, r = _check_conversational(
+            _messages(inp.get("messages"), "input.messages"),
+            _messages(_field(row, "preferred_output"), "preferred_output"),
+            _messages(_field(row, "non_preferred_output"), "non_preferred_output"),
+        )
+    elif fmt == "sharegpt":
+        turns = _messages(_field(row, "conversations"), "conversations", "from", "value")
+        system = row.get("system")
+        if system is not None and not isinstance(system, str):
+            raise RowReject("non_text", f"system is {type(system).__name__}, expected text")
+        if system and system.strip() and not any(m["role"] == "system" for m in turns):
+            turns = [{"role": "system", "content": system}] + turns
+        p, c, r = _check_conversational(
+            turns,
+            _messages(_field(row, "chosen"), "chosen", "from", "value"),
+            _messages(_field(row, "rejected"), "rejected", "from", "value"),
+        )
+    elif fmt == "hh":
+        ct = _parse_hh(_text(_field(row, "chosen"), "chosen"), "chosen")
+        rt = _parse_hh(_text(_field(row, "rejected"), "rejected"), "rejected")
+        if ct[-1]["role"] != "assistant" or rt[-1]["role"] != "assistant":
+            raise RowReject("no_assistant_turn", "transcript does not end with an Assistant: turn")
+        if ct[:-1] != rt[:-1]:
+            raise RowReject("prompt_mismatch", "chosen and rejected transcripts have different contexts")
+        for m in ct + rt:
+            if m["role"] == "user" and not m["content"].strip():
+                raise RowReject("empty_text", "a Human: turn is empty")
+        if not ct[-1]["content"].strip() or not rt[-1]["content"].strip():
+            raise RowReject("empty_text", "the final Assistant: turn is empty")
+        p, c, r = _check_conversational(ct[:-1], ct[-1:], rt[-1:])
+    elif fmt == "mapping":
+        p, c, r = _convert_mapped(row, mapping or {})
+    else:
+        raise PreferenceDataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    consumed = _consumed(fmt, mapping)
+    extras = {k: v for k, v in row.items() if k not in consumed}
+    return {"prompt": p, "chosen": c, "rejected": r}, extras
+
+
+def _compatible(own: str, fmt: str) -> bool:
+    # An explicit-prompt row is fine in an implicit-prompt file and vice versa only within the same family;
+    # rows in ShareGPT files may carry a prompt-less layout check, etc. Everything else is a mix.
+    pairs = {("standard", "standard_implicit"), ("standard_implicit", "standard"), ("hh", "standard_implicit")}
+    return (own, fmt) in pairs
+
+
+def _convert_mapped(row: Mapping, mapping: Mapping) -> tuple:
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in mapping:
+            raise PreferenceDataError(f"column mapping needs prompt, chosen and rejected; got {dict(mapping)}")
+    prompt, chosen, rejected = (_field(row, mapping[k]) for k in ("prompt", "chosen", "rejected"))
+    system = row.get(mapping["system"]) if "system" in mapping else None
+    if isinstance(chosen, list) or isinstance(prompt, list):
+        p = _messages(prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": _text(prompt, "prompt")}]
+        if system and isinstance(system, str) and system.strip():
+            p = [{"role": "system", "content": system}] + p
+        wrap = lambda v, n: _messages(v, n) if isinstance(v, list) else [{"role": "assistant", "content": _text(v, n)}]  # noqa: E731
+        return _check_conversational(p, wrap(chosen, "chosen"), wrap(rejected, "rejected"))
+    if system is not None:
+        if not isinstance(system, str):
+            raise RowReject("non_text", f"system is {type(system).__name__}, expected text")
+        p = ([{"role": "system", "content": system}] if system.strip() else []) + [
+            {"role": "user", "content": _text(prompt, "prompt")}
+        ]
+        return _check_conversational(
+            p, [{"role": "assistant", "content": _text(chosen, "chosen")}],
+            [{"role": "assistant", "content": _text(rejected, "rejected")}],
+        )
+    return _check_standard(prompt, chosen, rejected)
+
+
+def is_conversational_format(fmt: str, mapping: Mapping | None = None) -> bool | None:
+    """True/False when the layout fixes it; None for ``mapping`` (decided by the values)."""
+    if fmt in ("standard", "standard_implicit"):
+        return False
+    if fmt == "mapping":
+        return None
+    return True
