@@ -75,7 +75,9 @@ class StepwiseConfig:
     steps: int | None = field(
         default=None, metadata={"help": "Train only the first N chunks (default: all of them)."}
     )
-    score_batch_size: int = field(default=8, metadata={"help": "Batch size of reference scoring passes."})
+    score_batch_tokens: int = field(
+        default=4096, metadata={"help": "Token budget per forward of the reference scoring passes."}
+    )
     reference_stats: bool = field(
         default=True,
         metadata={"help": "Log mean γ_ref and reward accuracy of M(t-1) on chunk t (in 'live'/'peft' mode this "
@@ -113,8 +115,8 @@ class StepwiseConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.score_batch_size < 1:
-            raise ValueError(f"score_batch_size must be >= 1, got {self.score_batch_size}")
+        if self.score_batch_tokens < 1:
+            raise ValueError(f"score_batch_tokens must be >= 1, got {self.score_batch_tokens}")
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
 
@@ -280,10 +282,9 @@ def _score(model, dataset, tokenizer, args, config) -> tuple[list[float], list[f
     return score_pairs(
         model,
         dataset,
-        pad_token_id=tokenizer.pad_token_id,
         max_length=args.max_length,
         truncation_mode=args.truncation_mode,
-        batch_size=config.score_batch_size,
+        batch_tokens=config.score_batch_tokens,
     )
 
 

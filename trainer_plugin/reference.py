@@ -55,68 +55,38 @@ def hard_refresh(policy: torch.nn.Module, reference: torch.nn.Module) -> None:
         _copy()
 
 
-@torch.no_grad()
 def score_pairs(
     model: torch.nn.Module,
     dataset,
     *,
-    pad_token_id: int,
     max_length: int | None,
     truncation_mode: str = "keep_start",
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
+    batch_tokens: int = 4096,
 ) -> tuple[list[float], list[float]]:
-    """Summed log-probs of chosen and rejected completions, exactly as ``DPOTrainer.compute_ref_log_probs``.
+    """Summed log-probs of chosen and rejected completions under ``model``, as DPOTrainer's reference computes them.
 
-    Batches are built by TRL's own ``DataCollatorForPreference`` (same concatenation, truncation and completion
-    mask); pairs are processed in length-sorted order and returned in input order. Token log-probs are taken with
-    ``F.cross_entropy`` over the logits (no full log_softmax materialised).
+    Uses the shared scorer backend (``scorers.transformers_backend.TransformersBackend``: TRL's truncation, sums
+    over the completion tokens the collator keeps). The model's train/eval mode is restored afterwards.
 
     Args:
         dataset: rows with ``prompt_ids``/``chosen_ids``/``rejected_ids`` (a ``datasets.Dataset`` or list of dicts).
 
     Returns:
-        ``(chosen_logps, rejected_logps)`` as Python float lists (float64 sums of fp32 token log-probs).
+        ``(chosen_logps, rejected_logps)`` as Python float lists, in input order.
     """
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
     from partitioner.schema import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
+    from scorers.transformers_backend import TransformersBackend
 
-    collator = DataCollatorForPreference(
-        pad_token_id=pad_token_id, max_length=max_length, truncation_mode=truncation_mode
-    )
-    cols = (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS)
-    if hasattr(dataset, "select_columns"):
-        rows = dataset.select_columns(list(cols)).to_list()
-    else:
-        rows = [{c: r[c] for c in cols} for r in dataset]
-    lengths = [len(r[PROMPT_IDS]) + max(len(r[CHOSEN_IDS]), len(r[REJECTED_IDS])) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: -lengths[i])
-    device = device or next(model.parameters()).device
+    cols = [PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS]
+    rows = dataset.select_columns(cols).to_list() if hasattr(dataset, "select_columns") else list(dataset)
     was_training = model.training
-    model.eval()
-    chosen = [0.0] * len(rows)
-    rejected = [0.0] * len(rows)
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = collator([rows[i] for i in idx])
-            input_ids = batch["input_ids"].to(device)
-            attention_mask = batch["attention_mask"].to(device)
-            mask = batch["completion_mask"].to(device)[:, 1:]
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-            labels = input_ids[:, 1:]
-            tok = -torch.nn.functional.cross_entropy(
-                logits.float().transpose(1, 2), labels, reduction="none"
-            )
-            sums = (tok * mask).double().sum(dim=1).cpu().tolist()
-            n = len(idx)
-            for j, i in enumerate(idx):
-                chosen[i] = sums[j]
-                rejected[i] = sums[n + j]
+        backend = TransformersBackend(model, max_length=max_length, truncation_mode=truncation_mode,
+                                      batch_tokens=batch_tokens, progress=False)
+        out = backend.score(rows)
     finally:
         model.train(was_training)
-    return chosen, rejected
+    return out["chosen_logps"], out["rejected_logps"]
 
 
 def margin_stats(chosen: list[float], rejected: list[float]) -> dict:

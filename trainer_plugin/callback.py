@@ -1,0 +1,206 @@
+"""Drop-in stepwise reference refresh for an existing TRL ``DPOTrainer`` (one optimizer, one LR schedule).
+
+Usage::
+
+    train_dataset = concatenate_chunks("out/partition")          # chunks in curriculum order + chunk column
+    trainer = DPOTrainer(model, ref_model=copy.deepcopy(model), args=args, train_dataset=train_dataset, ...)
+    StepwiseReferenceCallback().install(trainer)                 # chunk-ordered sampler + refresh at boundaries
+    trainer.train()
+
+Difference from the driver (``trainer_plugin.driver.train_stepwise``): here a single ``DPOTrainer`` runs over all
+chunks with **one optimizer and one LR schedule** (warmup once, decay over the whole run; Adam moments carry over
+chunk boundaries); the driver, as in the sDPO paper, builds a fresh trainer, optimizer and schedule per chunk and
+saves M(t) after each one. Both use M(t-1) as the reference of chunk t: here the reference is overwritten with the
+policy's weights (a hard refresh) right after the last optimizer step of each chunk.
+
+Chunk boundaries in optimizer steps: every chunk is padded to a multiple of ``rows_per_step =
+per_device_train_batch_size × gradient_accumulation_steps × world_size`` by repeating rows of the same chunk
+(so no optimizer step mixes two chunks), which gives chunk c ``ceil(n_c / rows_per_step)`` optimizer steps.
+
+Assumptions:
+    a live ``ref_model`` (not PEFT, not ``precompute_ref_log_probs``: a refreshed reference invalidates
+    precomputed log-probs); ``num_train_epochs`` whole epochs (each epoch replays the chunk order and refreshes
+    at each of its boundaries); ``max_steps`` unset. Resuming mid-run from a Trainer checkpoint does not restore
+    the reference (it is not in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import types
+
+import torch
+from torch.utils.data import Sampler
+from transformers import TrainerCallback
+
+from .reference import hard_refresh
+
+logger = logging.getLogger(__name__)
+
+CHUNK_COLUMN = "stepwise_chunk"  # our column: the chunk index of each row (not read by TRL)
+
+
+def concatenate_chunks(partition):
+    """One dataset of all chunks in curriculum order with a ``stepwise_chunk`` column (chunk index per row).
+
+    Args:
+        partition: a partition folder (verified) or a list of ``datasets.Dataset`` chunks.
+    """
+    from datasets import concatenate_datasets
+
+    if isinstance(partition, (str, os.PathLike)):
+        from partitioner.shards import load_partition, verify_partition
+
+        verify_partition(partition)
+        chunks = load_partition(partition)
+    else:
+        chunks = list(partition)
+    tagged = [c.add_column(CHUNK_COLUMN, [i] * len(c)) for i, c in enumerate(chunks)]
+    return concatenate_datasets(tagged)
+
+
+class ChunkOrderedSampler(Sampler[int]):
+    """Yields the chunks in order, each shuffled on its own (seeded per epoch and chunk), never mixing chunks.
+
+    Each chunk is padded with its own rows (cyclically, from its shuffled order) to a multiple of
+    ``rows_per_step`` so that every optimizer step sees rows of one chunk only.
+    """
+
+    def __init__(self, chunk_sizes: list[int], rows_per_step: int, seed: int = 0, shuffle: bool = True):
+        if rows_per_step < 1:
+            raise ValueError(f"rows_per_step must be >= 1, got {rows_per_step}")
+        if not chunk_sizes or any(n < 1 for n in chunk_sizes):
+            raise ValueError(f"every chunk needs at least one row, got sizes {chunk_sizes}")
+        self.chunk_sizes = list(chunk_sizes)
+        self.rows_per_step = rows_per_step
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def steps_per_chunk(self) -> list[int]:
+        return [math.ceil(n / self.rows_per_step) for n in self.chunk_sizes]
+
+    def __len__(self) -> int:
+        return sum(self.steps_per_chunk()) * self.rows_per_step
+
+    def __iter__(self):
+        start = 0
+        for c, (n, steps) in enumerate(zip(self.chunk_sizes, self.steps_per_chunk(), strict=True)):
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + c)
+                perm = torch.randperm(n, generator=g).tolist()
+            else:
+                perm = list(range(n))
+            for i in range(steps * self.rows_per_step):
+                yield start + perm[i % n]
+            start += n
+
+
+def _chunk_sizes_of(dataset) -> list[int]:
+    ids = dataset[CHUNK_COLUMN]
+    if any(b < a for a, b in zip(ids, ids[1:])):
+        raise ValueError(f"the training dataset's {CHUNK_COLUMN} column is not in chunk order")
+    sizes: list[int] = []
+    prev = None
+    for i in ids:
+        if i != prev:
+            sizes.append(0)
+            prev = i
+        sizes[-1] += 1
+    return sizes
+
+
+class StepwiseReferenceCallback(TrainerCallback):
+    """Hard-refreshes a live reference model with the policy's weights at every chunk boundary.
+
+    Args:
+        partition_dir: a partition folder; its manifest gives the chunk sizes (when the training dataset has no
+            ``stepwise_chunk`` column).
+        chunk_sizes: the chunk sizes, alternatively.
+        ref_model, accelerator: bound by :meth:`install` (or give them, as for TRL's ``SyncRefModelCallback``).
+
+    After training, ``refresh_steps`` lists the global steps at which the reference was refreshed and
+    ``refresh_seconds`` the time each refresh took.
+    """
+
+    def __init__(self, partition_dir=None, *, chunk_sizes: list[int] | None = None, ref_model=None,
+                 accelerator=None):
+        if partition_dir is not None and chunk_sizes is None:
+            from partitioner.shards import read_manifest
+
+            chunk_sizes = [c["rows"] for c in read_manifest(partition_dir)["chunks"]]
+        self.chunk_sizes = chunk_sizes
+        self.ref_model, self.accelerator = ref_model, accelerator
+        self.sampler: ChunkOrderedSampler | None = None
+        self.boundaries: list[int] = []
+        self.refresh_steps: list[int] = []
+        self.refresh_seconds: list[float] = []
+
+    def install(self, trainer) -> StepwiseReferenceCallback:
+        """Bind to ``trainer``: its reference, a chunk-ordered sampler in place of its own, and this callback.
+
+        Raises:
+            ValueError: no live reference model, a PEFT or precomputed-reference setup, or chunk sizes that do not
+                add up to the training dataset (e.g. rows TRL dropped for a prompt that fills ``max_length``).
+        """
+        args = trainer.args
+        if getattr(trainer, "ref_model", None) is None:
+            raise ValueError("StepwiseReferenceCallback needs a DPOTrainer with a live ref_model to refresh")
+        if args.precompute_ref_log_probs:
+            raise ValueError("StepwiseReferenceCallback cannot refresh precomputed reference log-probs")
+        if args.max_steps and args.max_steps > 0:
+            raise ValueError("StepwiseReferenceCallback needs max_steps unset (the chunks define the run's length)")
+        ds = trainer.train_dataset
+        if CHUNK_COLUMN in ds.column_names:
+            sizes = _chunk_sizes_of(ds)
+            if self.chunk_sizes is not None and sum(self.chunk_sizes) != len(ds):
+                logger.warning("TRL dropped %d row(s) (prompt fills max_length); chunk sizes now %s",
+                               sum(self.chunk_sizes) - len(ds), sizes)
+            self.chunk_sizes = sizes
+        elif self.chunk_sizes is None or sum(self.chunk_sizes) != len(ds):
+            raise ValueError(
+                f"chunk sizes {self.chunk_sizes} do not add up to the training dataset's {len(ds)} rows; build it "
+                "with concatenate_chunks() so the chunk of every row is known"
+            )
+        self.ref_model = trainer.ref_model
+        self.accelerator = trainer.accelerator
+        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        self.sampler = ChunkOrderedSampler(self.chunk_sizes, rows_per_step, seed=args.data_seed or args.seed)
+        sampler = self.sampler
+        trainer._get_train_sampler = types.MethodType(lambda self, train_dataset=None: sampler, trainer)
+        trainer.add_callback(self)
+        return self
+
+    def boundary_steps(self, num_epochs: int = 1) -> list[int]:
+        """Global optimizer steps after which the reference is refreshed (end of every chunk but the last)."""
+        per_chunk = self.sampler.steps_per_chunk()
+        per_epoch = sum(per_chunk)
+        ends = [sum(per_chunk[: c + 1]) for c in range(len(per_chunk))]
+        steps = [epoch * per_epoch + e for epoch in range(num_epochs) for e in ends]
+        return steps[:-1]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.sampler is None:
+            raise ValueError("call StepwiseReferenceCallback.install(trainer) before training")
+        self.boundaries = self.boundary_steps(math.ceil(args.num_train_epochs))
+        if state.global_step > 0:
+            logger.warning("resumed at step %d: the reference is not restored from the checkpoint", state.global_step)
+        logger.info("stepwise reference refresh at optimizer steps %s (chunks of %s steps)", self.boundaries,
+                    self.sampler.steps_per_chunk())
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step not in self.boundaries or state.global_step in self.refresh_steps:
+            return
+        import time
+
+        t0 = time.perf_counter()
+        policy = self.accelerator.unwrap_model(model) if self.accelerator is not None else model
+        ref = self.accelerator.unwrap_model(self.ref_model) if self.accelerator is not None else self.ref_model
+        hard_refresh(policy, ref)
+        self.refresh_seconds.append(time.perf_counter() - t0)
+        self.refresh_steps.append(state.global_step)
+        logger.info("step %d: chunk boundary, reference <- policy (%.3fs)", state.global_step,
+                    self.refresh_seconds[-1])
