@@ -101,6 +101,7 @@ class PartitionConfig:
     )
     shuffle_within: bool = field(default=False, metadata={"help": "Seeded shuffle of the rows inside each chunk."})
     parquet: bool = field(default=False, metadata={"help": "Also write chunk-NNN.parquet copies."})
+    fsync: bool = field(default=True, metadata={"help": "fsync shards before the manifest (survives power loss)."})
     batch_rows: int = field(default=8192, metadata={"help": "Rows per output record batch (bounds memory)."})
     overwrite: bool = field(default=True, metadata={"help": "Replace a previous partition in the output folder."})
 
@@ -177,28 +178,8 @@ class _Input:
         i = self.schema.get_field_index(name)
         return pa.chunked_array([b.column(i) for b in self.batches], type=self.schema.field(i).type)
 
-    def take(self, idx: np.ndarray) -> pa.RecordBatch:
-        """Rows ``idx`` (global positions) as one record batch, in the order given."""
-        idx = np.asarray(idx, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")
-        s = idx[order]
-        bid = np.searchsorted(self.offsets, s, side="right") - 1
-        cuts = np.flatnonzero(np.diff(bid)) + 1
-        starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(s)]])
-        pieces = []
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            batch, local = self.batches[bid[a]], s[a:b] - self.offsets[bid[a]]
-            if local[-1] - local[0] == b - a - 1:  # contiguous run: a zero-copy slice
-                pieces.append(batch.slice(int(local[0]), b - a))
-            else:
-                pieces.append(batch.take(pa.array(local)))
-        table = pa.Table.from_batches(pieces, schema=self.schema).combine_chunks()
-        if not np.all(order[1:] > order[:-1]):  # restore the requested order
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(len(order))
-            table = table.take(pa.array(inverse))
-        batches = table.combine_chunks().to_batches()
-        return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=self.schema)
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.batches)
 
     def release(self) -> None:
         """Drop the mapped input pages from this process's resident set (the OS page cache keeps them)."""
@@ -215,6 +196,10 @@ def _map_stream(path: Path) -> tuple[list[pa.RecordBatch], pa.Schema, mmap.mmap 
         raise PartitionError(f"{path} is empty, not an Arrow IPC stream")
     with open(path, "rb") as f:
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:  # rows are taken at random positions: no read-ahead / fault-around (keeps the resident set small)
+        m.madvise(mmap.MADV_RANDOM)
+    except (AttributeError, OSError):
+        pass
     try:
         reader = pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(m)))
         batches = list(reader)
@@ -371,9 +356,9 @@ def reward_accuracy_by_source(inp: _Input) -> dict[str, float]:
 
 def _source_codes(inp: _Input) -> tuple[np.ndarray, list[str]]:
     if SOURCE not in inp.schema.names:
-        return np.zeros(inp.num_rows, dtype=np.int64), [""]
+        return np.zeros(inp.num_rows, dtype=np.int32), [""]
     enc = inp.column(SOURCE).combine_chunks().dictionary_encode()
-    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), [str(s) for s in enc.dictionary.to_pylist()]
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int32), [str(s) for s in enc.dictionary.to_pylist()]
 
 
 def _argsort(key: np.ndarray | None, row_ids: pa.ChunkedArray, descending: bool = False) -> np.ndarray:
@@ -490,6 +475,103 @@ def _summary(values: np.ndarray | None) -> dict | None:
     return {"min": float(values.min()), "max": float(values.max()), "mean": float(values.mean())}
 
 
+BUCKET_BYTES = 48 << 20  # rows are distributed into buckets of about this size, then each bucket is sorted
+
+
+def _write_shards(inp: _Input, perm: np.ndarray, bounds: np.ndarray, out: Path, config: PartitionConfig,
+                  progress: bool = True) -> list[dict]:
+    """Copy rows into the chunk shards in curriculum order with bounded memory (an external distribution sort).
+
+    Pass 1 reads the input front to back and appends each row to the bucket file of its final position
+    (bucket ``b`` holds final positions ``[b*R, (b+1)*R)``); pass 2 reads one bucket at a time, puts its rows
+    in order with one ``take`` per output batch and streams them into the shards. Memory: one input slice + one
+    bucket + 8 bytes per row (the order and its inverse), whatever the input size. Small inputs (one bucket)
+    are taken from the input directly. Output record batches have exactly ``batch_rows`` rows (fewer at the
+    end of a chunk), independent of the bucketing.
+    """
+    n = len(perm)
+    row_bytes = max(1, inp.nbytes() // max(n, 1))
+    bucket_rows = int(max(config.batch_rows, min(n, BUCKET_BYTES // row_bytes)))
+    n_buckets = -(-n // bucket_rows)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * n if n_buckets > 1 else n, unit="row", desc="partition", disable=None)
+    tmp = out / f".buckets-{os.getpid()}"
+    writer, pending = None, []
+    try:
+        if n_buckets > 1:
+            tmp.mkdir()
+            pos = np.empty(n, dtype=perm.dtype)  # final position of each input row
+            pos[perm] = np.arange(n, dtype=perm.dtype)
+            writers = [pa.ipc.new_stream(str(tmp / f"{b:05d}.arrow"), inp.schema) for b in range(n_buckets)]
+            step = 1 << 15
+            for bi, batch in enumerate(inp.batches):
+                base = int(inp.offsets[bi])
+                for lo in range(0, batch.num_rows, step):
+                    sub = batch.slice(lo, step)
+                    bk = pos[base + lo: base + lo + sub.num_rows] // bucket_rows
+                    order = np.argsort(bk, kind="stable")
+                    sbk = bk[order]
+                    cuts = np.flatnonzero(np.diff(sbk)) + 1
+                    taken = sub.take(pa.array(order))
+                    for a, b in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(sbk)]]).tolist()):
+                        writers[int(sbk[a])].write_batch(taken.slice(a, b - a))
+                    del taken, sub
+                    inp.release()
+                    if bar is not None:
+                        bar.update(len(bk))
+            for w in writers:
+                w.close()
+            del pos
+        entries: list[dict] = []
+        ci = 0
+        for b in range(n_buckets):
+            first = b * bucket_rows  # final position of the bucket's first row
+            wanted = perm[first:first + bucket_rows]  # input rows in final order
+            if n_buckets == 1:
+                src, local = pa.Table.from_batches(inp.batches, schema=inp.schema), wanted
+            else:
+                path = tmp / f"{b:05d}.arrow"
+                with pa.OSFile(str(path), "rb") as f:
+                    src = pa.ipc.open_stream(f).read_all().combine_chunks()
+                path.unlink()
+                # the bucket holds its rows in input order: the k-th smallest input position is row k
+                local = np.searchsorted(np.sort(wanted), wanted)
+            done = 0
+            while done < len(wanted):
+                if writer is None:
+                    writer = ShardWriter(out, ci, inp.schema, parquet=config.parquet, fsync=config.fsync)
+                buffered = sum(t.num_rows for t in pending)
+                take_n = min(int(bounds[ci + 1]) - (first + done), len(wanted) - done, config.batch_rows - buffered)
+                pending.append(src.take(pa.array(local[done:done + take_n])))
+                done += take_n
+                if bar is not None:
+                    bar.update(take_n)
+                end_of_chunk = first + done == int(bounds[ci + 1])
+                if buffered + take_n == config.batch_rows or end_of_chunk:
+                    table = pending[0] if len(pending) == 1 else pa.concat_tables(pending)
+                    writer.write(table.combine_chunks().to_batches()[0])
+                    pending.clear()
+                if end_of_chunk:
+                    entries.append(writer.commit())
+                    writer, ci = None, ci + 1
+            del src
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entries
+
+
 def partition_preferences(data, output_dir: str | os.PathLike, config: PartitionConfig | None = None, *,
                           rejects=None, progress: bool = True) -> Path:
     """Order ``data`` into a curriculum and write it as chunk shards + ``rejects.arrow`` + ``manifest.json``.
@@ -518,41 +600,35 @@ def partition_preferences(data, output_dir: str | os.PathLike, config: Partition
     # every kept row in exactly one chunk
     if bounds[-1] != n or len(perm) != n or not np.all(np.bincount(perm, minlength=n) == 1):
         raise PartitionError("internal error: the chunks do not cover every row exactly once")
+    perm = perm.astype(np.int32 if n < 2**31 else np.int64)
 
+    if config.shuffle_within:
+        for ci in range(len(sizes)):
+            lo, hi = bounds[ci], bounds[ci + 1]
+            perm[lo:hi] = perm[lo:hi][np.random.default_rng([config.seed, ci]).permutation(hi - lo)]
+    chunk_entries = []
     harder = _numeric(inp, DIFFICULTY, "difficulty") if DIFFICULTY in inp.schema.names else None
     codes, source_names = _source_codes(inp)
-    out = prepare_output_dir(output_dir, overwrite=config.overwrite)
-
-    chunk_entries = []
-    iterator = range(len(sizes))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, unit="row", desc="partition", disable=None)
-    for ci in iterator:
+    for ci in range(len(sizes)):
         idx = perm[bounds[ci]:bounds[ci + 1]]
-        if config.shuffle_within:
-            idx = idx[np.random.default_rng([config.seed, ci]).permutation(len(idx))]
-        writer = ShardWriter(out, ci, inp.schema, parquet=config.parquet)
-        try:
-            for start in range(0, len(idx), config.batch_rows):
-                writer.write(inp.take(idx[start:start + config.batch_rows]))
-                inp.release()
-                if bar is not None:
-                    bar.update(min(config.batch_rows, len(idx) - start))
-            entry = writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
         counts = np.bincount(codes[idx], minlength=len(source_names))
-        entry = {"index": ci, **entry,
-                 "difficulty": _summary(harder[idx]) if harder is not None else None,
-                 "key": _summary(key[bounds[ci]:bounds[ci + 1]]) if key is not None else None,
-                 "sources": {source_names[i]: int(c) for i, c in enumerate(counts) if c}}
-        chunk_entries.append(entry)
-    if bar is not None:
-        bar.close()
+        chunk_entries.append({
+            "index": ci,
+            "difficulty": _summary(harder[idx]) if harder is not None else None,
+            "key": _summary(key[bounds[ci]:bounds[ci + 1]]) if key is not None else None,
+            "sources": {source_names[i]: int(c) for i, c in enumerate(counts) if c},
+        })
+    del harder, codes, key
+    inp.release()
+
+    out = prepare_output_dir(output_dir, overwrite=config.overwrite)
+    files = _write_shards(inp, perm, bounds, out, config, progress=progress)
+    for entry, f in zip(chunk_entries, files):
+        entry.update(f)
+        # keep the manifest's key order readable: index, file, rows, sha256, ...
+    chunk_entries = [{"index": e["index"], "file": e["file"], "rows": e["rows"], "sha256": e["sha256"],
+                      **{k: v for k, v in e.items() if k not in ("index", "file", "rows", "sha256")}}
+                     for e in chunk_entries]
 
     rej_table = inp.rejects
     from .rejects import REJECTS_SCHEMA, reason_counts, write_rejects

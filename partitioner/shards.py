@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -87,7 +88,8 @@ class ShardWriter:
     Assumptions: every batch has the schema given at construction.
     """
 
-    def __init__(self, out_dir: Path, index: int, schema: pa.Schema, parquet: bool = False):
+    def __init__(self, out_dir: Path, index: int, schema: pa.Schema, parquet: bool = False, fsync: bool = True):
+        self.fsync = fsync
         self.path = out_dir / chunk_name(index)
         self.tmp = out_dir / f".{self.path.name}.tmp-{os.getpid()}"
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
@@ -112,7 +114,8 @@ class ShardWriter:
         """Close, fsync and rename into place; returns the manifest entry's file fields."""
         self._writer.close()
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self.fsync:
+            os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
         entry = {"file": self.path.name, "rows": self.rows, "sha256": self._sink.sha.hexdigest()}
@@ -149,8 +152,8 @@ def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Pa
         raise PartitionError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     entries = [p for p in out.iterdir()]
-    ours = [p for p in entries if p.name == MANIFEST or p.name == REJECTS or p.name.startswith(("chunk-", ".chunk-"))
-            or p.name.startswith((f".{MANIFEST}", f".{REJECTS}"))]
+    ours = [p for p in entries if p.name in (MANIFEST, REJECTS)
+            or p.name.startswith(("chunk-", ".chunk-", ".buckets-", f".{MANIFEST}", f".{REJECTS}"))]
     if len(ours) != len(entries):
         foreign = sorted(p.name for p in entries if p not in ours)
         raise PartitionError(f"output folder {out} is not empty and not a partition (contains {foreign[0]})")
@@ -160,7 +163,9 @@ def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Pa
         (out / MANIFEST).unlink()
         _fsync_dir(out)
     for p in ours:
-        if p.exists() and p.name != MANIFEST:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists() and p.name != MANIFEST:
             p.unlink()
     return out
 
