@@ -1,0 +1,195 @@
+"""Benchmark: our reference scorer (TransformersBackend, packed) vs TRL's own DPOTrainer ref precompute.
+
+Same model (bundled SmolLM2-135M-Instruct), same rows (the first --rows orca rows), same machine, one run. Each
+contender runs in its own child process (peak RSS measured there, model loading excluded from the timing).
+
+Prints pairs/s, TRL-equivalent real tokens/s (prompt counted twice, padding not counted), the ratio, max/mean
+absolute difference of the row sums against TRL, the fraction of the measured matmul peak, peak RSS, and the
+deviation of bf16 scoring from TRL's fp32 sums.
+
+    flock /tmp/sdpo-heavy.lock .venv/bin/python bench/bench_scoring.py --rows 24 --max-length 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def load_rows(n: int, max_length: int):
+    import datasets
+
+    from partitioner.loading import load_preferences
+    from partitioner.tokenization import TokenizeConfig, tokenize_preferences
+    from scorers.models import load_tokenizer
+
+    data = REPO.parent / "shared" / "data" / "orca_dpo_pairs" / "validation.jsonl"
+    ds = load_preferences([str(data)]).select(range(n))
+    tok = load_tokenizer("bundled")
+    kept, rejects = tokenize_preferences(ds, tok, TokenizeConfig(max_length=max_length))
+    # DPOTrainer drops the prompt_too_long rows itself; give it only the rows we score, for a 1:1 comparison
+    canonical = datasets.Dataset.from_list(
+        [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in kept.to_list()])
+    return kept, canonical, len(rejects)
+
+
+def child_ours(args) -> dict:
+    import torch
+
+    from scorers.models import load_causal_lm
+    from scorers.transformers_backend import TransformersBackend
+
+    kept, _, _ = load_rows(args.rows, args.max_length)
+    rows = kept.to_list()
+    model = load_causal_lm("bundled", dtype=args.dtype)
+    backend = TransformersBackend(model, max_length=args.max_length, batch_tokens=args.batch_tokens,
+                                  packed=not args.plain, progress=False)
+    torch.set_num_threads(torch.get_num_threads())
+    t0 = time.perf_counter()
+    scores = backend.score(rows)
+    seconds = time.perf_counter() - t0
+    n_scored = sum(scores["chosen_tokens"]) + sum(scores["rejected_tokens"])
+    return {"seconds": seconds, "chosen": scores["chosen_logps"], "rejected": scores["rejected_logps"],
+            "tokens_computed": backend.tokens_computed, "padding": backend.padding_computed, "head_positions": n_scored}
+
+
+def child_trl(args) -> dict:
+    from trl import DPOConfig, DPOTrainer
+
+    from scorers.models import load_causal_lm, load_tokenizer
+
+    _, canonical, _ = load_rows(args.rows, args.max_length)
+    model = load_causal_lm("bundled", dtype="float32")
+    tok = load_tokenizer("bundled")
+    timing, counts = {}, {"tokens": 0, "padding": 0}
+    original = DPOTrainer._precompute_ref_logps
+    original_batch = DPOTrainer.compute_ref_log_probs
+
+    def timed(self, dataset, name, batch_size):
+        t0 = time.perf_counter()
+        out = original(self, dataset, name, batch_size)
+        timing[name] = time.perf_counter() - t0
+        return out
+
+    def counted(self, model, inputs):
+        counts["tokens"] += int(inputs["attention_mask"].sum())
+        counts["padding"] += int((inputs["attention_mask"] == 0).sum())
+        return original_batch(self, model, inputs)
+
+    DPOTrainer._precompute_ref_logps = timed
+    DPOTrainer.compute_ref_log_probs = counted
+    cfg = DPOConfig(output_dir=tempfile.mkdtemp(), bf16=False, use_cpu=True, report_to=[],
+                    max_length=args.max_length, precompute_ref_log_probs=True, per_device_train_batch_size=8,
+                    gradient_checkpointing=False, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=canonical, processing_class=tok)
+    ds = trainer.train_dataset
+    return {"seconds": timing["train"], "chosen": ds["ref_chosen_logps"], "rejected": ds["ref_rejected_logps"],
+            "tokens_computed": counts["tokens"], "padding": counts["padding"],
+            "head_positions": counts["tokens"] + counts["padding"]}
+
+
+def matmul_peak(dtype: str, seconds: float = 3.0) -> float:
+    """GFLOP/s of a torch.matmul loop on shapes like the model's MLP (1024 x 576 @ 576 x 1536)."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(1024, 576, dtype=dt), torch.randn(576, 1536, dtype=dt)
+    for _ in range(5):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
+
+
+def model_params() -> tuple[int, int]:
+    """(matmul parameters of the transformer body, of the output projection) of the bundled model."""
+    import json as _json
+
+    from scorers.models import bundled_model_path
+
+    c = _json.loads((bundled_model_path() / "config.json").read_text())
+    h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = h // c["num_attention_heads"] * c.get("num_key_value_heads", c["num_attention_heads"])
+    body = L * (h * h * 2 + h * kv * 2 + 3 * h * i)
+    return body, h * c["vocab_size"]
+
+
+def run_child(role: str, args, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", role, "--rows", str(args.rows), "--max-length", str(args.max_length),
+           "--batch-tokens", str(args.batch_tokens), *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode != 0:
+        sys.exit(f"{role} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=24)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--plain", action="store_true", help="(child) unpacked rows")
+    p.add_argument("--child", choices=("ours", "trl"))
+    p.add_argument("--skip-bf16", action="store_true")
+    args = p.parse_args()
+    if args.child:
+        res = child_ours(args) if args.child == "ours" else child_trl(args)
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return
+
+    import numpy as np
+    import torch
+
+    kept, _, n_rejected = load_rows(args.rows, args.max_length)
+    from scorers.backend import kept_view
+
+    trl_tokens = 0
+    for r in kept.to_list():
+        for side in ("chosen_ids", "rejected_ids"):
+            v = kept_view(len(r["prompt_ids"]), len(r[side]), args.max_length, "keep_start")
+            trl_tokens += v.n_prompt(len(r["prompt_ids"])) + v.n_completion
+    n = len(kept)
+    peak32, peak16 = matmul_peak("float32"), matmul_peak("bfloat16")
+    body, head = model_params()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; matmul peak fp32 {peak32:.0f} GFLOP/s, "
+          f"bf16 {peak16:.0f} GFLOP/s")
+    print(f"rows: {n} orca pairs scored ({n_rejected} prompt_too_long), max_length {args.max_length}, "
+          f"{trl_tokens} TRL-equivalent real tokens")
+    results = {"trl": run_child("trl", args, []), "ours": run_child("ours", args, [])}
+    if not args.skip_bf16:
+        results["ours_bf16"] = run_child("ours", args, ["--dtype", "bfloat16"])
+    trl = results["trl"]
+    ref = np.array(trl["chosen"] + trl["rejected"])
+    for name, r in results.items():
+        flops = 2 * (body * r["tokens_computed"] + head * r["head_positions"])
+        if name == "trl":
+            flops = 2 * (body + head) * (r["tokens_computed"] + r["padding"])
+        peak = peak16 if name.endswith("bf16") else peak32
+        diff = np.abs(np.array(r["chosen"] + r["rejected"]) - ref)
+        r.update(pairs_per_s=n / r["seconds"], tokens_per_s=trl_tokens / r["seconds"],
+                 peak_fraction=flops / r["seconds"] / 1e9 / peak, max_diff=float(diff.max()),
+                 mean_diff=float(diff.mean()))
+        print(f"{name:10s} {r['seconds']:8.1f} s  {r['pairs_per_s']:.3f} pairs/s  {r['tokens_per_s']:7.1f} tok/s  "
+              f"x{trl['seconds'] / r['seconds']:.2f} vs TRL  computed {r['tokens_computed']} tok + "
+              f"{r['padding']} pad  {100 * r['peak_fraction']:.0f}% of matmul peak  peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB  |diff| vs TRL max {r['max_diff']:.2e} mean {r['mean_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

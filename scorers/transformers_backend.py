@@ -1,0 +1,262 @@
+"""Reference log-probs with a transformers causal LM, exactly as DPOTrainer sums them, computed fast.
+
+Packed path (default): one row per pair, ``prompt + chosen + rejected``, with a block-causal 4D attention mask in
+which the rejected tokens see the prompt but not the chosen ones, and position ids of rejected that continue after
+the prompt (prefix sharing, Wang et al. 2024). Each prompt token is computed once instead of twice. The first
+completion token of each side is predicted from the last prompt position, so both sides gather that hidden
+state. Rows are sorted by length and batched by a token budget (little padding); the LM head runs only at the
+positions whose next token is a completion token, followed by ``F.cross_entropy`` (no full log-softmax over all
+positions).
+
+When truncation makes the two sides keep different prompt slices (``keep_end`` with long pairs), the pair is
+packed as two independent segments (positions restart at 0), so the result still equals the collator's view.
+
+Plain path (``packed=False``): each side as its own right-padded row, as the collator builds them; used to check
+the packed path and for attention implementations that do not take a custom 4D mask.
+
+Assumptions:
+    the model's attention implementation takes a 4D boolean mask (``sdpa`` or ``eager``) for the packed path;
+    transformers >= 5 returns an already prepared 4D mask unchanged (``masking_utils._preprocess_mask_arguments``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .backend import LogProbBackend, kept_view, token_columns
+
+logger = logging.getLogger(__name__)
+
+_LM_HEAD_CHUNK = 2048  # positions per LM-head tile: bounds the (positions x vocab) logits buffer
+
+
+@dataclass
+class _Row:
+    """One model input row: tokens, positions, segment ids (0 = shared prefix, 1/2 = sides; -1 = padding)."""
+
+    ids: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    seg: list[int] = field(default_factory=list)
+    # scored completion tokens: (predictor index in row, label, pair index in batch input, side 0/1)
+    targets: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+def _packed_row(pair_index: int, prompt, chosen, rejected, max_length, mode) -> _Row:
+    vc = kept_view(len(prompt), len(chosen), max_length, mode)
+    vr = kept_view(len(prompt), len(rejected), max_length, mode)
+    row = _Row()
+    sides = ((chosen, vc), (rejected, vr))
+    if vc.prompt_start == vr.prompt_start:  # both sides keep the same prompt slice: share it
+        prefix = prompt[vc.prompt_start :]
+        n0 = len(prefix)
+        row.ids += prefix
+        row.pos += range(n0)
+        row.seg += [0] * n0
+        for side, (completion, view) in enumerate(sides):
+            kept = completion[view.completion_start : view.completion_end]
+            start = len(row.ids)
+            row.ids += kept
+            row.pos += range(n0, n0 + len(kept))
+            row.seg += [side + 1] * len(kept)
+            for k, label in enumerate(kept):
+                if k == 0 and n0 == 0:
+                    continue  # first token of the sequence: nothing predicts it (TRL's shifted labels skip it)
+                pred = (n0 - 1) if k == 0 else start + k - 1
+                row.targets.append((pred, label, pair_index, side))
+    else:  # different prompt slices: two independent segments
+        for side, (completion, view) in enumerate(sides):
+            p = prompt[view.prompt_start :]
+            kept = completion[view.completion_start : view.completion_end]
+            start = len(row.ids)
+            row.ids += p + kept
+            row.pos += range(len(p) + len(kept))
+            row.seg += [side + 1] * (len(p) + len(kept))
+            for k, label in enumerate(kept):
+                t = len(p) + k
+                if t > 0:
+                    row.targets.append((start + t - 1, label, pair_index, side))
+    return row
+
+
+def _plain_rows(pair_index: int, prompt, chosen, rejected, max_length, mode) -> list[_Row]:
+    rows = []
+    for side, completion in enumerate((chosen, rejected)):
+        view = kept_view(len(prompt), len(completion), max_length, mode)
+        p = prompt[view.prompt_start :]
+        kept = completion[view.completion_start : view.completion_end]
+        row = _Row(ids=p + kept, pos=list(range(len(p) + len(kept))), seg=[1] * (len(p) + len(kept)))
+        row.targets = [(len(p) + k - 1, label, pair_index, side) for k, label in enumerate(kept) if len(p) + k > 0]
+        rows.append(row)
+    return rows
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group row indices, longest first, so that ``rows x longest row <= batch_tokens`` (a row alone may exceed it).
+
+    Deterministic: ties are broken by index, so the same rows always form the same batches.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+class TransformersBackend(LogProbBackend):
+    """Exact DPOTrainer reference log-probs with a transformers causal LM.
+
+    Args:
+        model: a loaded ``PreTrainedModel`` or a path / hub id / ``"bundled"`` (loaded with ``load_causal_lm``).
+        dtype: ``float32`` (default, TRL-exact), ``bfloat16`` or ``float16`` (when ``model`` is a path).
+        max_length, truncation_mode: ``DPOConfig``'s; the collator's truncation is applied.
+        batch_tokens: token budget per forward (rows x longest row in the batch).
+        packed: prompt computed once per pair (block-causal mask); ``False`` for the plain two-row layout.
+        device: where to run; default the model's device.
+        progress: show a tqdm bar (tokens/s).
+
+    Raises:
+        ModelLoadError: the model cannot be loaded.
+        ValueError: packed scoring with an attention implementation that takes no custom 4D mask.
+    """
+
+    def __init__(
+        self,
+        model,
+        dtype: str = "float32",
+        max_length: int | None = 1024,
+        truncation_mode: str = "keep_start",
+        batch_tokens: int = 4096,
+        packed: bool = True,
+        device: str | None = None,
+        progress: bool = True,
+    ):
+        from .models import load_causal_lm
+
+        if truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        self.model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+        if isinstance(model, str):
+            model = load_causal_lm(model, dtype=dtype, device=device)
+        self.model = model.eval()
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.device = next(model.parameters()).device if device is None else device
+        self.max_length, self.truncation_mode = max_length, truncation_mode
+        self.batch_tokens, self.packed, self.progress = batch_tokens, packed, progress
+        attn = getattr(model.config, "_attn_implementation", None)
+        if packed and attn not in ("sdpa", "eager", None):
+            raise ValueError(f"packed scoring needs sdpa or eager attention, the model uses {attn!r}; use packed=False")
+        cfg = model.config.get_text_config()
+        self._logit_scale = getattr(cfg, "logit_scale", None) or 1.0
+        self._softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.tokens_computed = 0  # model positions run (padding excluded), for FLOP accounting
+        self.padding_computed = 0
+
+    def describe(self) -> dict:
+        return {
+            "backend": "transformers",
+            "model": str(self.model_name),
+            "dtype": self.dtype,
+            "max_length": self.max_length,
+            "truncation_mode": self.truncation_mode,
+            "packed": self.packed,
+            "batch_tokens": self.batch_tokens,
+        }
+
+    def close(self) -> None:
+        self.model = None
+
+    def _rows(self, rows) -> list[_Row]:
+        out = []
+        for i, r in enumerate(rows):
+            p, c, j = token_columns(r)
+            if self.packed:
+                out.append(_packed_row(i, p, c, j, self.max_length, self.truncation_mode))
+            else:
+                out.extend(_plain_rows(i, p, c, j, self.max_length, self.truncation_mode))
+        return out
+
+    def score(self, rows, return_per_token: bool = False) -> dict[str, list]:
+        import torch
+        from tqdm.auto import tqdm
+
+        n = len(rows)
+        model_rows = self._rows(rows)
+        sums = torch.zeros(n, 2, dtype=torch.float64)
+        counts = torch.zeros(n, 2, dtype=torch.long)
+        per_token: list[list[list[float]]] = [[[], []] for _ in range(n)] if return_per_token else []
+        batches = length_batches([len(r.ids) for r in model_rows], self.batch_tokens)
+        total = sum(len(r.ids) for r in model_rows)
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="Scoring pairs", disable=not self.progress or n == 0)
+        with torch.inference_mode():
+            for batch in batches:
+                logps, targets = self._forward([model_rows[i] for i in batch])
+                pair = torch.tensor([t[2] for t in targets], dtype=torch.long)
+                side = torch.tensor([t[3] for t in targets], dtype=torch.long)
+                flat = pair * 2 + side
+                sums.view(-1).index_add_(0, flat, logps.double())
+                counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+                if return_per_token:  # targets are in token order within each side
+                    for (_, _, p, s), v in zip(targets, logps.tolist()):
+                        per_token[p][s].append(v)
+                bar.update(sum(len(model_rows[i].ids) for i in batch))
+        bar.close()
+        out = {
+            "chosen_logps": sums[:, 0].tolist(),
+            "rejected_logps": sums[:, 1].tolist(),
+            "chosen_tokens": counts[:, 0].tolist(),
+            "rejected_tokens": counts[:, 1].tolist(),
+        }
+        if return_per_token:
+            out["chosen_token_logps"] = [p[0] for p in per_token]
+            out["rejected_token_logps"] = [p[1] for p in per_token]
+        return out
+
+    def _forward(self, batch_rows: list[_Row]):
+        import torch
+        import torch.nn.functional as F
+
+        width = max(len(r.ids) for r in batch_rows)
+        b = len(batch_rows)
+        pad_id = getattr(self.model.config, "pad_token_id", None) or 0
+        ids = torch.full((b, width), int(pad_id), dtype=torch.long)
+        pos = torch.zeros((b, width), dtype=torch.long)
+        seg = torch.full((b, width), -1, dtype=torch.long)
+        for i, r in enumerate(batch_rows):
+            n = len(r.ids)
+            ids[i, :n] = torch.tensor(r.ids, dtype=torch.long)
+            pos[i, :n] = torch.tensor(r.pos, dtype=torch.long)
+            seg[i, :n] = torch.tensor(r.seg, dtype=torch.long)
+        self.tokens_computed += sum(len(r.ids) for r in batch_rows)
+        self.padding_computed += b * width - sum(len(r.ids) for r in batch_rows)
+        ids, pos, seg = ids.to(self.device), pos.to(self.device), seg.to(self.device)
+        if self.packed:
+            causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+            q, k = seg[:, :, None], seg[:, None, :]
+            mask = (causal[None] & ((q == k) | (k == 0)))[:, None]  # (b, 1, q, k); True = attend
+            kwargs = {"attention_mask": mask, "position_ids": pos}
+        else:
+            kwargs = {"attention_mask": (seg >= 0).long()}
+        hidden = self.model.base_model(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
+        targets = [t + (i,) for i, r in enumerate(batch_rows) for t in r.targets]
+        if not targets:
+            return torch.zeros(0), []
+        rows_idx = torch.tensor([t[4] for t in targets], device=self.device)
+        pred_idx = torch.tensor([t[0] for t in targets], device=self.device)
+        labels = torch.tensor([t[1] for t in targets], device=self.device)
+        h = hidden[rows_idx, pred_idx]
+        lm_head = self.model.get_output_embeddings()
+        out = []
+        for s in range(0, h.size(0), _LM_HEAD_CHUNK):
+            logits = lm_head(h[s : s + _LM_HEAD_CHUNK]).float()
+            if self._logit_scale != 1.0:
+                logits = logits * self._logit_scale
+            if self._softcap:
+                logits = torch.tanh(logits / self._softcap) * self._softcap
+            out.append(-F.cross_entropy(logits, labels[s : s + _LM_HEAD_CHUNK], reduction="none"))
+        return torch.cat(out).cpu(), [t[:4] for t in targets]

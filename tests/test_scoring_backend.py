@@ -1,0 +1,128 @@
+"""The transformers backend equals TRL's own reference precompute, and the packed path equals the plain one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import real_pairs
+
+from partitioner.tokenization import TokenizeConfig, tokenize_preferences
+from scorers.backend import kept_view, n_scored_tokens
+from scorers.transformers_backend import TransformersBackend, length_batches
+
+MAX_LENGTH = 320  # small enough that several real rows get truncated
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    from scorers.models import load_causal_lm
+
+    return load_causal_lm(str(tiny_model_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(shared_data):
+    return real_pairs(shared_data, n_orca=8, n_llamafactory=8)
+
+
+def _tokenized(pairs, tok, mode="keep_start"):
+    kept, rejects = tokenize_preferences(pairs, tok, TokenizeConfig(max_length=MAX_LENGTH, truncation_mode=mode))
+    return kept, rejects
+
+
+def _trl_precompute(model_dir, tok, dataset, tmp_path, mode):
+    """TRL's own DPOTrainer precompute of ref_chosen_logps/ref_rejected_logps (fp32, CPU)."""
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"), bf16=False, use_cpu=True, report_to=[], max_length=MAX_LENGTH,
+        truncation_mode=mode, precompute_ref_log_probs=True, per_device_train_batch_size=4,
+        gradient_checkpointing=False, dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+    return trainer.train_dataset
+
+
+def _trl_per_token(model_dir, rows, mode):
+    """TRL's per-token log-probs: its collator and fused LM head, one pair at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    add_fused_lm_head(model)
+    collate = DataCollatorForPreference(pad_token_id=0, max_length=MAX_LENGTH, truncation_mode=mode)
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            batch = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            lp = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                       fused_lm_head=True).log_probs
+            mask = batch["completion_mask"][:, 1:].bool()
+            out.append((lp[0][mask[0]].tolist(), lp[1][mask[1]].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_matches_trl_precompute(tiny_model_dir, tiny_model, smollm2_tokenizer, pairs, tmp_path, mode):
+    kept, rejects = _tokenized(pairs, smollm2_tokenizer, mode)
+    n_trunc = sum(a or b for a, b in zip(kept["chosen_truncated"], kept["rejected_truncated"]))
+    assert n_trunc >= 2, "the subset must exercise truncation"
+    trl_ds = _trl_precompute(str(tiny_model_dir), smollm2_tokenizer, pairs, tmp_path, mode)
+    assert len(trl_ds) == len(kept) and len(rejects) == len(pairs) - len(kept)
+    assert trl_ds["prompt_ids"] == kept["prompt_ids"] and trl_ds["chosen_ids"] == kept["chosen_ids"]
+    rows = kept.to_list()
+    ours = TransformersBackend(tiny_model, max_length=MAX_LENGTH, truncation_mode=mode, batch_tokens=2048,
+                               progress=False).score(rows, return_per_token=True)
+    for side in ("chosen", "rejected"):
+        diff = np.abs(np.array(ours[f"{side}_logps"]) - np.array(trl_ds[f"ref_{side}_logps"]))
+        assert diff.max() < 1e-2, (side, diff.max())
+    per_token = _trl_per_token(str(tiny_model_dir), rows, mode)
+    for i, (c, r) in enumerate(per_token):
+        assert len(c) == ours["chosen_tokens"][i] and len(r) == ours["rejected_tokens"][i]
+        assert np.abs(np.array(c) - np.array(ours["chosen_token_logps"][i])).max(initial=0) < 1e-3
+        assert np.abs(np.array(r) - np.array(ours["rejected_token_logps"][i])).max(initial=0) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_packed_equals_plain(tiny_model, smollm2_tokenizer, pairs, mode):
+    kept, _ = _tokenized(pairs, smollm2_tokenizer, mode)
+    rows = kept.to_list()
+    kw = dict(max_length=MAX_LENGTH, truncation_mode=mode, progress=False)
+    packed = TransformersBackend(tiny_model, batch_tokens=1500, **kw).score(rows)
+    plain = TransformersBackend(tiny_model, packed=False, batch_tokens=700, **kw).score(rows)
+    assert packed["chosen_tokens"] == plain["chosen_tokens"] and packed["rejected_tokens"] == plain["rejected_tokens"]
+    for k in ("chosen_logps", "rejected_logps"):
+        np.testing.assert_allclose(packed[k], plain[k], atol=1e-3, rtol=0)
+    expected = [n_scored_tokens(len(r["prompt_ids"]), len(r["chosen_ids"]), MAX_LENGTH, mode) for r in rows]
+    assert packed["chosen_tokens"] == expected
+
+
+def test_kept_view_matches_collator():
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    for mode in ("keep_start", "keep_end"):
+        collate = DataCollatorForPreference(pad_token_id=0, max_length=6, truncation_mode=mode)
+        for n_p, n_c in [(2, 3), (4, 4), (1, 9), (6, 2), (0, 8), (7, 1)]:
+            ex = {"prompt_ids": list(range(1, n_p + 1)), "chosen_ids": list(range(100, 100 + n_c)),
+                  "rejected_ids": [100]}
+            batch = collate([ex])
+            assert int(batch["completion_mask"][0, 1:].sum()) == n_scored_tokens(n_p, n_c, 6, mode), (mode, n_p, n_c)
+            if mode == "keep_start" and n_p >= 6:
+                continue  # prompt_too_long: rejected before scoring (kept_view does not cut the prompt)
+            view = kept_view(n_p, n_c, 6, mode)
+            kept = ex["prompt_ids"][view.prompt_start:] + ex["chosen_ids"][view.completion_start:view.completion_end]
+            assert kept == batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+
+
+def test_length_batches_budget_and_order():
+    lengths = [5, 100, 30, 30, 7, 64]
+    batches = length_batches(lengths, 128)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 128
+    assert batches == length_batches(lengths, 128)
