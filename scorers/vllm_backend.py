@@ -284,3 +284,22 @@ def _read_flat(prompt_logprobs, ids: list[int], n_prompt: int) -> list[float]:
             entries = {tok: lp.logprob for tok, lp in (prompt_logprobs[t] or {}).items()}
         out.append(actual_logprob(entries, ids[t], t))
     return out
+
+
+def make_vllm_backend(config, tokenizer=None) -> LogProbBackend:
+    """The vLLM backend a ``ScoringConfig`` asks for (``backend`` ``"vllm"`` or ``"vllm-server"``).
+
+    ``config.vllm_options`` are passed on as keyword arguments (engine options such as ``tensor_parallel_size``,
+    ``gpu_memory_utilization``, ``kv_cache_memory_bytes``; or the client's ``batch_size``, ``max_concurrency``,
+    ``timeout``, ``retries``, ``backoff``).
+    """
+    options = dict(getattr(config, "vllm_options", None) or {})
+    common = dict(max_length=config.max_length, truncation_mode=config.truncation_mode, progress=config.progress)
+    if config.backend == "vllm":
+        return VLLMBackend(config.model, tokenizer=config.tokenizer, dtype=config.dtype, **common, **options)
+    if config.backend == "vllm-server":
+        from .vllm_server_backend import VLLMServerBackend
+
+        return VLLMServerBackend(config.server_url, model=config.model, served_model_name=config.server_model,
+                                 tokenizer=tokenizer or config.tokenizer or config.model, **common, **options)
+    raise ValueError(f"backend must be 'transformers', 'vllm' or 'vllm-server', got {config.backend!r}")
