@@ -313,7 +313,8 @@ def _numeric(inp: _Input, name: str, what: str) -> np.ndarray:
     col = inp.column(name)
     if col.null_count:
         raise PartitionConfigError(f"{what} column {name!r} has {col.null_count} null values")
-    values = col.to_numpy().astype(np.float64)
+    values = col.to_numpy().astype(np.float64, copy=False)
+    inp.release()
     bad = int(np.isnan(values).sum())
     if bad:
         raise PartitionConfigError(f"{what} column {name!r} has {bad} NaN values")
@@ -357,23 +358,68 @@ def reward_accuracy_by_source(inp: _Input) -> dict[str, float]:
 def _source_codes(inp: _Input) -> tuple[np.ndarray, list[str]]:
     if SOURCE not in inp.schema.names:
         return np.zeros(inp.num_rows, dtype=np.int32), [""]
-    enc = inp.column(SOURCE).combine_chunks().dictionary_encode()
+    enc = pc.dictionary_encode(inp.column(SOURCE)).combine_chunks()
+    inp.release()
     return enc.indices.to_numpy(zero_copy_only=False).astype(np.int32), [str(s) for s in enc.dictionary.to_pylist()]
 
 
-def _argsort(key: np.ndarray | None, row_ids: pa.ChunkedArray, descending: bool = False) -> np.ndarray:
+def _index_array(indices) -> np.ndarray:
+    """Sort indices as the smallest signed integer array that holds them (4 bytes a row below 2**31 rows)."""
+    arr = indices.to_numpy() if isinstance(indices, (pa.Array, pa.ChunkedArray)) else indices
+    return arr.astype(np.int32 if len(arr) < 2**31 else np.int64)
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _row_id_keys(inp: _Input):
+    """Row ids as order-preserving uint64 when every id is the loader's 16-hex content hash, else the strings.
+
+    Same-length lowercase hex compares like the number it spells, so the uint64 sorts exactly as the strings
+    do, in 8 bytes a row instead of a string column.
+    """
+    col = inp.column(ROW_ID)
+    out = np.empty(len(col), dtype=np.uint64)
+    pos = 0
+    for chunk in col.chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        if chunk.null_count or not pa.types.is_string(chunk.type):
+            return col
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32, count=n + 1, offset=chunk.offset * 4)
+        if offsets[-1] - offsets[0] != 16 * n or not np.all(np.diff(offsets) == 16):
+            return col
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8, count=16 * n, offset=int(offsets[0]))
+        digits = _HEX[data].reshape(n, 16)
+        if (digits == 255).any():
+            return col
+        value = np.zeros(n, dtype=np.uint64)
+        for i in range(16):
+            value = (value << np.uint64(4)) | digits[:, i].astype(np.uint64)
+        out[pos:pos + n] = value
+        pos += n
+    inp.release()
+    return out
+
+
+def _argsort(key: np.ndarray | None, row_ids, descending: bool = False) -> np.ndarray:
     """Stable order by key (asc/desc), ties by row_id ascending."""
+    if isinstance(row_ids, np.ndarray):
+        keys = [row_ids] if key is None else [row_ids, -key if descending else key]
+        return _index_array(np.lexsort(keys))
     cols = {"r": row_ids}
     sort_keys = [("r", "ascending")]
     if key is not None:
         cols = {"k": pa.array(key), **cols}
         sort_keys = [("k", "descending" if descending else "ascending")] + sort_keys
-    return pc.sort_indices(pa.table(cols), sort_keys=sort_keys).to_numpy().astype(np.int64)
+    return _index_array(pc.sort_indices(pa.table(cols), sort_keys=sort_keys))
 
 
 def compute_order(inp: _Input, config: PartitionConfig) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Row positions in curriculum order, the order key aligned with them (or None), and the manifest's 'ordering'."""
-    row_ids = inp.column(ROW_ID)
+    row_ids = _row_id_keys(inp)
     info: dict = {"order": config.order, "seed": config.seed}
     if config.order in ("easy_to_hard", "hard_to_easy"):
         name, values, col, higher_is_harder = _signal(inp, config)
@@ -397,14 +443,17 @@ def compute_order(inp: _Input, config: PartitionConfig) -> tuple[np.ndarray, np.
     ranked = sorted(acc, key=lambda s: (-acc[s], s))
     rank_of_code = np.array([ranked.index(n) if n in acc else len(ranked) for n in names], dtype=np.float64)
     within = _numeric(inp, DIFFICULTY, "difficulty") if DIFFICULTY in inp.schema.names else None
-    table = {"s": pa.array(rank_of_code[codes])}
-    keys = [("s", "ascending")]
-    if within is not None:
-        table["d"] = pa.array(within)
-        keys.append(("d", "ascending"))
-    table["r"] = row_ids
-    keys.append(("r", "ascending"))
-    perm = pc.sort_indices(pa.table(table), sort_keys=keys).to_numpy().astype(np.int64)
+    if isinstance(row_ids, np.ndarray):
+        perm = _index_array(np.lexsort([row_ids] + ([within] if within is not None else []) + [rank_of_code[codes]]))
+    else:
+        table = {"s": pa.array(rank_of_code[codes])}
+        keys = [("s", "ascending")]
+        if within is not None:
+            table["d"] = pa.array(within)
+            keys.append(("d", "ascending"))
+        table["r"] = row_ids
+        keys.append(("r", "ascending"))
+        perm = _index_array(pc.sort_indices(pa.table(table), sort_keys=keys))
     info.update(sources=ranked, reward_accuracy={s: acc[s] for s in ranked},
                 within_source="difficulty ascending" if within is not None else "row_id")
     return perm, (rank_of_code[codes])[perm], info
@@ -598,9 +647,11 @@ def partition_preferences(data, output_dir: str | os.PathLike, config: Partition
     sizes = chunk_sizes(n, config, key, source_rank=key if config.order == "by_source" else None)
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     # every kept row in exactly one chunk
-    if bounds[-1] != n or len(perm) != n or not np.all(np.bincount(perm, minlength=n) == 1):
+    seen = np.zeros(n, dtype=bool)
+    seen[perm] = True
+    if bounds[-1] != n or len(perm) != n or not seen.all():  # n positions, all distinct: a permutation
         raise PartitionError("internal error: the chunks do not cover every row exactly once")
-    perm = perm.astype(np.int32 if n < 2**31 else np.int64)
+    del seen
 
     if config.shuffle_within:
         for ci in range(len(sizes)):
