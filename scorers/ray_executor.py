@@ -228,7 +228,10 @@ def score_parts_ray(kept, todo: list[int], config, ray_config: RayConfig | None 
     rc = ray_config or RayConfig()
     started = False
     if not ray.is_initialized():
-        ray.init(address=rc.address, **{"include_dashboard": False, **rc.init_kwargs})
+        kwargs = dict(rc.init_kwargs)
+        if rc.address is None:  # may start a Ray here: no dashboard (Ray client addresses take no such option)
+            kwargs.setdefault("include_dashboard", False)
+        ray.init(address=rc.address, **kwargs)
         started = rc.address is None
     try:
         ctx = ray.data.DataContext.get_current()
@@ -252,8 +255,14 @@ def score_parts_ray(kept, todo: list[int], config, ray_config: RayConfig | None 
         assembler = _PartAssembler(len(kept), todo, config.rows_per_part)
         logger.info("scoring %d parts on Ray with %d actor(s) (%s CPU, %s GPU each)", len(todo), rc.concurrency,
                     rc.num_cpus, rc.num_gpus)
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            yield from assembler.add(block)
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                yield from assembler.add(block)
+        except Exception as e:
+            if not type(e).__module__.startswith("ray."):
+                raise
+            raise ScoringError(f"scoring on Ray failed ({_root_cause(e)}); the parts written so far are kept: "
+                               "rerun to resume") from e
         if assembler.duplicates:
             logger.warning("Ray returned %d row(s) twice (retried batches); each was kept once", assembler.duplicates)
         missing = {k: n for k, n in assembler.missing().items() if n}
@@ -263,6 +272,19 @@ def score_parts_ray(kept, todo: list[int], config, ray_config: RayConfig | None 
     finally:
         if started:
             ray.shutdown()
+
+
+def _root_cause(e: BaseException) -> str:
+    """``Type: first line`` of the innermost exception under Ray's wrappers (``__cause__`` / ``.cause``)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 class _quiet_deprecations:
