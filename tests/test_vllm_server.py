@@ -47,7 +47,8 @@ class _Server:
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                    "--dtype", "float32", "--max-model-len", str(MAX_LENGTH + 1), "--host", "127.0.0.1",
                    "--port", str(port), "--enforce-eager", "--seed", "0", "--uvicorn-log-level", "warning"]
-            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+            env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+            env["VLLM_CPU_KVCACHE_SPACE"] = "1"
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                              start_new_session=True)
