@@ -300,13 +300,22 @@ def make_vllm_backend(config, tokenizer=None) -> LogProbBackend:
     ``gpu_memory_utilization``, ``kv_cache_memory_bytes``; or the client's ``batch_size``, ``max_concurrency``,
     ``timeout``, ``retries``, ``backoff``).
     """
+    import inspect
+
     options = dict(getattr(config, "vllm_options", None) or {})
     common = dict(max_length=config.max_length, truncation_mode=config.truncation_mode, progress=config.progress)
     if config.backend == "vllm":
-        return VLLMBackend(config.model, tokenizer=config.tokenizer, dtype=config.dtype, **common, **options)
-    if config.backend == "vllm-server":
+        cls, args = VLLMBackend, dict(model=config.model, tokenizer=config.tokenizer, dtype=config.dtype)
+    elif config.backend == "vllm-server":
         from .vllm_server_backend import VLLMServerBackend
 
-        return VLLMServerBackend(config.server_url, model=config.model, served_model_name=config.server_model,
-                                 tokenizer=tokenizer or config.tokenizer or config.model, **common, **options)
-    raise ValueError(f"backend must be 'transformers', 'vllm' or 'vllm-server', got {config.backend!r}")
+        cls, args = VLLMServerBackend, dict(url=config.server_url, model=config.model,
+                                            served_model_name=config.server_model,
+                                            tokenizer=tokenizer or config.tokenizer or config.model)
+    else:
+        raise ValueError(f"backend must be 'transformers', 'vllm' or 'vllm-server', got {config.backend!r}")
+    allowed = set(inspect.signature(cls).parameters) - set(args) - set(common)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {config.backend} option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    return cls(**args, **common, **options)

@@ -17,6 +17,7 @@ Only the standard library is used (``urllib``).
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import time
@@ -119,7 +120,7 @@ class VLLMServerBackend(LogProbBackend):
                     continue
                 raise VLLMServerError(f"vLLM server {self.url}{path} answered HTTP {e.code}: "
                                       f"{_one_line(_error_message(body))}") from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut mid-answer
                 last = _one_line(str(getattr(e, "reason", e)))
                 continue
             except ValueError as e:  # a truncated / non-JSON body: the server died mid-answer

@@ -99,3 +99,14 @@ def test_vllm_bad_options(tiny_model_dir):
         VLLMBackend(str(tiny_model_dir), max_length=100, max_model_len=100)
     with pytest.raises(ValueError, match="truncation_mode"):
         VLLMBackend(str(tiny_model_dir), truncation_mode="middle")
+
+
+def test_unknown_vllm_option_one_line(tiny_model_dir):
+    from scorers.job import ScoringConfig
+    from scorers.vllm_backend import make_vllm_backend
+
+    for backend in ("vllm", "vllm-server"):
+        config = ScoringConfig(model=str(tiny_model_dir), backend=backend, server_url="http://127.0.0.1:9",
+                               vllm_options={"bogus": 1})
+        with pytest.raises(ValueError, match=f"unknown {backend} option"):
+            make_vllm_backend(config)
