@@ -41,9 +41,9 @@ class _Server:
     def __init__(self, model_dir: Path, log_path: Path):
         self.model_dir, self.log_path, self.proc, self.url = model_dir, log_path, None, None
 
-    def start(self) -> _Server:
-        for _ in range(3):  # a port taken between the choice and the bind: try another
-            port = _free_port()
+    def start(self, port: int | None = None) -> _Server:
+        for _ in range(1 if port else 3):  # a port taken between the choice and the bind: try another
+            port = port or _free_port()
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                    "--dtype", "float32", "--max-model-len", str(MAX_LENGTH + 1), "--host", "127.0.0.1",
                    "--port", str(port), "--enforce-eager", "--seed", "0", "--uvicorn-log-level", "warning"]
@@ -92,10 +92,10 @@ def server_factory(tiny_model_dir, tmp_path_factory):
     started: list[_Server] = []
     logs = tmp_path_factory.mktemp("vllm-server-logs")
 
-    def start() -> _Server:
+    def start(port: int | None = None) -> _Server:
         server = _Server(tiny_model_dir, logs / f"server-{len(started)}.log")
         started.append(server)
-        return server.start()
+        return server.start(port)
 
     yield start
     for server in started:
@@ -182,6 +182,36 @@ def test_server_killed_mid_job_resumes_identically(server_factory, server_run, t
     assert files == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     for name in files:
         assert (out / name).read_bytes() == (server_run / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_client_retries_through_a_server_restart(server_factory, server_run, tiny_model_dir, dataset, tmp_path,
+                                                 monkeypatch):
+    """The server is SIGKILLed after the first part and restarted on the same port while the client backs off:
+    the same job run finishes, byte-identical to an uninterrupted run."""
+    import threading
+
+    first = server_factory()
+    port = int(first.url.rsplit(":", 1)[1])
+    real_score = VLLMServerBackend.score
+    calls, restarted = [], []
+
+    def score_then_restart(self, rows, **kw):
+        result = real_score(self, rows, **kw)
+        calls.append(len(rows))
+        if len(calls) == 1:
+            first.kill()
+            t = threading.Thread(target=lambda: restarted.append(server_factory(port)), daemon=True)
+            t.start()
+        return result
+
+    monkeypatch.setattr(VLLMServerBackend, "score", score_then_restart)
+    out = score_preferences(dataset, tmp_path / "retried",
+                            _config(tiny_model_dir, first.url, retries=10, backoff=0.5))
+    assert restarted and len(calls) > 1
+    for p in server_run.rglob("*"):
+        if p.is_file():
+            assert (out / p.relative_to(server_run)).read_bytes() == p.read_bytes(), p.name
 
 
 def test_server_model_and_tokenizer_checks(server, tiny_model_dir, smollm2_tokenizer):
