@@ -8,6 +8,11 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
+    "load_preferences": "loading",
+    "load_preferences_with_rejects": "loading",
+    "PreferenceDataError": "formats",
+    "TokenizeConfig": "tokenization",
+    "tokenize_preferences": "tokenization",
     "PartitionConfig": "partition",
     "PartitionConfigError": "partition",
     "partition_preferences": "partition",
