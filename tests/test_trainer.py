@@ -84,8 +84,10 @@ def _differs(a: dict, b: dict) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_live_reference_of_step2_is_m1(partition2, tiny_model_dir, tmp_path):
+def test_live_reference_of_step2_is_m1(partition2, partition3, tiny_model_dir, tmp_path):
+    from partitioner.shards import load_partition
     from trainer_plugin.driver import train_stepwise
+    from trainer_plugin.reference import margin_stats, score_pairs
 
     seen = {}
 
@@ -93,7 +95,9 @@ def test_live_reference_of_step2_is_m1(partition2, tiny_model_dir, tmp_path):
         seen[t] = _state(trainer.accelerator.unwrap_model(trainer.ref_model))
 
     out = tmp_path / "run"
-    steps = train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(out), ref_mode="live", trainer_hook=hook)
+    held_out = load_partition(partition3)[2]
+    steps = train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(out), ref_mode="live", trainer_hook=hook,
+                           eval_dataset=held_out)
     m0 = _state(_load(tiny_model_dir))
     m1 = _state(_load(out / "step_1"))
     _assert_same(seen[1], m0)
@@ -103,6 +107,13 @@ def test_live_reference_of_step2_is_m1(partition2, tiny_model_dir, tmp_path):
     summary = json.loads((out / "steps.json").read_text())
     assert summary["steps"][1]["reference"]["chunk"]["pairs"] == 4
     assert "rewards/margins" in summary["steps"][0]["trl"]
+    # γ_ref on the held-out set: step 2's is M1's, the final one M2's.
+    for where, path in ((summary["steps"][1]["reference"]["held_out"], out / "step_1"),
+                        (summary["final"]["held_out"], out / "step_2")):
+        expected = margin_stats(*score_pairs(_load(path), held_out, max_length=MAX_LENGTH))
+        assert where["pairs"] == len(held_out) == 3
+        assert where["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
+        assert where["reward_accuracy"] == expected["reward_accuracy"]
 
 
 def test_precomputed_reference_equals_m1_scores(partition2, tiny_model_dir, smollm2_tokenizer, tmp_path):
@@ -320,3 +331,27 @@ def test_resume_after_sigkill_in_step2_equals_uninterrupted(partition2, tiny_mod
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     steps = json.loads((tmp_path / "a" / "steps.json").read_text())["steps"]
     assert [s["step"] for s in steps] == [1, 2]
+
+
+@pytest.mark.slow
+def test_rescore_between_steps_reorders_remaining_by_m1(partition3, tiny_model_dir, tmp_path):
+    from partitioner.rejects import read_arrow_stream
+    from partitioner.shards import load_partition
+    from trainer_plugin.driver import StepwiseConfig, train_stepwise
+    from trainer_plugin.reference import score_pairs
+
+    out = tmp_path / "run"
+    config = StepwiseConfig(ref_mode="precomputed", rescore_between_steps=True, steps=2)
+    train_stepwise(partition3, str(tiny_model_dir), args=dpo_args(out), config=config)
+    run = json.loads((out / "run.json").read_text())
+    new2, new3 = run["rescored_orders"]["1"]
+    old = load_partition(partition3)
+    assert sorted(new2 + new3) == sorted(list(old[1]["row_id"]) + list(old[2]["row_id"]))  # same rows, sizes kept
+    assert (len(new2), len(new3)) == (len(old[1]), len(old[2]))
+    # Easiest first under M1: every pair of the new chunk 2 has a margin >= every pair of the new chunk 3.
+    rest = {r["row_id"]: r for ch in old[1:] for r in ch.to_list()}
+    m1 = _load(out / "step_1")
+    c, r = score_pairs(m1, [rest[i] for i in new2 + new3], max_length=MAX_LENGTH)
+    margins = [a - b for a, b in zip(c, r)]
+    assert min(margins[: len(new2)]) >= max(margins[len(new2):]) - 1e-4
+    assert read_arrow_stream(out / "step_2" / "reference_logps.arrow").column("row_id").to_pylist() == new2
