@@ -21,6 +21,11 @@ its input index, drops a row that comes back twice, and refuses to write a part 
 has no lost or doubled rows. A driver crash loses only parts not yet written: a rerun skips parts whose ``.done``
 marker matches and scores the rest.
 
+Why not ``ray.data.llm``: its vLLM processor (Ray 2.60) does return ``prompt_logprobs`` and takes token ids
+(``tokenized_prompt``), but it would be a second implementation of the collator's truncation and of reading the
+actual token's log-prob; with ``ScoringConfig(backend="vllm")`` each actor here holds the same ``VLLMBackend`` as the
+local job, so the two executors share every line that decides a number.
+
 Assumptions:
     ``sdpo-curriculum`` (with the backend's dependencies) is importable on every node (installed there, or shipped by
     the caller's own ``ray.init(runtime_env=...)``; an already-initialized Ray is used as is). The tokenized rows of
