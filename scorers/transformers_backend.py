@@ -1,8 +1,9 @@
 """Reference log-probs with a transformers causal LM, exactly as DPOTrainer sums them, computed fast.
 
-Packed path (default): one row per pair, ``prompt + chosen + rejected``, with a block-causal 4D attention mask in
-which the rejected tokens see the prompt but not the chosen ones, and position ids of rejected that continue after
-the prompt (prefix sharing, Wang et al. 2024). Each prompt token is computed once instead of twice. The first
+Packed path (default): one row per pair, ``prompt + chosen + rejected``, attended block-causally: the rejected
+tokens see the prompt but not the chosen ones, and their position ids continue after the prompt (prefix sharing,
+Wang et al. 2024). The attention runs as two SDPA calls per row (:func:`prefix_shared_attention`: causal over
+``prompt + chosen``, then rejected against ``prompt + rejected``), so no full block mask is materialised. Each prompt token is computed once instead of twice. The first
 completion token of each side is predicted from the last prompt position, so both sides gather that hidden
 state. Rows are sorted by length and batched by a token budget (little padding); the LM head runs only at the
 positions whose next token is a completion token, followed by ``F.cross_entropy`` (no full log-softmax over all
@@ -15,8 +16,10 @@ Plain path (``packed=False``): each side as its own right-padded row, as the col
 the packed path and for attention implementations that do not take a custom 4D mask.
 
 Assumptions:
-    the model's attention implementation takes a 4D boolean mask (``sdpa`` or ``eager``) for the packed path;
-    transformers >= 5 returns an already prepared 4D mask unchanged (``masking_utils._preprocess_mask_arguments``).
+    a decoder whose attention modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` (all
+    transformers >= 5 LLMs); the packed path swaps in :func:`prefix_shared_attention` for its own forwards only and
+    passes the row layout as the "4D mask", which transformers >= 5 hands through unchanged
+    (``masking_utils._preprocess_mask_arguments``). Models with sliding-window or other custom masks: packed=False.
 """
 
 from __future__ import annotations
@@ -91,6 +94,80 @@ def _plain_rows(pair_index: int, prompt, chosen, rejected, max_length, mode) -> 
     return rows
 
 
+_PREFIX_ATTENTION = "sdpo_prefix_shared"
+
+
+def _is_layout(mask) -> bool:
+    import torch
+
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.int64 and mask.dim() == 4 and mask.shape[-1] == 3
+
+
+def prefix_shared_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of packed ``prefix + side1 + side2`` rows, without materialising a full block mask.
+
+    ``attention_mask`` is the row layout, an int64 tensor ``(batch, 1, pairs, 3)`` of segment lengths
+    ``(n_prefix, n_side1, n_side2)`` of the pairs laid one after the other in each row; per pair ``prefix + side1`` is plain causal attention (SDPA's fast causal kernel);
+    ``side2`` attends to the prefix and causally to itself, never to ``side1``. Positions past the three segments
+    (padding) get zeros. Any other mask is handed to transformers' SDPA attention unchanged.
+    """
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if not _is_layout(attention_mask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    out = torch.zeros_like(query)  # (batch, heads, length, head_dim)
+    for b, segments in enumerate(attention_mask[:, 0].tolist()):
+        o = 0  # several pairs may share a row, one after the other
+        for n0, n1, n2 in segments:
+            a = o + n0 + n1
+            if a > o:
+                out[b, :, o:a] = F.scaled_dot_product_attention(
+                    query[b : b + 1, :, o:a], key[b : b + 1, :, o:a], value[b : b + 1, :, o:a], is_causal=True,
+                    scale=scaling,
+                )[0]
+            if n2:
+                k2 = torch.cat([key[b : b + 1, :, o : o + n0], key[b : b + 1, :, a : a + n2]], dim=2)
+                v2 = torch.cat([value[b : b + 1, :, o : o + n0], value[b : b + 1, :, a : a + n2]], dim=2)
+                mask = torch.ones(n2, n0 + n2, dtype=torch.bool, device=query.device)
+                mask[:, n0:] = torch.ones(n2, n2, dtype=torch.bool, device=query.device).tril()
+                out[b, :, a : a + n2] = F.scaled_dot_product_attention(
+                    query[b : b + 1, :, a : a + n2], k2, v2, attn_mask=mask, scale=scaling
+                )[0]
+            o = a + n2
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_prefix_attention() -> str:
+    from transformers import AttentionInterface
+
+    if _PREFIX_ATTENTION not in AttentionInterface._global_mapping:  # noqa: SLF001
+        AttentionInterface.register(_PREFIX_ATTENTION, prefix_shared_attention)
+    return _PREFIX_ATTENTION
+
+
+def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group row indices, longest first, so that the rows' total length is ``<= batch_tokens`` (one row may exceed).
+
+    For packed scoring, where a batch's rows are laid end to end in one sequence: no padding at all.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    used = 0
+    for i in order:
+        if batches and used + lengths[i] <= batch_tokens:
+            batches[-1].append(i)
+            used += lengths[i]
+        else:
+            batches.append([i])
+            used = lengths[i]
+    return batches
+
+
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Group row indices, longest first, so that ``rows x longest row <= batch_tokens`` (a row alone may exceed it).
 
@@ -113,14 +190,15 @@ class TransformersBackend(LogProbBackend):
         model: a loaded ``PreTrainedModel`` or a path / hub id / ``"bundled"`` (loaded with ``load_causal_lm``).
         dtype: ``float32`` (default, TRL-exact), ``bfloat16`` or ``float16`` (when ``model`` is a path).
         max_length, truncation_mode: ``DPOConfig``'s; the collator's truncation is applied.
-        batch_tokens: token budget per forward (rows x longest row in the batch).
+        batch_tokens: token budget per forward: the packed pairs' total length (laid end to end in one row, no
+            padding), or rows x longest row for the plain path.
         packed: prompt computed once per pair (block-causal mask); ``False`` for the plain two-row layout.
         device: where to run; default the model's device.
         progress: show a tqdm bar (tokens/s).
 
     Raises:
         ModelLoadError: the model cannot be loaded.
-        ValueError: packed scoring with an attention implementation that takes no custom 4D mask.
+        ValueError: packed scoring of a sliding-window model whose window is shorter than max_length.
     """
 
     def __init__(
@@ -148,10 +226,10 @@ class TransformersBackend(LogProbBackend):
         self.device = next(model.parameters()).device if device is None else device
         self.max_length, self.truncation_mode = max_length, truncation_mode
         self.batch_tokens, self.packed, self.progress = batch_tokens, packed, progress
-        attn = getattr(model.config, "_attn_implementation", None)
-        if packed and attn not in ("sdpa", "eager", None):
-            raise ValueError(f"packed scoring needs sdpa or eager attention, the model uses {attn!r}; use packed=False")
         cfg = model.config.get_text_config()
+        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        if packed and window is not None and (max_length is None or window < max_length):
+            raise ValueError(f"packed scoring does not model the sliding window ({window}) of this model; use packed=False")
         self._logit_scale = getattr(cfg, "logit_scale", None) or 1.0
         self._softcap = getattr(cfg, "final_logit_softcapping", None)
         self.tokens_computed = 0  # model positions run (padding excluded), for FLOP accounting
@@ -190,7 +268,8 @@ class TransformersBackend(LogProbBackend):
         sums = torch.zeros(n, 2, dtype=torch.float64)
         counts = torch.zeros(n, 2, dtype=torch.long)
         per_token: list[list[list[float]]] = [[[], []] for _ in range(n)] if return_per_token else []
-        batches = length_batches([len(r.ids) for r in model_rows], self.batch_tokens)
+        group = token_batches if self.packed else length_batches
+        batches = group([len(r.ids) for r in model_rows], self.batch_tokens)
         total = sum(len(r.ids) for r in model_rows)
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc="Scoring pairs", disable=not self.progress or n == 0)
         with torch.inference_mode():
@@ -221,6 +300,17 @@ class TransformersBackend(LogProbBackend):
         import torch
         import torch.nn.functional as F
 
+        layout = []
+        if self.packed:  # the pairs end to end in one row: no padding
+            line = _Row()
+            for r in batch_rows:
+                off = len(line.ids)
+                line.ids += r.ids
+                line.pos += r.pos
+                line.seg += r.seg
+                line.targets += [(p + off, label, i, side) for p, label, i, side in r.targets]
+                layout.append((r.seg.count(0), r.seg.count(1), r.seg.count(2)))
+            batch_rows = [line]
         width = max(len(r.ids) for r in batch_rows)
         b = len(batch_rows)
         pad_id = getattr(self.model.config, "pad_token_id", None) or 0
@@ -236,13 +326,17 @@ class TransformersBackend(LogProbBackend):
         self.padding_computed += b * width - sum(len(r.ids) for r in batch_rows)
         ids, pos, seg = ids.to(self.device), pos.to(self.device), seg.to(self.device)
         if self.packed:
-            causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-            q, k = seg[:, :, None], seg[:, None, :]
-            mask = (causal[None] & ((q == k) | (k == 0)))[:, None]  # (b, 1, q, k); True = attend
-            kwargs = {"attention_mask": mask, "position_ids": pos}
+            kwargs = {"attention_mask": torch.tensor([[layout]], device=self.device), "position_ids": pos}
         else:
             kwargs = {"attention_mask": (seg >= 0).long()}
-        hidden = self.model.base_model(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
+        config = self.model.config
+        previous = config._attn_implementation
+        if self.packed:
+            config._attn_implementation = _register_prefix_attention()
+        try:
+            hidden = self.model.base_model(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
+        finally:
+            config._attn_implementation = previous
         targets = [t + (i,) for i, r in enumerate(batch_rows) for t in r.targets]
         if not targets:
             return torch.zeros(0), []

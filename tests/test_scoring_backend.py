@@ -8,7 +8,7 @@ from conftest import real_pairs
 
 from partitioner.tokenization import TokenizeConfig, tokenize_preferences
 from scorers.backend import kept_view, n_scored_tokens
-from scorers.transformers_backend import TransformersBackend, length_batches
+from scorers.transformers_backend import TransformersBackend, length_batches, token_batches
 
 MAX_LENGTH = 320  # small enough that several real rows get truncated
 
@@ -126,3 +126,12 @@ def test_length_batches_budget_and_order():
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 128
     assert batches == length_batches(lengths, 128)
+
+
+def test_token_batches_budget():
+    lengths = [5, 100, 30, 30, 7, 64, 300]
+    batches = token_batches(lengths, 128)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[0] == [6]  # longer than the budget: alone
+    for b in batches[1:]:
+        assert sum(lengths[i] for i in b) <= 128
