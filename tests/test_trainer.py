@@ -223,7 +223,38 @@ def test_callback_refreshes_exactly_at_chunk_boundaries(partition3, tiny_model_d
     _assert_same(_state(trainer.ref_model), snaps[4][0])
 
 
-def test_bad_partition_inputs_fail_before_training(partition2, tiny_model_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def scored_partition(tmp_path_factory, shared_data, smollm2_tokenizer, tiny_model_dir) -> Path:
+    """Real pairs scored by the tiny model M0 (scorers) and partitioned easy→hard into 2 chunks."""
+    from partitioner.partition import PartitionConfig, partition_preferences
+    from scorers.job import ScoringConfig, score_preferences
+
+    rows = _rows(shared_data, smollm2_tokenizer, 8).select_columns(["row_id", "source", "prompt", "chosen", "rejected"])
+    tmp = tmp_path_factory.mktemp("scored")
+    scored = score_preferences(rows, tmp / "scored", ScoringConfig(model=str(tiny_model_dir), max_length=MAX_LENGTH,
+                                                                   progress=False))
+    return partition_preferences(scored, tmp / "partition", PartitionConfig(chunks=2), progress=False)
+
+
+def test_precomputed_step1_reuses_m0_partition_scores(scored_partition, tiny_model_dir, tmp_path):
+    from partitioner.rejects import read_arrow_stream
+    from partitioner.shards import load_partition
+    from trainer_plugin.driver import StepwiseConfig, train_stepwise
+
+    out = tmp_path / "run"
+    steps = train_stepwise(scored_partition, str(tiny_model_dir), args=dpo_args(out),
+                           config=StepwiseConfig(ref_mode="precomputed", steps=1))
+    assert steps[0]["reference_source"].startswith("partition scores")
+    chunk1 = load_partition(scored_partition)[0]
+    used = read_arrow_stream(out / "step_1" / "reference_logps.arrow").to_pydict()
+    assert used["ref_chosen_logps"] == list(chunk1["chosen_logps"])
+    # A different max_length makes the partition's scores unusable: step 1 is scored again.
+    steps = train_stepwise(scored_partition, str(tiny_model_dir), args=dpo_args(tmp_path / "r2", max_length=96),
+                           config=StepwiseConfig(ref_mode="precomputed", steps=1))
+    assert steps[0]["reference_source"] == "scored with M(0)"
+
+
+def test_bad_partition_inputs_fail_before_training(partition2, scored_partition, tiny_model_dir, tmp_path, capsys):
     import shutil
 
     from partitioner.cli import main
@@ -253,7 +284,9 @@ def test_bad_partition_inputs_fail_before_training(partition2, tiny_model_dir, t
     tok.save_pretrained(other)
 
     cases = [(corrupt, tiny_model_dir, "fails verification"), (missing, tiny_model_dir, "missing"),
-             (partition2, other, "tokenizer mismatch"), (tmp_path / "nowhere", tiny_model_dir, "not a partition")]
+             (partition2, other, "tokenizer mismatch.*tokenizes row"),
+             (scored_partition, other, "tokenizer mismatch.*chat template"),
+             (tmp_path / "nowhere", tiny_model_dir, "not a partition")]
     for part, model, words in cases:
         out = tmp_path / f"out-{part.name}-{Path(model).name}"
         with pytest.raises(StepwiseInputError, match=words) as e:

@@ -125,12 +125,35 @@ def _stepwise_trainer_class():
     """``DPOTrainer`` subclass: keeps given ref log-prob columns, tags logs with ``stepwise/step``."""
     from trl import DPOTrainer
 
+    def has_ref_columns(ds) -> bool:
+        return ds is not None and TRL_REF_CHOSEN in getattr(ds, "column_names", ()) and TRL_REF_REJECTED in \
+            ds.column_names
+
     class StepwiseDPOTrainer(DPOTrainer):
         stepwise_step: int | None = None
 
+        def __init__(self, *args, **kwargs):
+            import trl.trainer.dpo_trainer as dpo_module
+
+            cfg = kwargs.get("args")
+            given = (
+                cfg is not None and cfg.precompute_ref_log_probs and has_ref_columns(kwargs.get("train_dataset"))
+                and (kwargs.get("eval_dataset") is None or has_ref_columns(kwargs.get("eval_dataset")))
+            )
+            if not given:
+                super().__init__(*args, **kwargs)
+                return
+            # TRL hashes every weight (~0.5 s for 135M) only to key its own precompute cache, which we bypass.
+            original = dpo_module.hash_module
+            dpo_module.hash_module = lambda module: "stepwise-given-ref-logps"
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                dpo_module.hash_module = original
+
         def _precompute_ref_logps(self, dataset, name, batch_size):
             # TRL recomputes (with the policy) even when the columns exist; ours were scored with M(t-1).
-            if TRL_REF_CHOSEN in dataset.column_names and TRL_REF_REJECTED in dataset.column_names:
+            if has_ref_columns(dataset):
                 return dataset
             return super()._precompute_ref_logps(dataset, name, batch_size)
 
@@ -518,8 +541,7 @@ def train_stepwise(
         logger.info("step %d %s", t, json.dumps({"stepwise/step": t, **_flat_stats(stats), **record["trl"]}))
 
         trained = trainer.accelerator.unwrap_model(trainer.model)
-        trainer.save_model(str(step_dir))
-        tokenizer.save_pretrained(str(step_dir))
+        trainer.save_model(str(step_dir))  # with the tokenizer (processing_class)
         if config.ref_mode == "precomputed":
             _save_reference_logps(step_dir / "reference_logps.arrow", chunk)
         if config.ref_mode == "peft":
