@@ -237,7 +237,7 @@ def score_parts_ray(kept, todo: list[int], config, ray_config: RayConfig | None 
         if rc.address is None:  # may start a Ray here: no dashboard (Ray client addresses take no such option)
             kwargs.setdefault("include_dashboard", False)
         ray.init(address=rc.address, **kwargs)
-        started = rc.address is None
+        started = True  # ours to shut down (a cluster is only disconnected from)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = bool(config.progress)
