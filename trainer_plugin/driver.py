@@ -429,7 +429,7 @@ def train_stepwise(
     out.mkdir(parents=True, exist_ok=True)
     identity = {
         "ref_mode": config.ref_mode,
-        "partition": str(partition_dir) if isinstance(partition_dir, (str, os.PathLike)) else None,
+        "partition": str(Path(partition_dir).resolve()) if isinstance(partition_dir, (str, os.PathLike)) else None,
         "chunks": [len(c) for c in chunks],
         "manifest_created_at": (manifest or {}).get("created_at"),
         "seed": args.seed,
