@@ -94,7 +94,7 @@ def child_trl(args) -> dict:
                     gradient_checkpointing=False, dataloader_num_workers=0)
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=canonical, processing_class=tok)
     ds = trainer.train_dataset
-    return {"seconds": timing["train"], "chosen": ds["ref_chosen_logps"], "rejected": ds["ref_rejected_logps"],
+    return {"seconds": timing["train"], "chosen": list(ds["ref_chosen_logps"]), "rejected": list(ds["ref_rejected_logps"]),
             "tokens_computed": counts["tokens"], "padding": counts["padding"],
             "head_positions": counts["tokens"] + counts["padding"]}
 
