@@ -114,6 +114,16 @@ def test_live_reference_of_step2_is_m1(partition2, partition3, tiny_model_dir, t
         assert where["pairs"] == len(held_out) == 3
         assert where["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
         assert where["reward_accuracy"] == expected["reward_accuracy"]
+    # `sdpo stats RUN` shows the same per-step quantities.
+    from partitioner.stats_cli import steps_frame
+
+    frame = steps_frame(out / "steps.json")
+    assert frame["gamma_ref_held_out"].to_list() == [
+        summary["steps"][0]["reference"]["held_out"]["mean_margin"],
+        summary["steps"][1]["reference"]["held_out"]["mean_margin"],
+        summary["final"]["held_out"]["mean_margin"],
+    ]
+    assert frame["rewards/margins"][0] == summary["steps"][0]["trl"]["rewards/margins"]
 
 
 def test_precomputed_reference_equals_m1_scores(partition2, tiny_model_dir, smollm2_tokenizer, tmp_path):
