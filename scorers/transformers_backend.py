@@ -24,6 +24,7 @@ Assumptions:
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -113,13 +114,12 @@ def prefix_shared_attention(module, query, key, value, attention_mask, scaling=N
     """
     import torch
     import torch.nn.functional as F
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not _is_layout(attention_mask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    gqa = {"enable_gqa": query.shape[1] != key.shape[1]}  # K/V stay at their own head count: no repeat_kv copies
     out = torch.zeros_like(query)  # (batch, heads, length, head_dim)
     for b, segments in enumerate(attention_mask[:, 0].tolist()):
         o = 0  # several pairs may share a row, one after the other
@@ -128,18 +128,27 @@ def prefix_shared_attention(module, query, key, value, attention_mask, scaling=N
             if a > o:
                 out[b, :, o:a] = F.scaled_dot_product_attention(
                     query[b : b + 1, :, o:a], key[b : b + 1, :, o:a], value[b : b + 1, :, o:a], is_causal=True,
-                    scale=scaling,
+                    scale=scaling, **gqa,
                 )[0]
             if n2:
                 k2 = torch.cat([key[b : b + 1, :, o : o + n0], key[b : b + 1, :, a : a + n2]], dim=2)
                 v2 = torch.cat([value[b : b + 1, :, o : o + n0], value[b : b + 1, :, a : a + n2]], dim=2)
-                mask = torch.ones(n2, n0 + n2, dtype=torch.bool, device=query.device)
-                mask[:, n0:] = torch.ones(n2, n2, dtype=torch.bool, device=query.device).tril()
                 out[b, :, a : a + n2] = F.scaled_dot_product_attention(
-                    query[b : b + 1, :, a : a + n2], k2, v2, attn_mask=mask, scale=scaling
+                    query[b : b + 1, :, a : a + n2], k2, v2, attn_mask=_side2_mask(n0, n2, query.device),
+                    scale=scaling, **gqa,
                 )[0]
             o = a + n2
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=32)
+def _side2_mask(n0: int, n2: int, device):
+    """(n2, n0 + n2) boolean mask: every prefix key, then causal over the side's own keys (cached across layers)."""
+    import torch
+
+    mask = torch.ones(n2, n0 + n2, dtype=torch.bool, device=device)
+    mask[:, n0:] = torch.ones(n2, n2, dtype=torch.bool, device=device).tril()
+    return mask
 
 
 def _register_prefix_attention() -> str:
