@@ -8,11 +8,9 @@ import statistics
 
 def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="+", help="files, globs, folders or Hub names; name=path to name a source")
-    p.add_argument("--format", default=None, help="force a layout (see partitioner/formats.py)")
-    p.add_argument("--column-mapping", default=None, help="prompt=COL,chosen=COL,rejected=COL[,system=COL]")
-    p.add_argument("--source-column", default=None, help="take each row's source tag from this column")
-    p.add_argument("--split", default="train")
-    p.add_argument("--drop-duplicates", action="store_true", help="reject exact duplicate pairs")
+    from .loading import add_loader_arguments
+
+    add_loader_arguments(p)
     p.add_argument("--rejects", default=None, help="write rejected rows to this Arrow file")
     p.add_argument("--tokenizer", default=None, help="also tokenize as DPOTrainer does (path, hub id or 'bundled')")
     p.add_argument("--max-length", type=int, default=1024)
@@ -20,17 +18,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .loading import load_preferences_with_rejects, parse_column_mapping
+    from .loading import load_preferences_with_rejects, loader_options
     from .rejects import write_rejects
 
-    dataset, report = load_preferences_with_rejects(
-        args.inputs,
-        format=args.format,
-        column_mapping=parse_column_mapping(args.column_mapping),
-        drop_duplicates=args.drop_duplicates,
-        split=args.split,
-        source_column=args.source_column,
-    )
+    dataset, report = load_preferences_with_rejects(args.inputs, **loader_options(args))
     out = report.as_dict()
     rejects = list(report.rejects)
     if args.tokenizer:

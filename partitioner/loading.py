@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob as _glob
 import hashlib
-import io
 import json
 import logging
 import os
@@ -311,6 +310,7 @@ def load_preferences_with_rejects(
     drop_duplicates: bool = False,
     split: str = "train",
     source_column: str | None = None,
+    limit_per_source: int | None = None,
 ) -> tuple:
     """Like ``load_preferences`` but returns ``(dataset, report)``; ``report.rejects`` holds the reject records.
 
@@ -320,6 +320,8 @@ def load_preferences_with_rejects(
     """
     if format is not None and format not in FORMATS:
         raise PreferenceDataError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if limit_per_source is not None and limit_per_source < 1:
+        raise PreferenceDataError(f"limit_per_source must be >= 1, got {limit_per_source}")
     if column_mapping:
         bad = set(column_mapping) - {"prompt", "chosen", "rejected", "system"}
         if bad:
@@ -332,6 +334,8 @@ def load_preferences_with_rejects(
         rep = SourceReport(source=source)
         report.sources.append(rep)
         rows = list(_rows_of(item, split, desc))
+        if limit_per_source is not None:
+            rows = rows[:limit_per_source]  # rows past the limit are not part of this job (not counted)
         rep.rows_in = len(rows)
         if not rows:
             logger.warning("%s: no rows", desc)
@@ -422,6 +426,7 @@ def load_preferences(
     drop_duplicates: bool = False,
     split: str = "train",
     source_column: str | None = None,
+    limit_per_source: int | None = None,
     rejects_path: str | os.PathLike | None = None,
 ):
     """Load preference pairs into TRL's canonical columns, one ``source`` tag per input.
@@ -434,6 +439,7 @@ def load_preferences(
             a ``-N`` suffix on their ``row_id``. Either way they are counted.
         split: the split to read from a ``DatasetDict`` folder or the Hub.
         source_column: take each row's ``source`` tag from this column instead of the input's name.
+        limit_per_source: read only the first N rows of each input (for quick runs); the rest are not counted.
         rejects_path: write the rejects there (Arrow IPC stream), even when there are none.
 
     Returns:
@@ -450,6 +456,7 @@ def load_preferences(
         drop_duplicates=drop_duplicates,
         split=split,
         source_column=source_column,
+        limit_per_source=limit_per_source,
     )
     for s in report.sources:
         logger.info(
@@ -475,7 +482,32 @@ def parse_column_mapping(text: str | Mapping | None) -> dict | None:
     return out
 
 
+def add_loader_arguments(parser) -> None:
+    """The loader's options as CLI flags (shared by ``sdpo inspect``, ``score``, ``partition`` and ``run``)."""
+    group = parser.add_argument_group("loading")
+    group.add_argument("--format", default=None, choices=FORMATS, help="force a layout (default: detected per input)")
+    group.add_argument("--column-mapping", default=None, help="prompt=COL,chosen=COL,rejected=COL[,system=COL]")
+    group.add_argument("--source-column", default=None, help="take each row's source tag from this column")
+    group.add_argument("--split", default="train", help="split of a DatasetDict folder or a Hub dataset")
+    group.add_argument("--drop-duplicates", action="store_true", help="reject exact duplicate pairs")
+    group.add_argument("--limit-per-source", type=int, default=None, help="read only the first N rows of each input")
+
+
+def loader_options(args) -> dict:
+    """``load_preferences`` keyword arguments from the flags of ``add_loader_arguments``."""
+    return {
+        "format": args.format,
+        "column_mapping": parse_column_mapping(args.column_mapping),
+        "source_column": args.source_column,
+        "split": args.split,
+        "drop_duplicates": args.drop_duplicates,
+        "limit_per_source": args.limit_per_source,
+    }
+
+
 __all__ = [
+    "add_loader_arguments",
+    "loader_options",
     "LoadReport",
     "PreferenceDataError",
     "SourceReport",
@@ -484,4 +516,3 @@ __all__ = [
     "pair_content_hash",
     "parse_column_mapping",
 ]
-_ = io

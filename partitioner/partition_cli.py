@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N loaded rows (scoring first)")
     parser.add_argument("--scored-dir", default=None, help="where to score loader inputs (default OUT.scored)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    from .loading import add_loader_arguments
+
+    add_loader_arguments(parser)
 
 
 def _is_scored(path: str) -> bool:
@@ -41,6 +44,8 @@ def _is_scored(path: str) -> bool:
 
 
 def run(args) -> int:
+    from .loading import loader_options
+
     if not args.inputs:
         raise ValueError("give an INPUT: a scored folder or data files")
     if not args.output_dir:
@@ -62,11 +67,11 @@ def run(args) -> int:
         data = args.scored_dir or f"{str(args.output_dir).rstrip('/')}.scored"
         score_preferences(list(args.inputs), data,
                           ScoringConfig(model=args.model, max_length=args.max_length, limit=args.limit,
-                                        progress=args.progress))
+                                        progress=args.progress, load_options=loader_options(args)))
     else:
         from .loading import load_preferences_with_rejects
 
-        data, report = load_preferences_with_rejects(list(args.inputs))
+        data, report = load_preferences_with_rejects(list(args.inputs), **loader_options(args))
         rejects = list(report.rejects)
     out = partition_preferences(data, args.output_dir, config, rejects=rejects, progress=args.progress)
     from .shards import read_manifest

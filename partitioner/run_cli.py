@@ -40,11 +40,15 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="start scoring over if settings changed")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    from .loading import add_loader_arguments
+
+    add_loader_arguments(p)
 
 
 def run(args) -> int:
     from scorers.job import ScoringConfig, score_preferences
 
+    from .loading import loader_options
     from .partition import PartitionConfig, partition_preferences
     from .shards import read_manifest
     from .stats import partition_stats, plot_partition
@@ -58,7 +62,7 @@ def run(args) -> int:
         ScoringConfig(
             model=args.model, dtype=args.dtype, max_length=args.max_length, signals=signals,
             difficulty_signal=args.difficulty_signal, limit=args.limit, seed=args.seed, overwrite=args.overwrite,
-            progress=args.progress,
+            progress=args.progress, load_options=loader_options(args),
         ),
     )
     part = partition_preferences(

@@ -11,6 +11,9 @@ from .job import ScoringConfig, score_preferences
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="data files / globs / name=path, or one save_to_disk folder")
     parser.add_argument("--output-dir", "-o", required=True, help="the scored folder (resumed when it exists)")
+    from partitioner.loading import add_loader_arguments
+
+    add_loader_arguments(parser)
     parser.add_argument("--model", default="bundled", help="reference model: path, hub id or 'bundled' (default)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     parser.add_argument("--dtype", default="float32", help="float32 (default, TRL-exact), bfloat16, float16")
@@ -60,6 +63,8 @@ def _json_dict(text: str) -> dict:
 
 
 def run(args) -> int:
+    from partitioner.loading import loader_options
+
     config = ScoringConfig(
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_length=args.max_length,
         truncation_mode=args.truncation_mode, signals=args.signals, difficulty_signal=args.difficulty_signal,
@@ -68,7 +73,7 @@ def run(args) -> int:
         rating_columns=[c.strip() for c in args.rating_columns.split(",")], seed=args.seed, limit=args.limit,
         overwrite=args.overwrite, device=args.device, progress=args.progress,
         backend=args.backend, server_url=args.server_url, server_model=args.server_model,
-        vllm_options=args.vllm_options or {},
+        vllm_options=args.vllm_options or {}, load_options=loader_options(args),
     )
     ray_config = None
     if args.executor == "ray":

@@ -68,6 +68,9 @@ class ScoringConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random signal."})
     limit: int | None = field(default=None, metadata={"help": "Score only the first N loaded rows."})
+    load_options: dict = field(default_factory=dict, metadata={
+        "help": "Keyword arguments of partitioner.loading.load_preferences for file inputs (format, column_mapping, "
+                "source_column, split, drop_duplicates)."})
     overwrite: bool = field(default=False, metadata={"help": "Start over when the folder holds other results."})
     device: str | None = field(default=None, metadata={"help": "torch device; default cpu."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
@@ -145,7 +148,7 @@ def _dataset_fingerprint(dataset) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_inputs(inputs):
+def _load_inputs(inputs, load_options: dict | None = None):
     """Dataset + loader rejects from paths (``partitioner.loading``) or a ``save_to_disk`` folder."""
     import datasets
 
@@ -160,7 +163,7 @@ def _load_inputs(inputs):
                 raise FileNotFoundError(f"input does not exist: {item}")
     from partitioner.loading import load_preferences_with_rejects
 
-    dataset, report = load_preferences_with_rejects(items)
+    dataset, report = load_preferences_with_rejects(items, **(load_options or {}))
     return dataset, list(report.rejects)
 
 
@@ -202,7 +205,7 @@ def score_preferences(dataset_or_inputs, output_dir, config: ScoringConfig | Non
 
         import_ray()  # fail early with the install hint
     out = Path(output_dir)
-    dataset, loader_rejects = _load_inputs(dataset_or_inputs)
+    dataset, loader_rejects = _load_inputs(dataset_or_inputs, config.load_options)
     if config.limit is not None and config.limit < len(dataset):
         dataset = dataset.select(range(config.limit))
     if len(dataset) == 0:
