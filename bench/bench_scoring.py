@@ -54,7 +54,7 @@ def child_ours(args) -> dict:
     rows = kept.to_list()
     model = load_causal_lm("bundled", dtype=args.dtype)
     backend = TransformersBackend(model, max_length=args.max_length, batch_tokens=args.batch_tokens,
-                                  packed=not args.plain, progress=False)
+                                  packed=not args.plain, progress=False, linear_kernel=args.linear_kernel)
     torch.set_num_threads(torch.get_num_threads())
     t0 = time.perf_counter()
     scores = backend.score(rows)
@@ -99,17 +99,25 @@ def child_trl(args) -> dict:
             "head_positions": counts["tokens"] + counts["padding"]}
 
 
-def matmul_peak(dtype: str, seconds: float = 3.0) -> float:
-    """GFLOP/s of a torch.matmul loop on shapes like the model's MLP (1024 x 576 @ 576 x 1536)."""
+def matmul_peak(dtype: str, kernel: str = "torch", seconds: float = 3.0) -> float:
+    """GFLOP/s of a linear-layer loop on the model's MLP shape (1024 x 576 -> 1536): torch's ``F.linear`` (MKL for
+    fp32 on CPU) or oneDNN's (``torch.ops.mkldnn._linear_pointwise``, what the scorer uses in fp32 on CPU)."""
     import torch
+    import torch.nn.functional as F
 
     dt = getattr(torch, dtype)
-    a, b = torch.randn(1024, 576, dtype=dt), torch.randn(576, 1536, dtype=dt)
+    a, w = torch.randn(1024, 576, dtype=dt), torch.randn(1536, 576, dtype=dt)
+
+    def step():
+        if kernel == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+        return F.linear(a, w)
+
     for _ in range(5):
-        a @ b
+        step()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        a @ b
+        step()
         n += 1
     return 2 * 1024 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
 
@@ -143,8 +151,10 @@ def main():
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--plain", action="store_true", help="(child) unpacked rows")
+    p.add_argument("--linear-kernel", default="auto", help="(child) TransformersBackend linear_kernel")
     p.add_argument("--child", choices=("ours", "trl"))
     p.add_argument("--skip-bf16", action="store_true")
+    p.add_argument("--skip-torch-linear", action="store_true", help="skip ours with torch's own fp32 linear (MKL)")
     args = p.parse_args()
     if args.child:
         res = child_ours(args) if args.child == "ours" else child_trl(args)
@@ -164,14 +174,20 @@ def main():
             v = kept_view(len(r["prompt_ids"]), len(r[side]), args.max_length, "keep_start")
             trl_tokens += v.n_prompt(len(r["prompt_ids"])) + v.n_completion
     n = len(kept)
-    peak32, peak16 = matmul_peak("float32"), matmul_peak("bfloat16")
+    from scorers.transformers_backend import onednn_linear_available
+
+    peak32_torch = matmul_peak("float32")
+    peak32_onednn = matmul_peak("float32", "onednn") if onednn_linear_available() else 0.0
+    peak32, peak16 = max(peak32_torch, peak32_onednn), matmul_peak("bfloat16")
     body, head = model_params()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; matmul peak fp32 {peak32:.0f} GFLOP/s, "
-          f"bf16 {peak16:.0f} GFLOP/s")
+          f"{torch.__version__}, {torch.get_num_threads()} threads; matmul peak fp32 {peak32:.0f} GFLOP/s "
+          f"(torch F.linear {peak32_torch:.0f}, oneDNN {peak32_onednn:.0f}), bf16 {peak16:.0f} GFLOP/s")
     print(f"rows: {n} orca pairs scored ({n_rejected} prompt_too_long), max_length {args.max_length}, "
           f"{trl_tokens} TRL-equivalent real tokens")
     results = {"trl": run_child("trl", args, []), "ours": run_child("ours", args, [])}
+    if not args.skip_torch_linear:
+        results["ours_mkl"] = run_child("ours", args, ["--linear-kernel", "torch"])
     if not args.skip_bf16:
         results["ours_bf16"] = run_child("ours", args, ["--dtype", "bfloat16"])
     trl = results["trl"]

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random signal")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N loaded rows")
     parser.add_argument("--device", default=None, help="torch device (default cpu)")
+    parser.add_argument("--linear-kernel", default="auto", choices=("auto", "onednn", "torch"),
+                        help="fp32 GEMM of the linear layers on CPU: auto (oneDNN where available, default), "
+                             "onednn, or torch (MKL)")
     parser.add_argument("--overwrite", action="store_true", help="start over if the folder holds other results")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--backend", default="transformers", choices=("transformers", "vllm", "vllm-server"),
@@ -71,7 +74,7 @@ def run(args) -> int:
         batch_tokens=args.batch_tokens, rows_per_part=args.rows_per_part, packed=args.packed, beta=args.beta,
         policy_model=args.policy_model, reward_model=args.reward_model,
         rating_columns=[c.strip() for c in args.rating_columns.split(",")], seed=args.seed, limit=args.limit,
-        overwrite=args.overwrite, device=args.device, progress=args.progress,
+        overwrite=args.overwrite, device=args.device, progress=args.progress, linear_kernel=args.linear_kernel,
         backend=args.backend, server_url=args.server_url, server_model=args.server_model,
         vllm_options=args.vllm_options or {}, load_options=loader_options(args),
     )

@@ -73,6 +73,9 @@ class ScoringConfig:
                 "source_column, split, drop_duplicates)."})
     overwrite: bool = field(default=False, metadata={"help": "Start over when the folder holds other results."})
     device: str | None = field(default=None, metadata={"help": "torch device; default cpu."})
+    linear_kernel: str = field(default="auto", metadata={
+        "help": "transformers backend: fp32 GEMM of the linear layers on CPU: auto (oneDNN where this torch has it), "
+                "onednn or torch (torch's default, MKL)."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     backend: str = field(default="transformers", metadata={
         "help": "Reference log-prob backend: transformers, vllm (offline engine) or vllm-server (a running server)."})
@@ -106,6 +109,8 @@ class ScoringConfig:
             raise ValueError("signal reward_model needs reward_model (a sequence-classification model path)")
         if len(self.rating_columns) != 2:
             raise ValueError("rating_columns must name two columns: chosen's and rejected's")
+        if self.linear_kernel not in ("auto", "onednn", "torch"):
+            raise ValueError(f"linear_kernel must be 'auto', 'onednn' or 'torch', got {self.linear_kernel!r}")
         if self.backend not in ("transformers", "vllm", "vllm-server"):
             raise ValueError(f"backend must be 'transformers', 'vllm' or 'vllm-server', got {self.backend!r}")
         if self.backend == "vllm-server" and not self.server_url:
@@ -234,6 +239,7 @@ def score_preferences(dataset_or_inputs, output_dir, config: ScoringConfig | Non
             "backend": config.backend,
             "packed": config.packed,
             "batch_tokens": config.batch_tokens,
+            "linear_kernel": config.linear_kernel,
             "rows_per_part": config.rows_per_part,
             "beta": config.beta,
             "seed": config.seed,
@@ -337,7 +343,7 @@ class _PartScorer:
         self.config, self.signals = config, signals
         kw = dict(dtype=config.dtype, max_length=config.max_length, truncation_mode=config.truncation_mode,
                   batch_tokens=config.batch_tokens, packed=config.packed, device=config.device,
-                  progress=config.progress)
+                  progress=config.progress, linear_kernel=config.linear_kernel)
         if config.backend == "transformers":
             self.backend = TransformersBackend(config.model, **kw)
         else:

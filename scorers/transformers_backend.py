@@ -15,6 +15,15 @@ packed as two independent segments (positions restart at 0), so the result still
 Plain path (``packed=False``): each side as its own right-padded row, as the collator builds them; used to check
 the packed path and for attention implementations that do not take a custom 4D mask.
 
+Linear layers on CPU in fp32 (``linear_kernel="auto"``): the model's ``nn.Linear`` layers run through oneDNN's
+fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU backend emits) for the duration of
+our forwards only; the model is left unchanged afterwards. torch's default fp32 ``F.linear`` calls MKL's SGEMM,
+which on AMD CPUs takes a path without AVX-512: oneDNN reached 192-201 GFLOP/s against MKL's 122-163 on the
+model's shapes on the 2-core AMD EPYC dev machine. Gated SiLU MLPs (Llama, Mistral, Qwen...) run as one fused unit
+(the SiLU, the gate x up product and the layer's residual add as GEMM post-ops), which saves three passes over the
+activations. Every swap is checked at start-up: the model's body must give the same hidden states with it. Both
+paths are IEEE fp32; they differ only in summation order (2e-6 per output, 3e-4 per row sum on 900-token orca rows).
+
 Assumptions:
     a decoder whose attention modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` (all
     transformers >= 5 LLMs); the packed path swaps in :func:`prefix_shared_attention` for its own forwards only and
@@ -24,8 +33,10 @@ Assumptions:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import types
 from dataclasses import dataclass, field
 
 from .backend import LogProbBackend, kept_view, token_columns
@@ -33,6 +44,7 @@ from .backend import LogProbBackend, kept_view, token_columns
 logger = logging.getLogger(__name__)
 
 _LM_HEAD_CHUNK = 2048  # positions per LM-head tile: bounds the (positions x vocab) logits buffer
+LINEAR_KERNELS = ("auto", "onednn", "torch")
 
 
 @dataclass
@@ -159,6 +171,145 @@ def _register_prefix_attention() -> str:
     return _PREFIX_ATTENTION
 
 
+def _onednn_linear_forward(self, x):
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_linear_available() -> bool:
+    """Whether oneDNN's fp32 linear op exists in this torch build and agrees with ``F.linear`` on a small probe."""
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((3, 5, 64), (40, 64), (40,)))
+        out = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        logger.debug("oneDNN linear unavailable: %s", e)
+        return False
+    return bool(torch.allclose(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
+
+
+def _onednn_gated_mlp_forward(self, x):
+    """``down(act(gate(x)) * up(x))`` with SiLU as oneDNN post-ops: the gate's SiLU and the product are fused into
+    the GEMMs instead of two extra passes over the (tokens x intermediate) activations."""
+    import torch
+
+    op = torch.ops.mkldnn._linear_pointwise
+    gate = op(x, self.gate_proj.weight, self.gate_proj.bias, "swish", [], "")
+    hidden = op.binary(x, gate, self.up_proj.weight, self.up_proj.bias, "mul")
+    return op(hidden, self.down_proj.weight, self.down_proj.bias, "none", [], "")
+
+
+def _swappable_linear(m) -> bool:
+    import torch
+
+    return (type(m) is torch.nn.Linear and "forward" not in vars(m)
+            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu")
+
+
+def _is_gated_silu_mlp(m) -> bool:
+    """Whether ``m`` computes ``down_proj(silu(gate_proj(x)) * up_proj(x))`` (Llama, Mistral, Qwen2/3 MLPs...):
+    three swappable linears, and its own forward agrees with the fused one on a random probe (so another activation
+    or layout is never fused by mistake)."""
+    import torch
+
+    parts = [getattr(m, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if "forward" in vars(m) or not all(_swappable_linear(p) for p in parts):
+        return False
+    x = torch.randn(1, 4, parts[0].in_features, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            expected, got = m(x), _onednn_gated_mlp_forward(m, x)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    scale = float(expected.abs().max()) or 1.0
+    return expected.shape == got.shape and bool((expected - got).abs().max() <= 1e-4 * scale)
+
+
+_DECODER_LAYER_PARTS = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+
+
+def _onednn_decoder_layer_forward(self, hidden_states, **kwargs):
+    """A pre-norm decoder layer (Llama, Mistral, Qwen2/3...) whose gated SiLU MLP also takes the residual add as a
+    GEMM post-op of ``down_proj``; attention runs through the layer's own attention module."""
+    import torch
+
+    op = torch.ops.mkldnn._linear_pointwise
+    attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    hidden_states = attn.add_(hidden_states)
+    mlp, h = self.mlp, self.post_attention_layernorm(hidden_states)
+    gate = op(h, mlp.gate_proj.weight, mlp.gate_proj.bias, "swish", [], "")
+    hidden = op.binary(h, gate, mlp.up_proj.weight, mlp.up_proj.bias, "mul")
+    return op.binary(hidden, hidden_states, mlp.down_proj.weight, mlp.down_proj.bias, "add")
+
+
+def _onednn_swaps(model, layers: bool = True) -> list:
+    """``(module, forward)`` pairs that run ``model``'s fp32 CPU linear layers through oneDNN: pre-norm decoder layers
+    with a gated SiLU MLP with their residual add fused (``layers``), gated SiLU MLPs as one fused unit, every other
+    plain ``nn.Linear`` as one GEMM. Modules whose forward a hook already replaced (accelerate offloading...) are
+    left alone."""
+    import torch
+
+    swaps = []
+    for m in model.modules():
+        if _swappable_linear(m):
+            swaps.append((m, _onednn_linear_forward))
+        elif isinstance(m, torch.nn.Module) and hasattr(m, "gate_proj") and _is_gated_silu_mlp(m):
+            swaps.append((m, _onednn_gated_mlp_forward))
+        elif (layers and "forward" not in vars(m) and {n for n, _ in m.named_children()} == _DECODER_LAYER_PARTS
+              and _is_gated_silu_mlp(m.mlp)):
+            swaps.append((m, _onednn_decoder_layer_forward))
+    return swaps
+
+
+def _same_hidden_states(model, swaps) -> bool:
+    """Whether ``model``'s body gives the same last hidden states (to 1e-4 relative) with ``swaps`` as without, on a
+    short random input run with the model's own attention."""
+    import torch
+
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(0)).to(model.device)
+    try:
+        with torch.inference_mode():
+            expected = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            with _linear_kernel(swaps):
+                got = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
+        logger.debug("oneDNN swaps fail on this model: %s", e)
+        return False
+    scale = float(expected.abs().max()) or 1.0
+    return expected.shape == got.shape and bool((expected - got).abs().max() <= 1e-4 * scale)
+
+
+def checked_onednn_swaps(model) -> list:
+    """:func:`_onednn_swaps` checked end to end on ``model``: with fused decoder layers if the body still computes
+    the same, else without them, else none (``[]``: torch's own kernels)."""
+    for layers in (True, False):
+        swaps = _onednn_swaps(model, layers=layers)
+        if swaps and _same_hidden_states(model, swaps):
+            return swaps
+    logger.warning("oneDNN linear layers change this model's outputs; scoring with torch's own kernels")
+    return []
+
+
+@contextlib.contextmanager
+def _linear_kernel(swaps: list):
+    """Run the ``(module, forward)`` swaps inside the block; each module's own forward is restored on exit."""
+    for m, forward in swaps:
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield
+    finally:
+        for m, _ in swaps:
+            vars(m).pop("forward", None)
+
+
 def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Group row indices, longest first, so that the rows' total length is ``<= batch_tokens`` (one row may exceed).
 
@@ -203,11 +354,14 @@ class TransformersBackend(LogProbBackend):
             padding), or rows x longest row for the plain path.
         packed: prompt computed once per pair (block-causal mask); ``False`` for the plain two-row layout.
         device: where to run; default the model's device.
+        linear_kernel: ``"auto"`` (default): oneDNN's fp32 GEMM for the linear layers when the model runs in fp32
+            on CPU and this torch build has it, else torch's own; ``"onednn"`` (error if unavailable) or ``"torch"``.
         progress: show a tqdm bar (tokens/s).
 
     Raises:
         ModelLoadError: the model cannot be loaded.
-        ValueError: packed scoring of a sliding-window model whose window is shorter than max_length.
+        ValueError: packed scoring of a sliding-window model whose window is shorter than max_length, an
+            unknown ``linear_kernel``, or ``"onednn"`` where it cannot run (not fp32 on CPU, or not in this build).
     """
 
     def __init__(
@@ -220,9 +374,12 @@ class TransformersBackend(LogProbBackend):
         packed: bool = True,
         device: str | None = None,
         progress: bool = True,
+        linear_kernel: str = "auto",
     ):
         from .models import load_causal_lm
 
+        if linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {linear_kernel!r}")
         if truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
         if batch_tokens < 1:
@@ -241,6 +398,15 @@ class TransformersBackend(LogProbBackend):
             raise ValueError(f"packed scoring does not model the sliding window ({window}) of this model; use packed=False")
         self._logit_scale = getattr(cfg, "logit_scale", None) or 1.0
         self._softcap = getattr(cfg, "final_logit_softcapping", None)
+        import torch
+
+        onednn_ok = (self.dtype == "float32" and torch.device(self.device).type == "cpu" and onednn_linear_available())
+        if linear_kernel == "onednn" and not onednn_ok:
+            raise ValueError("linear_kernel='onednn' needs a float32 model on CPU and a torch build with oneDNN")
+        self._fast_linears = checked_onednn_swaps(model) if onednn_ok and linear_kernel != "torch" else []
+        if linear_kernel == "onednn" and not self._fast_linears:
+            raise ValueError("linear_kernel='onednn' changes this model's outputs (see the log); use 'torch'")
+        self.linear_kernel = "onednn" if self._fast_linears else "torch"
         self.tokens_computed = 0  # model positions run (padding excluded), for FLOP accounting
         self.padding_computed = 0
 
@@ -253,6 +419,7 @@ class TransformersBackend(LogProbBackend):
             "truncation_mode": self.truncation_mode,
             "packed": self.packed,
             "batch_tokens": self.batch_tokens,
+            "linear_kernel": self.linear_kernel,
         }
 
     def close(self) -> None:
@@ -281,7 +448,7 @@ class TransformersBackend(LogProbBackend):
         batches = group([len(r.ids) for r in model_rows], self.batch_tokens)
         total = sum(len(r.ids) for r in model_rows)
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc="Scoring pairs", disable=not self.progress or n == 0)
-        with torch.inference_mode():
+        with torch.inference_mode(), _linear_kernel(self._fast_linears):
             for batch in batches:
                 logps, targets = self._forward([model_rows[i] for i in batch])
                 pair = torch.tensor([t[2] for t in targets], dtype=torch.long)

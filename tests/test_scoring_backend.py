@@ -135,3 +135,105 @@ def test_token_batches_budget():
     assert batches[0] == [6]  # longer than the budget: alone
     for b in batches[1:]:
         assert sum(lengths[i] for i in b) <= 128
+
+
+def test_linear_kernels_agree_and_leave_the_model_as_it_was(tiny_model, smollm2_tokenizer, pairs):
+    import torch
+
+    from scorers.transformers_backend import onednn_linear_available
+
+    kept, _ = _tokenized(pairs, smollm2_tokenizer)
+    rows = kept.to_list()
+    kw = dict(max_length=MAX_LENGTH, batch_tokens=2048, progress=False)
+    default = TransformersBackend(tiny_model, linear_kernel="torch", **kw)
+    assert default.linear_kernel == "torch"
+    plain = default.score(rows)
+    auto = TransformersBackend(tiny_model, **kw)
+    assert auto.linear_kernel == ("onednn" if onednn_linear_available() else "torch")
+    assert auto.describe()["linear_kernel"] == auto.linear_kernel
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    fast = TransformersBackend(tiny_model, linear_kernel="onednn", **kw).score(rows)
+    for k in ("chosen_logps", "rejected_logps"):
+        np.testing.assert_allclose(fast[k], plain[k], atol=1e-3, rtol=0)
+    linears = [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "gate_proj")]
+    assert linears and not any("forward" in vars(m) for m in linears), "the swap must not outlive the forward"
+    with pytest.raises(ValueError, match="linear_kernel"):
+        TransformersBackend(tiny_model, linear_kernel="fast", **kw)
+    bf16 = TransformersBackend(tiny_model_bf16 := _bf16_copy(tiny_model), **kw)
+    assert bf16.linear_kernel == "torch"
+    with pytest.raises(ValueError, match="float32 model on CPU"):
+        TransformersBackend(tiny_model_bf16, linear_kernel="onednn", **kw)
+
+
+def _bf16_copy(model):
+    import copy
+
+    import torch
+
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def test_gated_mlp_fusion_only_where_it_computes_the_same(tiny_model, smollm2_tokenizer, pairs):
+    """The SiLU MLPs of Llama and of a Qwen2 with biased projections are fused and score as torch does; a
+    GELU-gated MLP with the same attribute names is left to its own forward."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from scorers.transformers_backend import (
+        _is_gated_silu_mlp,
+        _onednn_decoder_layer_forward,
+        _onednn_gated_mlp_forward,
+        checked_onednn_swaps,
+        onednn_linear_available,
+    )
+
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    swaps = checked_onednn_swaps(tiny_model)
+    n_layers = tiny_model.config.num_hidden_layers
+    assert sum(f is _onednn_gated_mlp_forward for _, f in swaps) == n_layers
+    assert sum(f is _onednn_decoder_layer_forward for _, f in swaps) == n_layers
+
+    # a decoder layer that computes something else with the same parts: the end-to-end check drops layer fusion
+    import copy
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    class ScaledLayer(LlamaDecoderLayer):
+        def forward(self, hidden_states, **kwargs):
+            return 0.5 * super().forward(hidden_states, **kwargs)
+
+    odd = copy.deepcopy(tiny_model)
+    odd.model.layers[0].__class__ = ScaledLayer
+    swaps = checked_onednn_swaps(odd)
+    assert swaps and not any(f is _onednn_decoder_layer_forward for _, f in swaps)
+
+    class GeluMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
+            self.down_proj = torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.down_proj(torch.nn.functional.gelu(self.gate_proj(x)) * self.up_proj(x))
+
+    assert not _is_gated_silu_mlp(GeluMLP())
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, use_sliding_window=False,
+        tie_word_embeddings=True)).eval()
+    assert qwen.model.layers[0].self_attn.q_proj.bias is not None
+    kept, _ = _tokenized(pairs, smollm2_tokenizer)
+    rows = kept.to_list()[:6]
+    kw = dict(max_length=MAX_LENGTH, batch_tokens=2048, progress=False)
+    fast_backend = TransformersBackend(qwen, linear_kernel="onednn", **kw)
+    assert sum(f is _onednn_decoder_layer_forward for _, f in fast_backend._fast_linears) == 2
+    fast = fast_backend.score(rows, return_per_token=True)
+    plain = TransformersBackend(qwen, linear_kernel="torch", **kw).score(rows, return_per_token=True)
+    for side in ("chosen", "rejected"):
+        np.testing.assert_allclose(fast[f"{side}_logps"], plain[f"{side}_logps"], atol=1e-3, rtol=0)
+        got = np.concatenate([np.array(x) for x in fast[f"{side}_token_logps"]])
+        want = np.concatenate([np.array(x) for x in plain[f"{side}_token_logps"]])
+        assert np.abs(got - want).max() < 1e-4
