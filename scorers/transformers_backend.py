@@ -18,8 +18,8 @@ the packed path and for attention implementations that do not take a custom 4D m
 Linear layers on CPU in fp32 (``linear_kernel="auto"``): the model's ``nn.Linear`` layers run through oneDNN's
 fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU backend emits) for the duration of
 our forwards only; the model is left unchanged afterwards. torch's default fp32 ``F.linear`` calls MKL's SGEMM,
-which on AMD CPUs takes a path without AVX-512: oneDNN reached 192-201 GFLOP/s against MKL's 122-163 on the
-model's shapes on the 2-core AMD EPYC dev machine. Gated SiLU MLPs (Llama, Mistral, Qwen...) run as one fused unit
+which on the 2-core AMD EPYC dev machine runs without its AVX-512 code path (``MKL_VERBOSE=1``): there oneDNN
+reached 185-201 GFLOP/s against MKL's 122-163 on the model's shapes. Gated SiLU MLPs (Llama, Mistral, Qwen...) run as one fused unit
 (the SiLU, the gate x up product and the layer's residual add as GEMM post-ops), which saves three passes over the
 activations. Every swap is checked at start-up: the model's body must give the same hidden states with it. Both
 paths are IEEE fp32; they differ only in summation order (2e-6 per output, 3e-4 per row sum on 900-token orca rows).
