@@ -44,6 +44,19 @@ from .backend import LogProbBackend, kept_view, token_columns
 logger = logging.getLogger(__name__)
 
 _LM_HEAD_CHUNK = 2048  # positions per LM-head tile: bounds the (positions x vocab) logits buffer
+# On CPU a tile's fp32 logits stay under glibc malloc's 32 MiB mmap ceiling, so their memory is reused from the heap
+# instead of being mapped and page-faulted afresh for every tile (SmolLM2, vocab 49152: 160 positions; on the
+# 24-row orca bench 2.0M -> 0.55M page faults, 1-2 s faster, peak RSS 2.0 -> 1.6 GB).
+_CPU_LM_HEAD_TILE_BYTES = 30 << 20
+
+
+def lm_head_tile(vocab_size: int, device) -> int:
+    """Positions per LM-head tile: 2048 on accelerators; on CPU as many as fit 30 MiB of fp32 logits (64-2048)."""
+    import torch
+
+    if torch.device(device).type != "cpu":
+        return _LM_HEAD_CHUNK
+    return max(64, min(_LM_HEAD_CHUNK, _CPU_LM_HEAD_TILE_BYTES // (4 * vocab_size)))
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 
 
@@ -522,11 +535,13 @@ class TransformersBackend(LogProbBackend):
         h = hidden[rows_idx, pred_idx]
         lm_head = self.model.get_output_embeddings()
         out = []
-        for s in range(0, h.size(0), _LM_HEAD_CHUNK):
-            logits = lm_head(h[s : s + _LM_HEAD_CHUNK]).float()
+        tile = lm_head_tile(getattr(lm_head, "out_features", None) or self.model.config.get_text_config().vocab_size,
+                            h.device)
+        for s in range(0, h.size(0), tile):
+            logits = lm_head(h[s : s + tile]).float()
             if self._logit_scale != 1.0:
                 logits = logits * self._logit_scale
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
-            out.append(-F.cross_entropy(logits, labels[s : s + _LM_HEAD_CHUNK], reduction="none"))
+            out.append(-F.cross_entropy(logits, labels[s : s + tile], reduction="none"))
         return torch.cat(out).cpu(), [t[:4] for t in targets]
