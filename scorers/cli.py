@@ -6,6 +6,7 @@ import argparse
 import json
 
 from .job import ScoringConfig, score_preferences
+from .transformers_backend import LINEAR_KERNELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random signal")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N loaded rows")
     parser.add_argument("--device", default=None, help="torch device (default cpu)")
-    parser.add_argument("--linear-kernel", default="auto", choices=("auto", "onednn", "torch"),
+    parser.add_argument("--linear-kernel", default="auto", choices=LINEAR_KERNELS,
                         help="fp32 GEMM of the linear layers on CPU: auto (oneDNN where available, default), "
                              "onednn, or torch (MKL)")
     parser.add_argument("--overwrite", action="store_true", help="start over if the folder holds other results")

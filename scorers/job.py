@@ -28,6 +28,7 @@ from partitioner.schema import CHOSEN_LOGPS, DIFFICULTY, REJECTED_LOGPS, ROW_ID,
 
 from .signals import POLICY_CHOSEN_LOGPS, POLICY_REJECTED_LOGPS, REWARD_CHOSEN, REWARD_REJECTED, compute_signal
 from .signals import parse_signals, to_difficulty
+from .transformers_backend import LINEAR_KERNELS
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,8 @@ class ScoringConfig:
             raise ValueError("signal reward_model needs reward_model (a sequence-classification model path)")
         if len(self.rating_columns) != 2:
             raise ValueError("rating_columns must name two columns: chosen's and rejected's")
-        if self.linear_kernel not in ("auto", "onednn", "torch"):
-            raise ValueError(f"linear_kernel must be 'auto', 'onednn' or 'torch', got {self.linear_kernel!r}")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")
         if self.backend not in ("transformers", "vllm", "vllm-server"):
             raise ValueError(f"backend must be 'transformers', 'vllm' or 'vllm-server', got {self.backend!r}")
         if self.backend == "vllm-server" and not self.server_url:

@@ -3,11 +3,11 @@
 Packed path (default): one row per pair, ``prompt + chosen + rejected``, attended block-causally: the rejected
 tokens see the prompt but not the chosen ones, and their position ids continue after the prompt (prefix sharing,
 Wang et al. 2024). The attention runs as two SDPA calls per row (:func:`prefix_shared_attention`: causal over
-``prompt + chosen``, then rejected against ``prompt + rejected``), so no full block mask is materialised. Each prompt token is computed once instead of twice. The first
-completion token of each side is predicted from the last prompt position, so both sides gather that hidden
-state. Rows are sorted by length and batched by a token budget (little padding); the LM head runs only at the
-positions whose next token is a completion token, followed by ``F.cross_entropy`` (no full log-softmax over all
-positions).
+``prompt + chosen``, then rejected against ``prompt + rejected``), so no full block mask is materialised. Each
+prompt token is computed once instead of twice. The first completion token of each side is predicted from the
+last prompt position, so both sides gather that hidden state. Rows are sorted by length and batched by a token
+budget (little padding); the LM head runs only at the positions whose next token is a completion token, followed by
+``F.cross_entropy`` (no full log-softmax over all positions).
 
 When truncation makes the two sides keep different prompt slices (``keep_end`` with long pairs), the pair is
 packed as two independent segments (positions restart at 0), so the result still equals the collator's view.
@@ -19,10 +19,11 @@ Linear layers on CPU in fp32 (``linear_kernel="auto"``): the model's ``nn.Linear
 fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU backend emits) for the duration of
 our forwards only; the model is left unchanged afterwards. torch's default fp32 ``F.linear`` calls MKL's SGEMM,
 which on the 2-core AMD EPYC dev machine runs without its AVX-512 code path (``MKL_VERBOSE=1``): there oneDNN
-reached 185-201 GFLOP/s against MKL's 122-163 on the model's shapes. Gated SiLU MLPs (Llama, Mistral, Qwen...) run as one fused unit
-(the SiLU, the gate x up product and the layer's residual add as GEMM post-ops), which saves three passes over the
-activations. Every swap is checked at start-up: the model's body must give the same hidden states with it. Both
-paths are IEEE fp32; they differ only in summation order (2e-6 per output, 3e-4 per row sum on 900-token orca rows).
+reached 185-213 GFLOP/s against MKL's 122-197 on the model's shapes. Gated SiLU MLPs (Llama, Mistral, Qwen...)
+run as one fused unit (the SiLU, the gate x up product and the layer's residual add as GEMM post-ops), which saves
+three passes over the activations. Every swap is checked at start-up: the model's body must give the same hidden
+states with it. Both paths are IEEE fp32; they differ only in summation order (2e-6 per output, 3e-4 per row sum on
+900-token orca rows).
 
 Assumptions:
     a decoder whose attention modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` (all
@@ -57,6 +58,8 @@ def lm_head_tile(vocab_size: int, device) -> int:
     if torch.device(device).type != "cpu":
         return _LM_HEAD_CHUNK
     return max(64, min(_LM_HEAD_CHUNK, _CPU_LM_HEAD_TILE_BYTES // (4 * vocab_size)))
+
+
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 
 
@@ -133,9 +136,10 @@ def prefix_shared_attention(module, query, key, value, attention_mask, scaling=N
     """Attention of packed ``prefix + side1 + side2`` rows, without materialising a full block mask.
 
     ``attention_mask`` is the row layout, an int64 tensor ``(batch, 1, pairs, 3)`` of segment lengths
-    ``(n_prefix, n_side1, n_side2)`` of the pairs laid one after the other in each row; per pair ``prefix + side1`` is plain causal attention (SDPA's fast causal kernel);
-    ``side2`` attends to the prefix and causally to itself, never to ``side1``. Positions past the three segments
-    (padding) get zeros. Any other mask is handed to transformers' SDPA attention unchanged.
+    ``(n_prefix, n_side1, n_side2)`` of the pairs laid one after the other in each row; per pair ``prefix + side1``
+    is plain causal attention (SDPA's causal kernel); ``side2`` attends to the prefix and causally to itself, never
+    to ``side1``. Positions past the three segments (padding) get zeros. Any other mask is handed to transformers'
+    SDPA attention unchanged.
     """
     import torch
     import torch.nn.functional as F
@@ -208,15 +212,22 @@ def onednn_linear_available() -> bool:
     return bool(torch.allclose(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
 
 
-def _onednn_gated_mlp_forward(self, x):
-    """``down(act(gate(x)) * up(x))`` with SiLU as oneDNN post-ops: the gate's SiLU and the product are fused into
-    the GEMMs instead of two extra passes over the (tokens x intermediate) activations."""
+def _fused_gate_up(mlp, x):
+    """``silu(gate_proj(x)) * up_proj(x)`` with the SiLU and the product as oneDNN GEMM post-ops, instead of two
+    extra passes over the (tokens x intermediate) activations."""
     import torch
 
     op = torch.ops.mkldnn._linear_pointwise
-    gate = op(x, self.gate_proj.weight, self.gate_proj.bias, "swish", [], "")
-    hidden = op.binary(x, gate, self.up_proj.weight, self.up_proj.bias, "mul")
-    return op(hidden, self.down_proj.weight, self.down_proj.bias, "none", [], "")
+    gate = op(x, mlp.gate_proj.weight, mlp.gate_proj.bias, "swish", [], "")
+    return op.binary(x, gate, mlp.up_proj.weight, mlp.up_proj.bias, "mul")
+
+
+def _onednn_gated_mlp_forward(self, x):
+    """``down(silu(gate(x)) * up(x))`` through oneDNN (:func:`_fused_gate_up`, then ``down_proj``)."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(_fused_gate_up(self, x), self.down_proj.weight, self.down_proj.bias,
+                                              "none", [], "")
 
 
 def _swappable_linear(m) -> bool:
@@ -253,13 +264,11 @@ def _onednn_decoder_layer_forward(self, hidden_states, **kwargs):
     GEMM post-op of ``down_proj``; attention runs through the layer's own attention module."""
     import torch
 
-    op = torch.ops.mkldnn._linear_pointwise
     attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
     hidden_states = attn.add_(hidden_states)
-    mlp, h = self.mlp, self.post_attention_layernorm(hidden_states)
-    gate = op(h, mlp.gate_proj.weight, mlp.gate_proj.bias, "swish", [], "")
-    hidden = op.binary(h, gate, mlp.up_proj.weight, mlp.up_proj.bias, "mul")
-    return op.binary(hidden, hidden_states, mlp.down_proj.weight, mlp.down_proj.bias, "add")
+    down = self.mlp.down_proj
+    hidden = _fused_gate_up(self.mlp, self.post_attention_layernorm(hidden_states))
+    return torch.ops.mkldnn._linear_pointwise.binary(hidden, hidden_states, down.weight, down.bias, "add")
 
 
 def _onednn_swaps(model, layers: bool = True) -> list:
@@ -267,13 +276,11 @@ def _onednn_swaps(model, layers: bool = True) -> list:
     with a gated SiLU MLP with their residual add fused (``layers``), gated SiLU MLPs as one fused unit, every other
     plain ``nn.Linear`` as one GEMM. Modules whose forward a hook already replaced (accelerate offloading...) are
     left alone."""
-    import torch
-
     swaps = []
     for m in model.modules():
         if _swappable_linear(m):
             swaps.append((m, _onednn_linear_forward))
-        elif isinstance(m, torch.nn.Module) and hasattr(m, "gate_proj") and _is_gated_silu_mlp(m):
+        elif hasattr(m, "gate_proj") and _is_gated_silu_mlp(m):
             swaps.append((m, _onednn_gated_mlp_forward))
         elif (layers and "forward" not in vars(m) and {n for n, _ in m.named_children()} == _DECODER_LAYER_PARTS
               and _is_gated_silu_mlp(m.mlp)):
@@ -408,7 +415,8 @@ class TransformersBackend(LogProbBackend):
         cfg = model.config.get_text_config()
         window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
         if packed and window is not None and (max_length is None or window < max_length):
-            raise ValueError(f"packed scoring does not model the sliding window ({window}) of this model; use packed=False")
+            raise ValueError(
+                f"packed scoring does not model the sliding window ({window}) of this model; use packed=False")
         self._logit_scale = getattr(cfg, "logit_scale", None) or 1.0
         self._softcap = getattr(cfg, "final_logit_softcapping", None)
         import torch
@@ -420,6 +428,8 @@ class TransformersBackend(LogProbBackend):
         if linear_kernel == "onednn" and not self._fast_linears:
             raise ValueError("linear_kernel='onednn' changes this model's outputs (see the log); use 'torch'")
         self.linear_kernel = "onednn" if self._fast_linears else "torch"
+        lm_head = model.get_output_embeddings()
+        self._lm_head_tile = lm_head_tile(getattr(lm_head, "out_features", None) or cfg.vocab_size, self.device)
         self.tokens_computed = 0  # model positions run (padding excluded), for FLOP accounting
         self.padding_computed = 0
 
@@ -535,8 +545,7 @@ class TransformersBackend(LogProbBackend):
         h = hidden[rows_idx, pred_idx]
         lm_head = self.model.get_output_embeddings()
         out = []
-        tile = lm_head_tile(getattr(lm_head, "out_features", None) or self.model.config.get_text_config().vocab_size,
-                            h.device)
+        tile = self._lm_head_tile
         for s in range(0, h.size(0), tile):
             logits = lm_head(h[s : s + tile]).float()
             if self._logit_scale != 1.0:
