@@ -53,7 +53,8 @@ def generate(scored_dir: Path, rows: int, seed: int = 0) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from partitioner.rejects import REJECTS_SCHEMA, write_arrow_stream
+    from partitioner.data.rejects import REJECTS_SCHEMA
+    from partitioner.io import write_arrow_stream
 
     rng = np.random.default_rng(seed)
     corpus = _corpus(64 << 20, seed)

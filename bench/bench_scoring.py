@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 def load_rows(n: int, max_length: int):
     import datasets
 
-    from partitioner.loading import load_preferences
-    from partitioner.tokenization import TokenizeConfig, tokenize_preferences
+    from partitioner.data.loading import load_preferences
+    from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences
     from scorers.models import load_tokenizer
 
     data = REPO.parent / "shared" / "data" / "orca_dpo_pairs" / "validation.jsonl"
@@ -174,7 +174,7 @@ def main():
             v = kept_view(len(r["prompt_ids"]), len(r[side]), args.max_length, "keep_start")
             trl_tokens += v.n_prompt(len(r["prompt_ids"])) + v.n_completion
     n = len(kept)
-    from scorers.transformers_backend import onednn_linear_available
+    from scorers.onednn import onednn_linear_available
 
     peak32_torch = matmul_peak("float32")
     peak32_onednn = matmul_peak("float32", "onednn") if onednn_linear_available() else 0.0

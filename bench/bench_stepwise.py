@@ -42,10 +42,10 @@ def make_partition(out: Path, pairs_per_chunk: int, max_length: int) -> tuple[Pa
     """
     from datasets import concatenate_datasets
 
-    from partitioner.loading import load_preferences
-    from partitioner.partition import PartitionConfig, partition_preferences
-    from partitioner.tokenization import TokenizeConfig, tokenize_preferences
-    from scorers.job import ScoringConfig, score_preferences
+    from partitioner.data.loading import load_preferences
+    from partitioner import PartitionConfig, partition_preferences
+    from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences
+    from partitioner import ScoringConfig, score_preferences
     from scorers.models import load_tokenizer
 
     data = REPO.parent / "shared" / "data"
@@ -65,7 +65,8 @@ def make_partition(out: Path, pairs_per_chunk: int, max_length: int) -> tuple[Pa
 
 def run_ours(partition: Path, out: Path, max_length: int) -> dict:
     """Our driver, precomputed reference: chunk t scored with M(t-1) before step t, no reference in memory."""
-    from trainer_plugin.driver import StepwiseConfig, train_stepwise
+    from trainer_plugin.config import StepwiseConfig
+    from trainer_plugin.driver import train_stepwise
 
     config = StepwiseConfig(ref_mode="precomputed", reuse_partition_scores=True, check_tokenizer=True)
     t0 = time.perf_counter()
@@ -78,7 +79,7 @@ def run_ours(partition: Path, out: Path, max_length: int) -> dict:
 
 def run_trl(partition: Path, out: Path, max_length: int) -> dict:
     """Plain TRL: per chunk a DPOTrainer with a live frozen copy of M(t-1) as ref_model."""
-    from partitioner.shards import load_partition
+    from partitioner import load_partition
     from scorers.models import load_causal_lm, load_tokenizer
     from trainer_plugin.reference import frozen_copy
     from trl import DPOTrainer

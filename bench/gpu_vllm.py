@@ -55,8 +55,8 @@ def flops_per_token(model_path: str) -> float:
 
 
 def load_rows(model: str, max_length: int, repeat: int):
-    from partitioner.loading import load_preferences
-    from partitioner.tokenization import TokenizeConfig, tokenize_preferences
+    from partitioner.data.loading import load_preferences
+    from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences
     from scorers.models import load_tokenizer
 
     data = REPO.parent / "shared" / "data"

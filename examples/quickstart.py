@@ -2,7 +2,7 @@
 # # sdpo-curriculum quickstart (runs as a script or cell by cell in Jupyter / VS Code)
 #
 # Load real preference data, score it with a reference model, cut it into an easy -> hard curriculum,
-# inspect the chunks, and train stepwise DPO on them. Defaults: the bundled data (`examples/data`) and the
+# inspect the chunks, and train stepwise DPO on them. Defaults: the bundled data (`partitioner/bundled`) and the
 # bundled SmolLM2-135M-Instruct, on CPU. The whole script takes a few minutes on 2 cores.
 
 # %%
@@ -10,15 +10,17 @@ from pathlib import Path
 
 from partitioner import (
     PartitionConfig,
+    ScoringConfig,
     load_partition_dict,
     load_preferences_with_rejects,
     partition_preferences,
     partition_stats,
     plot_partition,
+    read_scored,
+    score_preferences,
 )
-from scorers.job import ScoringConfig, read_scored, score_preferences
+from partitioner.run import BUNDLED_DATA as DATA
 
-DATA = Path(__file__).resolve().parent / "data" if "__file__" in globals() else Path("examples/data")
 OUT = Path("out/quickstart")
 
 # %% Load: one source per input; every unusable row is a counted reject with a reason.

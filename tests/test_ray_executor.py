@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 from conftest import real_pairs
 
-from scorers.job import ScoringConfig, ScoringError, read_scored, score_preferences
+from partitioner.scoring.config import ScoringConfig
+from partitioner.scoring.folder import ScoringError, read_scored
+from partitioner.scoring.job import score_preferences
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'sdpo-curriculum[ray]')")
 
-from scorers.ray_executor import FAULT_ENV, RayConfig  # noqa: E402
+from partitioner.scoring.ray_executor import FAULT_ENV, RayConfig  # noqa: E402
 
 MAX_LENGTH = 320
 ROWS_PER_PART = 4
@@ -124,10 +126,10 @@ def test_killed_actor_is_retried_output_exact(local_ray, kill_marker, tiny_model
 _CRASHING_DRIVER = textwrap.dedent("""
     import os, sys
     import datasets
-    import scorers.job as job
-    from scorers.ray_executor import RayConfig
+    import partitioner.scoring.folder as folder
+    from partitioner.scoring.ray_executor import RayConfig
 
-    real_write, written = job.write_arrow_stream, []
+    real_write, written = folder.write_arrow_stream, []
 
     def write_then_crash(table, path):  # the driver dies right after its 2nd part file (before that part's marker)
         out = real_write(table, path)
@@ -136,12 +138,14 @@ _CRASHING_DRIVER = textwrap.dedent("""
             os._exit(137)
         return out
 
-    job.write_arrow_stream = write_then_crash
+    folder.write_arrow_stream = write_then_crash
+    from partitioner import ScoringConfig, score_preferences
+
     data, out, model, address = sys.argv[1:]
-    config = job.ScoringConfig(model=model, max_length={max_length}, rows_per_part={rows}, batch_tokens=2048,
-                               progress=False)
-    job.score_preferences(datasets.load_from_disk(data), out, config, executor="ray",
-                          ray_config=RayConfig(address=address, concurrency=1))
+    config = ScoringConfig(model=model, max_length={max_length}, rows_per_part={rows}, batch_tokens=2048,
+                           progress=False)
+    score_preferences(datasets.load_from_disk(data), out, config, executor="ray",
+                      ray_config=RayConfig(address=address, concurrency=1))
 """)
 
 
@@ -159,7 +163,7 @@ def test_driver_crash_then_cli_resume(local_ray, tiny_model_dir, pairs, tmp_path
     survivor = out / "parts" / done[0].replace(".done", ".arrow")
     stamp = survivor.stat().st_mtime_ns
 
-    from partitioner.cli import main
+    from partitioner.cli.main import main
 
     rc = main(["score", str(data), "-o", str(out), "--model", str(tiny_model_dir), "--max-length", str(MAX_LENGTH),
                "--rows-per-part", str(ROWS_PER_PART), "--batch-tokens", "2048", "--no-progress",

@@ -7,9 +7,9 @@ import sys
 import datasets
 import pytest
 
-from partitioner.cli import main
-from scorers.job import ScoringConfig, score_preferences
-from scorers.ray_executor import INDEX_COLUMN, INSTALL_HINT, PART_COLUMN, RayUnavailableError, _PartAssembler
+from partitioner.cli.main import main
+from partitioner import ScoringConfig, score_preferences
+from partitioner.scoring.ray_executor import INDEX_COLUMN, INSTALL_HINT, PART_COLUMN, RayUnavailableError, PartAssembler
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_part_assembler_orders_dedupes_and_waits_for_every_row():
         return pa.table({"v": [f"{k}:{i}" for k, i in rows], PART_COLUMN: [k for k, _ in rows],
                          INDEX_COLUMN: [i for _, i in rows]})
 
-    asm = _PartAssembler(kept_len=7, todo=[0, 1], rows_per_part=4)  # part 0: rows 0-3, part 1: rows 4-6
+    asm = PartAssembler(kept_len=7, todo=[0, 1], rows_per_part=4)  # part 0: rows 0-3, part 1: rows 4-6
     assert list(asm.add(block([(1, 6), (0, 2), (0, 0)]))) == []
     assert list(asm.add(block([(0, 2), (1, 4)]))) == []  # a retried row comes back twice
     done = list(asm.add(block([(0, 3), (0, 1), (1, 5)])))  # completes both parts, out of order
@@ -56,6 +56,6 @@ def test_part_assembler_orders_dedupes_and_waits_for_every_row():
     assert [t.column("v").to_pylist() for _, t in done] == [["0:0", "0:1", "0:2", "0:3"], ["1:4", "1:5", "1:6"]]
     assert done[0][1].column_names == ["v"]  # helper columns dropped
     assert list(asm.add(block([(1, 5)]))) == [] and asm.duplicates == 2 and asm.missing() == {}
-    partial = _PartAssembler(kept_len=7, todo=[1], rows_per_part=4)
+    partial = PartAssembler(kept_len=7, todo=[1], rows_per_part=4)
     list(partial.add(block([(1, 4)])))
     assert partial.missing() == {1: 2}  # a part with rows missing is never handed out

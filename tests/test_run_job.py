@@ -50,7 +50,7 @@ def test_score_cli_reads_other_layouts_through_loader_options(tiny_model_dir, tm
     meta = json.loads((out / "scoring.json").read_text())
     assert (meta["rows_in"], meta["rows_scored"], meta["rows_rejected"]) == (6, 5, 1)
     assert meta["reject_reasons"] == {"duplicate_pair": 1}
-    from scorers.job import read_scored
+    from partitioner import read_scored
 
     scored, _ = read_scored(out)
     assert scored[0]["prompt"][0] == {"role": "system", "content": "Answer briefly."}

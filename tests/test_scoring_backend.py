@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from conftest import real_pairs
 
-from partitioner.tokenization import TokenizeConfig, tokenize_preferences
+from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences
 from scorers.backend import kept_view, n_scored_tokens
-from scorers.transformers_backend import TransformersBackend, length_batches, token_batches
+from scorers.packing import length_batches, token_batches
+from scorers.transformers_backend import TransformersBackend
 
 MAX_LENGTH = 320  # small enough that several real rows get truncated
 
@@ -140,7 +141,7 @@ def test_token_batches_budget():
 def test_linear_kernels_agree_and_leave_the_model_as_it_was(tiny_model, smollm2_tokenizer, pairs):
     import torch
 
-    from scorers.transformers_backend import onednn_linear_available
+    from scorers.onednn import onednn_linear_available
 
     kept, _ = _tokenized(pairs, smollm2_tokenizer)
     rows = kept.to_list()
@@ -180,10 +181,10 @@ def test_gated_mlp_fusion_only_where_it_computes_the_same(tiny_model, smollm2_to
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from scorers.transformers_backend import (
-        _is_gated_silu_mlp,
-        _onednn_decoder_layer_forward,
-        _onednn_gated_mlp_forward,
+    from scorers.onednn import (
+        is_gated_silu_mlp,
+        decoder_layer_forward,
+        gated_mlp_forward,
         checked_onednn_swaps,
         onednn_linear_available,
     )
@@ -192,8 +193,8 @@ def test_gated_mlp_fusion_only_where_it_computes_the_same(tiny_model, smollm2_to
         pytest.skip("this torch build has no oneDNN linear")
     swaps = checked_onednn_swaps(tiny_model)
     n_layers = tiny_model.config.num_hidden_layers
-    assert sum(f is _onednn_gated_mlp_forward for _, f in swaps) == n_layers
-    assert sum(f is _onednn_decoder_layer_forward for _, f in swaps) == n_layers
+    assert sum(f is gated_mlp_forward for _, f in swaps) == n_layers
+    assert sum(f is decoder_layer_forward for _, f in swaps) == n_layers
 
     # a decoder layer that computes something else with the same parts: the end-to-end check drops layer fusion
     import copy
@@ -207,7 +208,7 @@ def test_gated_mlp_fusion_only_where_it_computes_the_same(tiny_model, smollm2_to
     odd = copy.deepcopy(tiny_model)
     odd.model.layers[0].__class__ = ScaledLayer
     swaps = checked_onednn_swaps(odd)
-    assert swaps and not any(f is _onednn_decoder_layer_forward for _, f in swaps)
+    assert swaps and not any(f is decoder_layer_forward for _, f in swaps)
 
     class GeluMLP(torch.nn.Module):
         def __init__(self):
@@ -218,7 +219,7 @@ def test_gated_mlp_fusion_only_where_it_computes_the_same(tiny_model, smollm2_to
         def forward(self, x):
             return self.down_proj(torch.nn.functional.gelu(self.gate_proj(x)) * self.up_proj(x))
 
-    assert not _is_gated_silu_mlp(GeluMLP())
+    assert not is_gated_silu_mlp(GeluMLP())
     torch.manual_seed(0)
     qwen = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -229,7 +230,7 @@ def test_gated_mlp_fusion_only_where_it_computes_the_same(tiny_model, smollm2_to
     rows = kept.to_list()[:6]
     kw = dict(max_length=MAX_LENGTH, batch_tokens=2048, progress=False)
     fast_backend = TransformersBackend(qwen, linear_kernel="onednn", **kw)
-    assert sum(f is _onednn_decoder_layer_forward for _, f in fast_backend._fast_linears) == 2
+    assert sum(f is decoder_layer_forward for _, f in fast_backend._fast_linears) == 2
     fast = fast_backend.score(rows, return_per_token=True)
     plain = TransformersBackend(qwen, linear_kernel="torch", **kw).score(rows, return_per_token=True)
     for side in ("chosen", "rejected"):

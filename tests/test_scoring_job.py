@@ -15,12 +15,13 @@ import pyarrow as pa
 import pytest
 from conftest import real_pairs
 
-from partitioner.rejects import read_arrow_stream
-from partitioner.tokenization import TokenizationError
-from scorers.job import ScoringConfig, ScoringError, read_scored, score_preferences
+from partitioner.io import read_arrow_stream
+from partitioner.data.tokenization import TokenizationError
+from partitioner.scoring.config import ScoringConfig
+from partitioner.scoring.folder import ScoringError, read_scored
+from partitioner.scoring.job import score_preferences
 from scorers.models import ModelLoadError
-from scorers.signals import combine_ranks, get_signal, random_value
-from scorers.stats import per_source_stats
+from scorers.signals import get_signal, random_value
 from scorers.transformers_backend import TransformersBackend
 
 MAX_LENGTH = 320
@@ -73,10 +74,9 @@ def test_layout_accounting_and_signals(tiny_model_dir, pairs, tmp_path):
     assert meta["signals"][3]["direction"] == "higher_is_harder"
     assert meta["difficulty"] == {"signal": "ref_margin", "column": "difficulty", "direction": "higher_is_harder"}
     assert meta["model"]["content_hash"] and meta["tokenizer"]["max_length"] == MAX_LENGTH
-    stats = per_source_stats(ds)
-    for row in stats.iter_rows(named=True):
-        m = margin[np.array(ds["source"]) == row["source"]]
-        assert meta["per_source"][row["source"]]["count"] == row["count"] == len(m)
+    for source, row in meta["per_source"].items():
+        m = margin[np.array(ds["source"]) == source]
+        assert row["pairs"] == len(m)
         assert row["reward_accuracy"] == pytest.approx(float((m > 0).mean()))
         assert row["median_margin"] == pytest.approx(float(np.median(m)))
     assert set(meta["per_source"]) == set(ds["source"])
@@ -128,17 +128,13 @@ def test_model_signals(tiny_model_dir, pairs, tmp_path):
     assert [s["column"] for s in meta["signals"]] == ["implicit_reward", "reward_margin", "rating_gap"]
 
 
-def test_signal_errors_and_combination():
+def test_signal_errors():
     with pytest.raises(ValueError, match="unknown signal 'nope'"):
         get_signal("nope")
     with pytest.raises(ValueError, match="unknown signal"):
         ScoringConfig(signals="ref_margin,nope")
     with pytest.raises(ValueError, match="policy_model"):
         ScoringConfig(signals="implicit_reward")
-    margin, length = get_signal("ref_margin"), get_signal("length_gap")
-    combined = combine_ranks({"ref_margin": [3.0, -1.0, 0.0], "length_gap": [0.0, 1.0, 2.0]}, [margin, length], [1.0, 1.0])
-    assert combined == pytest.approx([0.5, 0.75, 0.25])  # mean of ranks [0, 1, .5] and [1, .5, 0]
-    assert combine_ranks({"ref_margin": [3.0, -1.0, 0.0]}, [margin]) == pytest.approx([0.0, 1.0, 0.5])
 
 
 def test_bad_input(tiny_model_dir, pairs, tmp_path, capsys):
@@ -156,7 +152,7 @@ def test_bad_input(tiny_model_dir, pairs, tmp_path, capsys):
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(TokenizationError, match="chat template"):
         score_preferences(pairs, tmp_path / "c", _cfg(tiny_model_dir, tokenizer=str(no_template)))
-    from partitioner.cli import main
+    from partitioner.cli.main import main
 
     rc = main(["score", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "d"), "--model", str(tiny_model_dir)])
     err = capsys.readouterr().err.strip()

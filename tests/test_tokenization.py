@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from partitioner.loading import load_preferences, load_preferences_with_rejects
-from partitioner.schema import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, ROW_ID
-from partitioner.tokenization import TokenizationError, TokenizeConfig, tokenize_preferences
+from partitioner.data.loading import load_preferences, load_preferences_with_rejects
+from scorers.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, ROW_ID
+from partitioner.data.tokenization import TokenizationError, TokenizeConfig, tokenize_preferences
 
 FILES = {
     "orca": "orca_dpo_pairs/validation.jsonl",

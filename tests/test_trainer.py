@@ -20,8 +20,8 @@ MAX_LENGTH = 128
 
 def _rows(shared_data, tokenizer, n: int):
     """n short real pairs (orca + LLaMA-Factory en), tokenized as DPOTrainer does, half of each source."""
-    from partitioner.loading import load_preferences
-    from partitioner.tokenization import TokenizeConfig, tokenize_preferences
+    from partitioner.data.loading import load_preferences
+    from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences
 
     orca = load_preferences([shared_data / "orca_dpo_pairs" / "validation.jsonl"]).select(range(40))
     en = load_preferences([shared_data / "llamafactory_demo" / "dpo_en_demo.json"]).select(range(40))
@@ -36,7 +36,7 @@ def _rows(shared_data, tokenizer, n: int):
 
 
 def _partition(rows, out: Path, chunks: int) -> Path:
-    from partitioner.partition import PartitionConfig, partition_preferences
+    from partitioner import PartitionConfig, partition_preferences
 
     return partition_preferences(rows, out, PartitionConfig(order="random", chunks=chunks, seed=1), progress=False)
 
@@ -85,9 +85,10 @@ def _differs(a: dict, b: dict) -> bool:
 
 
 def test_live_reference_of_step2_is_m1(partition2, partition3, tiny_model_dir, tmp_path):
-    from partitioner.shards import load_partition
+    from partitioner.partition.folder import load_partition
     from trainer_plugin.driver import train_stepwise
-    from trainer_plugin.reference import margin_stats, score_pairs
+    from scorers.stats import margin_stats
+    from trainer_plugin.reference import score_pairs
 
     seen = {}
 
@@ -115,9 +116,9 @@ def test_live_reference_of_step2_is_m1(partition2, partition3, tiny_model_dir, t
         assert where["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
         assert where["reward_accuracy"] == expected["reward_accuracy"]
     # `sdpo stats RUN` shows the same per-step quantities.
-    from partitioner.stats_cli import steps_frame
+    from partitioner.training_record import steps_frame
 
-    frame = steps_frame(out / "steps.json")
+    frame = steps_frame(json.loads((out / "steps.json").read_text()))
     assert frame["gamma_ref_held_out"].to_list() == [
         summary["steps"][0]["reference"]["held_out"]["mean_margin"],
         summary["steps"][1]["reference"]["held_out"]["mean_margin"],
@@ -127,8 +128,8 @@ def test_live_reference_of_step2_is_m1(partition2, partition3, tiny_model_dir, t
 
 
 def test_precomputed_reference_equals_m1_scores(partition2, tiny_model_dir, smollm2_tokenizer, tmp_path):
-    from partitioner.rejects import read_arrow_stream
-    from partitioner.shards import load_partition
+    from partitioner.io import read_arrow_stream
+    from partitioner.partition.folder import load_partition
     from trl import DPOTrainer
 
     from trainer_plugin.driver import train_stepwise
@@ -160,7 +161,9 @@ def test_precomputed_reference_equals_m1_scores(partition2, tiny_model_dir, smol
 def test_peft_reference_of_step2_is_merged_m1(partition2, tiny_model_dir, tmp_path):
     from peft import PeftModel
 
-    from trainer_plugin.driver import StepwiseConfig, load_step_model, train_stepwise
+    from trainer_plugin.config import StepwiseConfig
+    from trainer_plugin.driver import train_stepwise
+    from trainer_plugin.run_folder import load_step_model
 
     seen = {}
 
@@ -236,8 +239,8 @@ def test_callback_refreshes_exactly_at_chunk_boundaries(partition3, tiny_model_d
 @pytest.fixture(scope="module")
 def scored_partition(tmp_path_factory, shared_data, smollm2_tokenizer, tiny_model_dir) -> Path:
     """Real pairs scored by the tiny model M0 (scorers) and partitioned easy→hard into 2 chunks."""
-    from partitioner.partition import PartitionConfig, partition_preferences
-    from scorers.job import ScoringConfig, score_preferences
+    from partitioner import PartitionConfig, partition_preferences
+    from partitioner import ScoringConfig, score_preferences
 
     rows = _rows(shared_data, smollm2_tokenizer, 8).select_columns(["row_id", "source", "prompt", "chosen", "rejected"])
     tmp = tmp_path_factory.mktemp("scored")
@@ -247,9 +250,10 @@ def scored_partition(tmp_path_factory, shared_data, smollm2_tokenizer, tiny_mode
 
 
 def test_precomputed_step1_reuses_m0_partition_scores(scored_partition, tiny_model_dir, tmp_path):
-    from partitioner.rejects import read_arrow_stream
-    from partitioner.shards import load_partition
-    from trainer_plugin.driver import StepwiseConfig, train_stepwise
+    from partitioner.io import read_arrow_stream
+    from partitioner.partition.folder import load_partition
+    from trainer_plugin.config import StepwiseConfig
+    from trainer_plugin.driver import train_stepwise
 
     out = tmp_path / "run"
     steps = train_stepwise(scored_partition, str(tiny_model_dir), args=dpo_args(out),
@@ -267,8 +271,9 @@ def test_precomputed_step1_reuses_m0_partition_scores(scored_partition, tiny_mod
 def test_bad_partition_inputs_fail_before_training(partition2, scored_partition, tiny_model_dir, tmp_path, capsys):
     import shutil
 
-    from partitioner.cli import main
-    from trainer_plugin.driver import StepwiseInputError, train_stepwise
+    from partitioner.cli.main import main
+    from trainer_plugin.config import StepwiseInputError
+    from trainer_plugin.driver import train_stepwise
 
     def copy_of(name):
         dst = tmp_path / name
@@ -303,14 +308,14 @@ def test_bad_partition_inputs_fail_before_training(partition2, scored_partition,
             train_stepwise(part, str(model), args=dpo_args(out))
         assert "\n" not in str(e.value)
         assert not list(out.glob("step_*"))  # nothing trained
-        rc = main(["train", "--partition_dir", str(part), "--model_name_or_path", str(model),
-                   "--output_dir", str(out), "--bf16", "false", "--use_cpu", "true", "--report_to", "none"])
+        rc = main(["train", str(part), "--model_name_or_path", str(model),
+                   "--output_dir", str(out), "--report_to", "none"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("sdpo: error:"), err
 
 
 def test_cli_train_with_yaml_config(partition2, tiny_model_dir, tmp_path, capsys):
-    from partitioner.cli import main
+    from partitioner.cli.main import main
 
     out = tmp_path / "cli"
     cfg = tmp_path / "train.yaml"
@@ -378,9 +383,10 @@ def test_resume_after_sigkill_in_step2_equals_uninterrupted(partition2, tiny_mod
 
 @pytest.mark.slow
 def test_rescore_between_steps_reorders_remaining_by_m1(partition3, tiny_model_dir, tmp_path):
-    from partitioner.rejects import read_arrow_stream
-    from partitioner.shards import load_partition
-    from trainer_plugin.driver import StepwiseConfig, train_stepwise
+    from partitioner.io import read_arrow_stream
+    from partitioner.partition.folder import load_partition
+    from trainer_plugin.config import StepwiseConfig
+    from trainer_plugin.driver import train_stepwise
     from trainer_plugin.reference import score_pairs
 
     out = tmp_path / "run"

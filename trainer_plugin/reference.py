@@ -1,8 +1,6 @@
-"""Reference-model plumbing for stepwise DPO: frozen copies, hard weight refresh, and chunk scoring.
+"""Reference-model plumbing for stepwise DPO: frozen copies, the hard weight refresh, and chunk scoring.
 
-The reference of step t is M(t-1). Three ways to hold it (see ``driver.StepwiseConfig.ref_mode``):
-a frozen in-memory copy (``frozen_copy``), precomputed log-probs (``score_pairs``), or, with PEFT, the merged
-previous adapters under a fresh adapter (handled in the driver).
+The reference of step t is M(t-1); :mod:`trainer_plugin.ref_modes` holds it in one of three ways, with these.
 """
 
 from __future__ import annotations
@@ -11,6 +9,8 @@ import copy
 import logging
 
 import torch
+
+from scorers.columns import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ def score_pairs(
 ) -> tuple[list[float], list[float]]:
     """Summed log-probs of chosen and rejected completions under ``model``, as DPOTrainer's reference computes them.
 
-    Uses the shared scorer backend (``scorers.transformers_backend.TransformersBackend``: TRL's truncation, sums
-    over the completion tokens the collator keeps). The model's train/eval mode is restored afterwards.
+    Uses the scorer's backend (``scorers.transformers_backend.TransformersBackend``: TRL's truncation, sums over
+    the completion tokens the collator keeps). The model's train/eval mode is restored afterwards.
 
     Args:
         dataset: rows with ``prompt_ids``/``chosen_ids``/``rejected_ids`` (a ``datasets.Dataset`` or list of dicts).
@@ -74,7 +74,6 @@ def score_pairs(
     Returns:
         ``(chosen_logps, rejected_logps)`` as Python float lists, in input order.
     """
-    from partitioner.schema import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
     from scorers.transformers_backend import TransformersBackend
 
     cols = [PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS]
@@ -87,15 +86,3 @@ def score_pairs(
     finally:
         model.train(was_training)
     return out["chosen_logps"], out["rejected_logps"]
-
-
-def margin_stats(chosen: list[float], rejected: list[float]) -> dict:
-    """Mean γ (chosen − rejected log-prob) and reward accuracy (share of pairs with γ > 0)."""
-    if not chosen:
-        return {"mean_margin": None, "reward_accuracy": None, "pairs": 0}
-    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
-    return {
-        "mean_margin": sum(margins) / len(margins),
-        "reward_accuracy": sum(m > 0 for m in margins) / len(margins),
-        "pairs": len(margins),
-    }

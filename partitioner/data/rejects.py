@@ -24,9 +24,14 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
+
+from scorers.columns import SOURCE
+
+from ..io import read_arrow_stream, write_arrow_stream
+
+REJECTS_FILE = "rejects.arrow"
 
 REASONS = (
     "invalid_json",
@@ -46,7 +51,7 @@ REASONS = (
 
 REJECTS_SCHEMA = pa.schema(
     [
-        ("source", pa.string()),
+        (SOURCE, pa.string()),
         ("row_index", pa.int64()),
         ("stage", pa.string()),
         ("reason", pa.string()),
@@ -92,22 +97,12 @@ def reason_counts(records_or_table) -> dict[str, int]:
     return dict(sorted(Counter(reasons).items()))
 
 
-def write_arrow_stream(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write ``table`` as an Arrow IPC stream, atomically (temp file + rename): never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, path)
-    return path
-
-
-def write_rejects(records_or_table, path: str | os.PathLike) -> Path:
+def write_rejects(records_or_table, path: str | os.PathLike) -> str:
+    """Write reject records (or a REJECTS_SCHEMA table) as an Arrow IPC stream; returns its sha256."""
     table = records_or_table if isinstance(records_or_table, pa.Table) else rejects_table(records_or_table)
     return write_arrow_stream(table, path)
 
 
-def read_arrow_stream(path: str | os.PathLike) -> pa.Table:
-    with pa.OSFile(str(path), "rb") as source:
-        return pa.ipc.open_stream(source).read_all()
+def read_rejects(path: str | os.PathLike) -> pa.Table:
+    """A rejects file as a ``pyarrow.Table`` (raises ``StorageError`` when unreadable)."""
+    return read_arrow_stream(path)

@@ -4,7 +4,7 @@
 job as the local executor — same tokenization, same settings, same part loop, same writer — but the parts still to
 do are scored remotely: the tokenized rows become a Ray Dataset (``ray.data.from_arrow``, one block per part, or per
 ``batch_rows`` slice of a part), ``map_batches`` runs them through an actor pool whose actors each hold one scorer
-(the local job's ``_PartScorer``: the reference backend, plus the policy / reward models when the signals need them),
+(the local job's ``PartScorer``: the reference backend, plus the policy / reward models when the signals need them),
 and the driver puts each part's rows back in input order (by a row-index column), then writes the part exactly as the
 local job does (temp file + rename, then its ``.done`` marker). ``scoring.json`` and ``_SUCCESS`` are written by the
 same code. A folder scored on Ray is indistinguishable from one scored locally, and either executor resumes the
@@ -39,6 +39,11 @@ import os
 import signal as _signal
 from dataclasses import dataclass, field, replace
 
+from scorers.errors import ConfigError, MissingDependencyError
+
+from .folder import ScoringError
+from .part_scorer import PartScorer
+
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "executor='ray' needs Ray Data: pip install 'sdpo-curriculum[ray]'"
@@ -48,7 +53,7 @@ INDEX_COLUMN = "__sdpo_row"
 FAULT_ENV = "SDPO_RAY_KILL_ACTOR_AT_BATCH"
 
 
-class RayUnavailableError(ImportError):
+class RayUnavailableError(MissingDependencyError):
     """Ray Data is not installed (one-line message with the install command)."""
 
 
@@ -90,15 +95,15 @@ class RayConfig:
 
     def __post_init__(self):
         if self.concurrency < 1:
-            raise ValueError(f"ray concurrency must be >= 1, got {self.concurrency}")
+            raise ConfigError(f"ray concurrency must be >= 1, got {self.concurrency}")
         if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError("ray num_cpus and num_gpus must be >= 0")
+            raise ConfigError("ray num_cpus and num_gpus must be >= 0")
         if self.batch_rows is not None and self.batch_rows < 1:
-            raise ValueError(f"ray batch_rows must be >= 1, got {self.batch_rows}")
+            raise ConfigError(f"ray batch_rows must be >= 1, got {self.batch_rows}")
         for name in ("max_restarts", "max_task_retries"):
             v = getattr(self, name)
             if v is not None and v < -1:
-                raise ValueError(f"ray {name} must be -1 (unlimited) or >= 0, got {v}")
+                raise ConfigError(f"ray {name} must be -1 (unlimited) or >= 0, got {v}")
 
 
 def _maybe_kill_self(calls: int) -> None:
@@ -119,14 +124,11 @@ def _maybe_kill_self(calls: int) -> None:
 class _ScoringActor:
     """One Ray Data actor: builds the local job's part scorer once, then scores batches of rows with it."""
 
-    def __init__(self, config, signal_names: list[str]):
-        from .job import _PartScorer
-        from .signals import parse_signals
-
+    def __init__(self, config):
         changes = {"progress": False}
         if config.device is None and _assigned_gpus():
             changes["device"] = "cuda"
-        self.scorer = _PartScorer(replace(config, **changes), parse_signals(signal_names))
+        self.scorer = PartScorer(replace(config, **changes))
         self.calls = 0
 
     def __call__(self, batch):
@@ -168,7 +170,7 @@ def _blocks(kept, todo: list[int], rows_per_part: int, batch_rows: int):
             yield block
 
 
-class _PartAssembler:
+class PartAssembler:
     """Collects scored rows by part; hands back each part, rows in input order, once all its rows are in.
 
     A row that comes back twice (a retried batch whose first result also arrived) is kept once.
@@ -218,15 +220,12 @@ class _PartAssembler:
 def score_parts_ray(kept, todo: list[int], config, ray_config: RayConfig | None = None):
     """Score parts ``todo`` of the tokenized rows ``kept`` on Ray; yields ``(part index, table)`` as parts complete.
 
-    Each table equals what the local job's ``_PartScorer.score_part`` returns for that part (rows in input order).
+    Each table equals what the local job's ``PartScorer.score_part`` returns for that part (rows in input order).
 
     Raises:
         RayUnavailableError: Ray Data is not installed.
         ScoringError: rows of a part never came back (e.g. retries exhausted).
     """
-    from .job import ScoringError
-    from .signals import parse_signals
-
     ray = import_ray()
     import ray.data
 
@@ -245,11 +244,10 @@ def score_parts_ray(kept, todo: list[int], config, ray_config: RayConfig | None 
         ds = ray.data.from_arrow(list(_blocks(kept, todo, config.rows_per_part, batch_rows)))
         remote_args = {k: v for k, v in (("max_restarts", rc.max_restarts), ("max_task_retries", rc.max_task_retries))
                        if v is not None}
-        signal_names = [s.name for s in parse_signals(config.signals)]
         with _quiet_deprecations():
             ds = ds.map_batches(
                 _ScoringActor,
-                fn_constructor_kwargs={"config": config, "signal_names": signal_names},
+                fn_constructor_kwargs={"config": config},
                 batch_size=batch_rows,
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=rc.concurrency),
@@ -257,7 +255,7 @@ def score_parts_ray(kept, todo: list[int], config, ray_config: RayConfig | None 
                 num_gpus=rc.num_gpus or None,
                 **remote_args,
             )
-        assembler = _PartAssembler(len(kept), todo, config.rows_per_part)
+        assembler = PartAssembler(len(kept), todo, config.rows_per_part)
         logger.info("scoring %d parts on Ray with %d actor(s) (%s CPU, %s GPU each)", len(todo), rc.concurrency,
                     rc.num_cpus, rc.num_gpus)
         try:

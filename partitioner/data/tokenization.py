@@ -1,6 +1,6 @@
 """Tokenize preference pairs exactly as TRL's ``DPOTrainer`` does (TRL 1.x ``_prepare_dataset``).
 
-We call TRL's own helpers (``_tokenize``, ``common_prefix_length``, ``is_conversational``) in the same order
+We call TRL's own helpers (``_tokenize`` through ``scorers.compat``, ``common_prefix_length``, ``is_conversational``) in the same order
 with the same arguments, so the ids are TRL's by construction; ``tests/test_tokenization.py`` checks them
 against a real ``DPOTrainer`` on the real data.
 
@@ -21,12 +21,15 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from .schema import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, REJECTED_TRUNCATED
+from scorers.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, REJECTED_TRUNCATED
+from scorers.columns import SOURCE, TRUNCATION_MODES
+from scorers.compat import trl_tokenize
+from scorers.errors import ConfigError, UserError, check_choice
 
 logger = logging.getLogger(__name__)
 
 
-class TokenizationError(ValueError):
+class TokenizationError(UserError):
     """The data cannot be tokenized with this tokenizer (one-line message)."""
 
 
@@ -42,33 +45,32 @@ class TokenizeConfig:
     )
 
     def __post_init__(self):
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
+        check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 or None, got {self.max_length}")
+            raise ConfigError(f"max_length must be >= 2 or None, got {self.max_length}")
 
 
 def tokenize_row(example: dict, tokenizer) -> dict:
     """Token ids of one canonical row, as DPOTrainer computes them (see module docstring)."""
-    from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+    from trl.data_utils import common_prefix_length, is_conversational
 
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
     kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
     prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
     if is_conversational(example):
-        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
-        prompt_chosen_ids = _tokenize(tokenizer, prompt + chosen, **kwargs)["input_ids"]
-        prompt_rejected_ids = _tokenize(tokenizer, prompt + rejected, **kwargs)["input_ids"]
+        prompt_ids = trl_tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+        prompt_chosen_ids = trl_tokenize(tokenizer, prompt + chosen, **kwargs)["input_ids"]
+        prompt_rejected_ids = trl_tokenize(tokenizer, prompt + rejected, **kwargs)["input_ids"]
     else:
         eos = tokenizer.eos_token
         if not chosen.endswith(eos):
             chosen = chosen + eos
         if not rejected.endswith(eos):
             rejected = rejected + eos
-        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
-        prompt_chosen_ids = _tokenize(tokenizer, prompt + chosen)["input_ids"]
-        prompt_rejected_ids = _tokenize(tokenizer, prompt + rejected)["input_ids"]
+        prompt_ids = trl_tokenize(tokenizer, prompt)["input_ids"]
+        prompt_chosen_ids = trl_tokenize(tokenizer, prompt + chosen)["input_ids"]
+        prompt_rejected_ids = trl_tokenize(tokenizer, prompt + rejected)["input_ids"]
     prompt_len = min(
         common_prefix_length(prompt_ids, prompt_chosen_ids), common_prefix_length(prompt_ids, prompt_rejected_ids)
     )
@@ -105,7 +107,7 @@ def tokenize_preferences(dataset, tokenizer, config: TokenizeConfig | None = Non
     Returns:
         ``(kept, rejects)``: ``kept`` is the dataset with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``,
         ``chosen_truncated``, ``rejected_truncated`` added; ``rejects`` is a list of reject records (see
-        ``partitioner.rejects``) for rows whose prompt alone fills ``max_length`` (TRL drops them silently).
+        ``partitioner.data.rejects``) for rows whose prompt alone fills ``max_length`` (TRL drops them silently).
 
     Raises:
         TokenizationError: conversational data and a tokenizer without a chat template.
@@ -133,7 +135,7 @@ def tokenize_preferences(dataset, tokenizer, config: TokenizeConfig | None = Non
                 row = dataset[i]
                 rejects.append(
                     reject_record(
-                        source=row.get("source"),
+                        source=row.get(SOURCE),
                         row_index=i,
                         stage="tokenize",
                         reason="prompt_too_long",

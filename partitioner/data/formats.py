@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from scorers.errors import UserError
+
 FORMATS = (
     "standard",
     "standard_implicit",
@@ -61,7 +63,7 @@ class RowReject(Exception):
         self.detail = detail
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(UserError):
     """Input that cannot be read at all (one-line message): unknown layout, unreadable file, bad option."""
 
 
@@ -108,7 +110,7 @@ def detect_format(rows: list, columns: list[str]) -> str:
             return fmt
     raise PreferenceDataError(
         f"no known preference format fits columns {sorted(columns)}; expected one of {', '.join(FORMATS[:-1])} "
-        "(see partitioner/formats.py), or pass a column mapping, e.g. --column-mapping prompt=question,"
+        "(see partitioner/data/formats.py), or pass a column mapping, e.g. --column-mapping prompt=question,"
         "chosen=response_j,rejected=response_k"
     )
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .schema import (
+from scorers.columns import (
     CHOSEN_IDS,
     CHOSEN_LOGPS,
     CHOSEN_TOKENS,
@@ -23,9 +23,10 @@ from .schema import (
     REJECTED_IDS,
     REJECTED_LOGPS,
     REJECTED_TOKENS,
-    SOURCE,
 )
-from .shards import PartitionError, read_manifest
+from scorers.stats import margin_stats
+
+from .folder import PartitionError, read_manifest
 
 QUANTILES = (0.1, 0.5, 0.9)
 
@@ -51,8 +52,8 @@ def _chunk_row(index: int, rows: int, total: int, cols: dict) -> dict:
                    difficulty_min=float(d.min()), difficulty_max=float(d.max()),
                    **{f"difficulty_q{int(q * 100)}": float(np.quantile(d, q)) for q in QUANTILES})
     if CHOSEN_LOGPS in cols and REJECTED_LOGPS in cols:
-        gamma = cols[CHOSEN_LOGPS].to_numpy().astype(np.float64) - cols[REJECTED_LOGPS].to_numpy().astype(np.float64)
-        row.update(reward_accuracy=float((gamma > 0).mean()), mean_gamma=float(gamma.mean()))
+        m = margin_stats(cols[CHOSEN_LOGPS].to_numpy(), cols[REJECTED_LOGPS].to_numpy())
+        row.update(reward_accuracy=m["reward_accuracy"], mean_gamma=m["mean_margin"])
     if PROMPT_IDS in cols:
         row["prompt_tokens_mean"] = float(_lengths(cols[PROMPT_IDS]).mean())
     for ids, count, name in ((CHOSEN_IDS, CHOSEN_TOKENS, "chosen"), (REJECTED_IDS, REJECTED_TOKENS, "rejected")):

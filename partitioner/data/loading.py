@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from scorers.columns import CHOSEN, PROMPT, REJECTED, ROW_ID, SOURCE
+
 from .formats import FORMATS, PreferenceDataError, RowReject, convert_row, detect_format
 from .rejects import reject_record, write_rejects
-from .schema import CHOSEN, PROMPT, REJECTED, ROW_ID, SOURCE
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,26 @@ class LoadReport:
             "rows_rejected": self.rows_rejected,
             "sources": [s.as_dict() for s in self.sources],
         }
+
+
+@dataclass
+class LoadConfig:
+    """How inputs are read (the keyword arguments of :func:`load_preferences`, and every command's loading flags)."""
+
+    format: str | None = field(default=None, metadata={
+        "help": "Force a layout (default: detected per input).", "choices": FORMATS})
+    column_mapping: str | None = field(default=None, metadata={
+        "help": "Other layouts: prompt=COL,chosen=COL,rejected=COL[,system=COL]."})
+    source_column: str | None = field(default=None, metadata={"help": "Take each row's source tag from this column."})
+    split: str = field(default="train", metadata={"help": "Split of a DatasetDict folder or a Hub dataset."})
+    drop_duplicates: bool = field(default=False, metadata={"help": "Reject exact duplicate pairs."})
+    limit_per_source: int | None = field(default=None, metadata={"help": "Read only the first N rows of each input."})
+
+    def as_kwargs(self) -> dict:
+        """The keyword arguments of :func:`load_preferences`."""
+        return {"format": self.format, "column_mapping": parse_column_mapping(self.column_mapping),
+                "source_column": self.source_column, "split": self.split, "drop_duplicates": self.drop_duplicates,
+                "limit_per_source": self.limit_per_source}
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -337,6 +358,10 @@ def load_preferences_with_rejects(
         if limit_per_source is not None:
             rows = rows[:limit_per_source]  # rows past the limit are not part of this job (not counted)
         rep.rows_in = len(rows)
+        # This loader's own output read again (row_id + source columns, e.g. a save_to_disk folder of it): validated
+        # like any input, its sources kept, its row ids recomputed from the content (the same, as they are hashes).
+        own_output = bool(rows) and isinstance(rows[0][1], Mapping) and {ROW_ID, SOURCE} <= set(rows[0][1])
+        row_source_column = SOURCE if own_output else source_column
         if not rows:
             logger.warning("%s: no rows", desc)
             continue
@@ -369,14 +394,16 @@ def load_preferences_with_rejects(
                 row_id = content_id
             seen[content_id] += 1
             src = source
-            if source_column is not None:
-                if extras.get(source_column) is None:
+            if own_output:
+                extras.pop(ROW_ID, None)
+            if row_source_column is not None:
+                if extras.get(row_source_column) is None:
                     rep.rejects["missing_field"] += 1
                     report.rejects.append(
-                        reject_record(source, index, "load", "missing_field", f"source column {source_column!r} is null", original)
+                        reject_record(source, index, "load", "missing_field", f"source column {row_source_column!r} is null", original)
                     )
                     continue
-                src = str(extras[source_column])
+                src = str(extras.pop(SOURCE) if own_output else extras[row_source_column])
             out = {ROW_ID: row_id, SOURCE: src, **canonical}
             for k, v in extras.items():
                 out[f"orig_{k}" if k in RESERVED else k] = v
@@ -482,32 +509,8 @@ def parse_column_mapping(text: str | Mapping | None) -> dict | None:
     return out
 
 
-def add_loader_arguments(parser) -> None:
-    """The loader's options as CLI flags (shared by ``sdpo inspect``, ``score``, ``partition`` and ``run``)."""
-    group = parser.add_argument_group("loading")
-    group.add_argument("--format", default=None, choices=FORMATS, help="force a layout (default: detected per input)")
-    group.add_argument("--column-mapping", default=None, help="prompt=COL,chosen=COL,rejected=COL[,system=COL]")
-    group.add_argument("--source-column", default=None, help="take each row's source tag from this column")
-    group.add_argument("--split", default="train", help="split of a DatasetDict folder or a Hub dataset")
-    group.add_argument("--drop-duplicates", action="store_true", help="reject exact duplicate pairs")
-    group.add_argument("--limit-per-source", type=int, default=None, help="read only the first N rows of each input")
-
-
-def loader_options(args) -> dict:
-    """``load_preferences`` keyword arguments from the flags of ``add_loader_arguments``."""
-    return {
-        "format": args.format,
-        "column_mapping": parse_column_mapping(args.column_mapping),
-        "source_column": args.source_column,
-        "split": args.split,
-        "drop_duplicates": args.drop_duplicates,
-        "limit_per_source": args.limit_per_source,
-    }
-
-
 __all__ = [
-    "add_loader_arguments",
-    "loader_options",
+    "LoadConfig",
     "LoadReport",
     "PreferenceDataError",
     "SourceReport",

@@ -1,0 +1,81 @@
+"""``sdpo inspect INPUT...``: load and validate preference data; print formats, row accounting and rejects."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+
+from scorers.errors import ConfigError
+
+from ..data.loading import LoadConfig
+from .options import build
+
+
+@dataclass
+class InspectCommand:
+    rejects: str | None = field(default=None, metadata={"help": "Write the rejected rows to this Arrow file."})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "Also tokenize as DPOTrainer does with this tokenizer (path, hub id or 'bundled')."})
+    max_length: int = field(default=1024, metadata={"help": "DPOConfig.max_length, with --tokenizer."})
+    json: bool = field(default=False, metadata={"help": "Print the report as JSON."})
+
+
+def add_arguments(options) -> None:
+    options.add_positional("inputs", "files, globs, folders or Hub names; name=path to name a source", many=True,
+                           metavar="INPUT")
+    options.add_dataclass(LoadConfig, "loading")
+    options.add_dataclass(InspectCommand, "report")
+
+
+def run(values: dict) -> int:
+    from scorers.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, REJECTED_TRUNCATED
+
+    from ..data.loading import load_preferences_with_rejects
+    from ..data.rejects import write_rejects
+
+    if not values.get("inputs"):
+        raise ConfigError("give at least one INPUT (a file, glob, folder or Hub name)")
+    cmd = build(InspectCommand, values)
+    dataset, report = load_preferences_with_rejects(values["inputs"], **build(LoadConfig, values).as_kwargs())
+    out = report.as_dict()
+    rejects = list(report.rejects)
+    if cmd.tokenizer:
+        from scorers.models import load_tokenizer
+
+        from ..data.tokenization import TokenizeConfig, tokenize_preferences
+
+        tok = load_tokenizer(cmd.tokenizer)
+        tokenized, tok_rejects = tokenize_preferences(dataset, tok, TokenizeConfig(max_length=cmd.max_length))
+        rejects += tok_rejects
+        lengths = {}
+        for col in (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS):
+            ns = [len(x) for x in tokenized[col]] or [0]
+            lengths[col.replace("_ids", "")] = {"median": statistics.median(ns), "max": max(ns)}
+        out["tokenized"] = {
+            "tokenizer": cmd.tokenizer,
+            "max_length": cmd.max_length,
+            "rows_kept": len(tokenized),
+            "rows_rejected": len(tok_rejects),
+            "rows_truncated": sum(a or b for a, b in zip(tokenized[CHOSEN_TRUNCATED], tokenized[REJECTED_TRUNCATED])),
+            "token_lengths": lengths,
+        }
+    if cmd.rejects:
+        write_rejects(rejects, cmd.rejects)
+    if cmd.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{'source':<24} {'format':<24} {'in':>7} {'kept':>7} {'rejected':>8} {'dups':>5}  reasons")
+    for s in out["sources"]:
+        reasons = ", ".join(f"{k}={v}" for k, v in s["reject_reasons"].items())
+        print(f"{s['source']:<24} {str(s['format']):<24} {s['rows_in']:>7} {s['rows_kept']:>7} "
+              f"{s['rows_rejected']:>8} {s['duplicates']:>5}  {reasons}")
+    print(f"{'total':<49} {out['rows_in']:>7} {out['rows_kept']:>7} {out['rows_rejected']:>8}")
+    if "tokenized" in out:
+        t = out["tokenized"]
+        print(f"tokenized with {t['tokenizer']} (max_length {t['max_length']}): {t['rows_kept']} kept, "
+              f"{t['rows_rejected']} rejected (prompt_too_long), {t['rows_truncated']} truncated; "
+              + ", ".join(f"{k} median {v['median']} max {v['max']}" for k, v in t["token_lengths"].items()))
+    if cmd.rejects:
+        print(f"rejects written to {cmd.rejects}")
+    return 0

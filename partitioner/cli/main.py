@@ -1,0 +1,108 @@
+"""The ``sdpo`` command line.
+
+Each subcommand is a module with ``add_arguments(options)`` and ``run(values) -> int``; this file finds the
+subcommand, imports only its module (so ``sdpo --help``, ``sdpo verify`` and ``sdpo stats`` never import torch,
+transformers or TRL), builds its flags from its config dataclasses (:mod:`partitioner.cli.options`) and handles
+``--config file.yaml``.
+
+The ``train`` subcommand lives with the trainer (``trainer_plugin.cli``) and is named here by its module path only:
+the data side never imports the trainer.
+
+Errors raised for the user (:class:`scorers.errors.UserError`, and the operating system's answers about the user's
+paths: no such file, no permission, no space left, ...) are printed as one line of bounded length,
+``sdpo: error: ...``, with exit status 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import logging
+import sys
+
+from scorers.errors import UserError
+
+from .options import Options
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "inspect": ("partitioner.cli.inspect", "load and validate preference data; print formats, counts and rejects"),
+    "score": ("partitioner.cli.score", "score pairs with a reference model (resumable)"),
+    "partition": ("partitioner.cli.partition", "order and chunk scored data into Arrow shards + manifest"),
+    "stats": ("partitioner.cli.stats", "per-chunk statistics of a partition, or per-step ones of a training run"),
+    "verify": ("partitioner.cli.verify", "check a partition's checksums, row accounting and schema"),
+    "train": ("trainer_plugin.cli", "stepwise DPO over a partition's chunks with TRL"),
+    "run": ("partitioner.cli.run", "the whole job: load, score, partition (defaults: bundled data and model)"),
+}
+MAX_ERROR_CHARS = 300
+# The operating system's answers about a path the user gave: shown as one line, not as a bug.
+USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+               errno.ELOOP, errno.EROFS, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ``sdpo: error: ...`` (exit 2), like every other error."""
+
+    def error(self, message):
+        _print_error(f"{message} (see {self.prog} --help)")
+        raise SystemExit(2)
+
+
+def _print_error(message: str) -> None:
+    line = " ".join(str(message).split()) or "error"
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[: MAX_ERROR_CHARS - 3] + "..."
+    print(f"sdpo: error: {line}", file=sys.stderr)
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sdpo", description="Stepwise DPO (sDPO) curriculum toolkit",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="commands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in COMMANDS.items())
+                     + "\n\n'sdpo COMMAND --help' lists a command's options.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    try:
+        ns = top.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if ns.command is None:
+        top.print_help()
+        return 2
+    module_name, help_ = COMMANDS[ns.command]
+    try:
+        module = importlib.import_module(module_name)
+        parser = _Parser(prog=f"sdpo {ns.command}", description=help_)
+        parser.add_argument("--config", metavar="YAML", help="YAML file of options (command-line flags win)")
+        options = Options(parser)
+        module.add_arguments(options)
+        try:
+            args = parser.parse_args(options.normalise_argv(ns.args))
+        except SystemExit as e:
+            return int(e.code or 0)
+        return int(module.run(options.values(args, args.config)) or 0)
+    except UserError as e:
+        _print_error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return 2
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        _print_error(f"{e.strerror}: {e.filename}" if e.filename else str(e))
+        return 2
+    except KeyboardInterrupt:
+        print("sdpo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Command-line flags generated from config dataclasses, and the same typed values from ``--config file.yaml``.
+
+Every field of a config dataclass (``field(metadata={"help": ...})``) becomes a flag, spelled with dashes or
+underscores (``--max-length`` / ``--max_length``). One converter per field type turns a flag's text or a YAML value
+into the field's type and refuses anything else with one line:
+
+* booleans: ``true/false/yes/no/1/0`` (any case) and nothing else; ``--flag`` alone means true, ``--no-flag``
+  false, and ``--flag false`` / ``--flag=false`` work as in TRL's and transformers' parsers;
+* integers and floats: numbers (a YAML list or a boolean is refused); strings (paths, names): strings only;
+* lists: comma-separated text or a YAML list; mappings: JSON text or a YAML mapping.
+
+Values from a YAML file are checked the same way; flags on the command line win over the file. The YAML file is
+read with bounds on its size and on the nodes its aliases expand to, so an alias bomb fails fast with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import types
+import typing
+from pathlib import Path
+
+from scorers.errors import ConfigError
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+BOOL_WORDS = _TRUE + _FALSE
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_bool(value, name: str = "value") -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{name}: expected true/false/yes/no/1/0, got {_short(value)}")
+
+
+def _members(annotation) -> tuple[list, bool]:
+    """The non-None members of a (possibly Optional / Union) annotation, and whether None is allowed."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = list(typing.get_args(annotation))
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [annotation], annotation is type(None)
+
+
+def converter(annotation, name: str):
+    """A function that turns flag text or a YAML value into ``annotation``'s type (ConfigError otherwise)."""
+    members, optional = _members(annotation)
+
+    def convert(value):
+        text_none = optional and str not in members and isinstance(value, str) and value.strip().lower() in (
+            "none", "null")
+        if value is None or text_none:
+            if optional:
+                return None
+            raise ConfigError(f"{name}: a value is required")
+        errors = []
+        for member in members:
+            try:
+                return _convert_one(member, value, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {_short(value)} fits none of its types")
+
+    return convert
+
+
+def _convert_one(member, value, name: str):
+    origin = typing.get_origin(member)
+    if member is bool:
+        return parse_bool(value, name)
+    if member is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{name}: expected an integer, got {_short(value)}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {_short(value)}") from None
+    if member is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{name}: expected a number, got {_short(value)}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {_short(value)}") from None
+    if member is str or member is Path or (isinstance(member, type) and issubclass(member, enum.Enum)):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected text (a string), got {_short(value)}")
+        return value
+    if origin is typing.Literal:
+        if value not in typing.get_args(member):
+            raise ConfigError(f"{name}: must be one of {', '.join(map(str, typing.get_args(member)))}, got "
+                              f"{_short(value)}")
+        return value
+    if member is list or origin is list:
+        (item,) = typing.get_args(member) or (str,)
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{name}: expected a list (comma-separated or a YAML list), got {_short(value)}")
+        convert = converter(item, name)
+        return [convert(v.strip() if isinstance(v, str) else v) for v in items]
+    if member is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a JSON object, got {_short(value)}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {_short(value)}")
+        return value
+    if member is typing.Any or member is object:
+        return value
+    raise ConfigError(f"{name}: cannot take a value of type {member!r} from the command line")
+
+
+def is_bool(annotation) -> bool:
+    members, _ = _members(annotation)
+    return members == [bool]
+
+
+def flag_names(dest: str) -> list[str]:
+    dashed = "--" + dest.replace("_", "-")
+    return [dashed] if dashed == "--" + dest else [dashed, "--" + dest]
+
+
+class Options:
+    """The flags of one subcommand: how each is converted, and the values given (flags over YAML)."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+        self.converters: dict[str, typing.Callable] = {}
+        self.bool_dests: set[str] = set()
+        self.positional: dict[str, typing.Callable] = {}
+
+    def add_dataclass(self, cls, title: str | None = None, skip=(), prefix: str = "") -> None:
+        """One flag per init field of ``cls`` (help from ``field(metadata={"help": ...})``), named ``prefix + name``.
+
+        A field already added by another dataclass is skipped (the first one's flag sets both).
+        """
+        hints = typing.get_type_hints(cls)
+        group = self.parser.add_argument_group(title or cls.__name__)
+        for f in dataclasses.fields(cls):
+            dest = prefix + f.name
+            if not f.init or f.name in skip or dest in self.converters:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            self.add(dest, hints[f.name], f.metadata.get("help", ""), default, group=group,
+                     choices=f.metadata.get("choices"))
+
+    def add(self, dest: str, annotation, help_: str = "", default=None, *, group=None, choices=None,
+            short: str | None = None, required: bool = False) -> None:
+        target = group or self.parser
+        convert = converter(annotation, dest)
+        if choices:
+            inner = convert
+
+            def convert(value, inner=inner, choices=tuple(choices)):  # noqa: E731 - closes over the field's choices
+                v = inner(value)
+                if v is not None and v not in choices:
+                    raise ConfigError(f"{dest}: must be one of {', '.join(map(str, choices))}, got {_short(v)}")
+                return v
+
+        self.converters[dest] = convert
+        shown = "" if default in (None, "", [], {}) else f" (default: {default})"
+        if choices:
+            shown += f" (one of: {', '.join(map(str, choices))})"
+        flags = flag_names(dest) + ([short] if short else [])
+        if is_bool(annotation):
+            self.bool_dests.add(dest)
+            target.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, type=_argparse_type(convert),
+                                metavar="{true,false}", help=f"{help_}{shown}".replace("%", "%%"))
+            target.add_argument("--no-" + dest.replace("_", "-"), dest=dest, action="store_const", const=False,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            target.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, type=_argparse_type(convert),
+                                required=required, help=f"{help_}{shown}".replace("%", "%%"),
+                                metavar=dest.upper())
+
+    def add_positional(self, dest: str, help_: str, *, many: bool, metavar: str | None = None) -> None:
+        """Positional inputs (``many``: a list of them); also settable from YAML under ``dest``."""
+        self.positional[dest] = converter(list[str] if many else str, dest)
+        self.parser.add_argument(dest, nargs="*" if many else "?", default=argparse.SUPPRESS, help=help_,
+                                 metavar=metavar or dest.upper())
+
+    def normalise_argv(self, argv: list[str]) -> list[str]:
+        """``--flag`` / ``--flag false`` / ``--flag=no`` of boolean options, as ``--flag=true|false``."""
+        bool_flags = {n: d for d in self.bool_dests for n in flag_names(d)}
+        out, i = [], 0
+        while i < len(argv):
+            token = argv[i]
+            name, eq, value = token.partition("=")
+            if name in bool_flags and not eq:
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                if nxt is not None and nxt.strip().lower() in BOOL_WORDS:
+                    out.append(f"{name}={nxt}")
+                    i += 2
+                    continue
+                out.append(f"{name}=true")
+            else:
+                out.append(token)
+            i += 1
+        return out
+
+    def values(self, namespace: argparse.Namespace, config_path: str | None) -> dict:
+        """The options given: YAML values (checked), then flags over them."""
+        values = load_config(config_path, {**self.converters, **self.positional}) if config_path else {}
+        given = {k: v for k, v in vars(namespace).items() if k in self.converters or k in self.positional}
+        for dest in self.positional:
+            if dest in given and given[dest] in ([], None):
+                del given[dest]  # not given on the command line: keep the file's
+        return {**values, **given}
+
+
+def _argparse_type(convert):
+    def parse(text):
+        try:
+            return convert(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+    return parse
+
+
+def build(cls, values: dict, prefix: str = "", **overrides):
+    """An instance of dataclass ``cls`` from the option values that name its fields (defaults for the rest)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix) and k[len(prefix):] in names}
+    kwargs.update(overrides)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a value of the wrong kind that the dataclass's own checks did not catch
+        raise ConfigError(f"{cls.__name__}: {str(e).splitlines()[0]}") from e
+
+
+# ------------------------------------------------------------------------------------------------- YAML
+
+
+def _expanded_nodes(node, memo: dict, limit: int) -> int:
+    """Nodes ``node`` stands for once every alias is expanded (memoised per node, stops past ``limit``)."""
+    import yaml
+
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = limit + 1  # a node reached again while being counted: a recursive alias
+    if isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_nodes(c, memo, limit) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_nodes(k, memo, limit) + _expanded_nodes(v, memo, limit) for k, v in node.value)
+    else:
+        total = 1
+    memo[key] = min(total, limit + 1)
+    return memo[key]
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML mapping from ``path``, refusing files over 1 MiB and alias expansions past 100,000 nodes.
+
+    Raises:
+        ConfigError: unreadable, too large, not YAML, or not a mapping (one line).
+    """
+    import yaml
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise ConfigError(f"config {path} is a folder, not a YAML file")
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path} is {size} bytes; config files are limited to {MAX_CONFIG_BYTES}")
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text") from e
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_nodes(node, {}, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
+            raise ConfigError(f"config {path} expands to more than {MAX_CONFIG_NODES} YAML nodes (aliases)")
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"config {path} is not valid YAML: {first}") from None
+    except RecursionError:
+        raise ConfigError(f"config {path} nests too deeply") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping of option: value")
+    return data
+
+
+def load_config(path: str, converters: dict) -> dict:
+    """The options in a YAML config file, each converted and checked like its flag."""
+    out = {}
+    for key, value in read_yaml(path).items():
+        dest = str(key).replace("-", "_")
+        if dest not in converters:
+            raise ConfigError(f"unknown option {str(key)!r} in {path}")
+        out[dest] = converters[dest](value)
+    return out

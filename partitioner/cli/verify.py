@@ -1,0 +1,26 @@
+"""``sdpo verify PART``: check a partition's checksums, row accounting and schema (exit status 1 on a mismatch)."""
+
+from __future__ import annotations
+
+import sys
+
+from scorers.errors import ConfigError
+
+
+def add_arguments(options) -> None:
+    options.add_positional("partition", "a partition folder (sdpo partition -o PART)", many=False, metavar="PART")
+
+
+def run(values: dict) -> int:
+    from ..partition.folder import PartitionError, verify_partition
+
+    if not values.get("partition"):
+        raise ConfigError("give a partition folder: sdpo verify PART")
+    try:
+        m = verify_partition(values["partition"])
+    except PartitionError as e:
+        print(f"sdpo: verify failed: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+        return 1
+    print(f"ok: {len(m['chunks'])} chunks, {m['rows_kept']} rows kept + {m['rows_rejected']} rejected"
+          f" = {m['rows_in']} rows in; checksums, row counts and schema match")
+    return 0

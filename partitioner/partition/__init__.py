@@ -1,0 +1,1 @@
+"""Ordering, chunking, shard writing, the partition folder and its statistics."""

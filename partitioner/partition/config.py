@@ -1,0 +1,125 @@
+"""``PartitionConfig``: how rows are ordered, chunked and written (checks in ``__post_init__``).
+
+Orderings (``order``):
+  ``easy_to_hard``  by the difficulty signal, easiest first (default; ``difficulty`` column, higher = harder)
+  ``hard_to_easy``  the reverse
+  ``random``        seeded permutation (the paper's ablation)
+  ``by_source``     each source together, sources sorted by the reference model's reward accuracy on them
+                    (share of rows with chosen_logps - rejected_logps > 0), highest = easiest first, as in sDPO
+  ``column``        any numeric column, ascending or descending
+Ties are broken by ``row_id``, so the order is deterministic and independent of the input's row order.
+
+Chunkings: ``n`` equal chunks (``chunks``), explicit ``fractions`` (sum to 1), ``thresholds`` on the order key,
+``quantiles`` of the order key, one chunk per source (``by_source``'s default); ``min_chunk_size`` merges a
+too-small chunk into its neighbour; ``shuffle_within`` permutes rows inside each chunk (seeded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .folder import PartitionError
+
+ORDERS = ("easy_to_hard", "hard_to_easy", "random", "by_source", "column")
+SCORE_ORDERS = ("easy_to_hard", "hard_to_easy", "by_source")
+CHUNKINGS = ("auto", "equal", "fractions", "thresholds", "quantiles", "source")
+
+
+class PartitionConfigError(PartitionError):
+    """Settings that cannot produce a partition for this input (one-line message)."""
+
+
+def _floats(value) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError) as e:
+        raise PartitionConfigError(f"expected a list of numbers, got {value!r}") from e
+
+
+@dataclass
+class PartitionConfig:
+    """How rows are ordered, chunked and written. Checked in ``__post_init__``; data-dependent checks at run."""
+
+    order: str = field(default="easy_to_hard", metadata={"help": f"Curriculum order: one of {', '.join(ORDERS)}."})
+    signal: str | None = field(
+        default=None,
+        metadata={"help": "Difficulty signal for easy_to_hard/hard_to_easy (a name from scoring.json); "
+                  "default: the 'difficulty' column."},
+    )
+    column: str | None = field(default=None, metadata={"help": "Numeric column for order='column'."})
+    ascending: bool = field(default=True, metadata={"help": "order='column': ascending (True) or descending."})
+    seed: int = field(default=0, metadata={"help": "Seed of order='random' and shuffle_within."})
+    chunking: str = field(
+        default="auto",
+        metadata={"help": f"One of {', '.join(CHUNKINGS)}; 'auto' picks from the options given "
+                  "(fractions/thresholds/quantiles, 'source' for by_source, else 'equal')."},
+    )
+    chunks: int = field(default=3, metadata={"help": "Number of equal chunks (chunking='equal')."})
+    fractions: list[float] | None = field(default=None, metadata={"help": "Chunk shares, e.g. 0.2,0.3,0.5 (sum 1)."})
+    thresholds: list[float] | None = field(
+        default=None, metadata={"help": "Cut points on the order key (increasing along the order)."}
+    )
+    quantiles: list[float] | None = field(
+        default=None, metadata={"help": "Cut points as quantiles of the order key, e.g. 0.25,0.5,0.75."}
+    )
+    min_chunk_size: int = field(
+        default=1, metadata={"help": "Chunks smaller than this are merged into the previous chunk (next for the first)."}
+    )
+    shuffle_within: bool = field(default=False, metadata={"help": "Seeded shuffle of the rows inside each chunk."})
+    parquet: bool = field(default=False, metadata={"help": "Also write chunk-NNN.parquet copies."})
+    fsync: bool = field(default=True, metadata={"help": "fsync shards before the manifest (survives power loss)."})
+    batch_rows: int = field(default=8192, metadata={"help": "Rows per output record batch (bounds memory)."})
+    overwrite: bool = field(default=True, metadata={"help": "Replace a previous partition in the output folder."})
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise PartitionConfigError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if self.chunking not in CHUNKINGS:
+            raise PartitionConfigError(f"unknown chunking {self.chunking!r}; choose one of {', '.join(CHUNKINGS)}")
+        self.fractions, self.thresholds, self.quantiles = map(_floats, (self.fractions, self.thresholds, self.quantiles))
+        given = [n for n in ("fractions", "thresholds", "quantiles") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise PartitionConfigError(f"give only one of fractions, thresholds, quantiles (got {', '.join(given)})")
+        if self.chunking == "auto":
+            self.chunking = given[0] if given else ("source" if self.order == "by_source" else "equal")
+        elif self.chunking in ("fractions", "thresholds", "quantiles") and getattr(self, self.chunking) is None:
+            raise PartitionConfigError(f"chunking {self.chunking!r} needs --{self.chunking}")
+        if self.chunking == "source" and self.order != "by_source":
+            raise PartitionConfigError("chunking 'source' (one chunk per source) needs order 'by_source'")
+        if self.order == "column" and not self.column:
+            raise PartitionConfigError("order 'column' needs a column name (--column)")
+        if self.order != "column" and self.column:
+            raise PartitionConfigError(f"--column is only used with order 'column', not {self.order!r}")
+        if self.signal and self.order not in ("easy_to_hard", "hard_to_easy"):
+            raise PartitionConfigError(f"--signal is only used with easy_to_hard/hard_to_easy, not {self.order!r}")
+        if self.chunking == "equal" and (not isinstance(self.chunks, int) or self.chunks < 1):
+            raise PartitionConfigError(f"chunks must be a positive integer, got {self.chunks!r}")
+        if self.fractions is not None:
+            if any(f <= 0 for f in self.fractions):
+                raise PartitionConfigError(f"fractions must be positive, got {self.fractions}")
+            if abs(sum(self.fractions) - 1.0) > 1e-6:
+                raise PartitionConfigError(f"fractions must sum to 1, got {sum(self.fractions):g} ({self.fractions})")
+        if self.quantiles is not None:
+            q = self.quantiles
+            if not q or any(not 0 < x < 1 for x in q) or any(b <= a for a, b in zip(q, q[1:])):
+                raise PartitionConfigError(f"quantiles must be increasing and strictly between 0 and 1, got {q}")
+        if self.thresholds is not None:
+            t = self.thresholds
+            if not t or any(b <= a for a, b in zip(t, t[1:])):
+                raise PartitionConfigError(f"thresholds must be increasing, got {t}")
+            if self.order in ("random", "by_source"):
+                raise PartitionConfigError(f"thresholds need a score or column order, not {self.order!r}")
+        if self.quantiles is not None and self.order in ("random", "by_source"):
+            raise PartitionConfigError(f"quantiles need a score or column order, not {self.order!r}")
+        if self.min_chunk_size < 1:
+            raise PartitionConfigError(f"min_chunk_size must be >= 1, got {self.min_chunk_size}")
+        if self.batch_rows < 1:
+            raise PartitionConfigError(f"batch_rows must be >= 1, got {self.batch_rows}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+

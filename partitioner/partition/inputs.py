@@ -1,0 +1,149 @@
+"""The rows to partition, as record batches memory-mapped from a scored folder (or taken from a table).
+
+Only small key columns are ever materialised; the rows themselves stay in the mapped files, and the mapping's
+resident pages are released after each slice (:meth:`PartitionInput.release`), so the process holds a few
+batches of the input at a time, however large the input is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from scorers.columns import ROW_ID
+
+from ..data.rejects import REJECTS_FILE, read_rejects, rejects_table
+from ..io import sha256_file
+from ..scoring.folder import SCORING_FILE, is_scored_folder, scored_parts
+from .folder import PartitionError
+
+class PartitionInput:
+    """Rows to partition, as record batches (memory-mapped where the input is a file), plus what came with them."""
+
+    def __init__(self, batches, schema, *, scoring=None, rejects=None, fingerprint=None, maps=(), rows_in=None):
+        self.batches: list[pa.RecordBatch] = [b for b in batches if b.num_rows]
+        self.schema: pa.Schema = schema
+        self.scoring: dict | None = scoring
+        self.rejects: pa.Table | None = rejects
+        self.fingerprint: dict = fingerprint or {}
+        self.maps: list[mmap.mmap] = list(maps)
+        lengths = [b.num_rows for b in self.batches]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.num_rows = int(self.offsets[-1])
+        self.rows_in = rows_in
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        if name not in self.schema.names:
+            raise KeyError(name)
+        i = self.schema.get_field_index(name)
+        return pa.chunked_array([b.column(i) for b in self.batches], type=self.schema.field(i).type)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.batches)
+
+    def release(self) -> None:
+        """Drop the mapped input pages from this process's resident set (the OS page cache keeps them)."""
+        for m in self.maps:
+            try:
+                m.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):
+                pass
+
+
+def _map_stream(path: Path) -> tuple[list[pa.RecordBatch], pa.Schema, mmap.mmap | None]:
+    size = path.stat().st_size
+    if size == 0:
+        raise PartitionError(f"{path} is empty, not an Arrow IPC stream")
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:  # rows are taken at random positions: no read-ahead / fault-around (keeps the resident set small)
+        m.madvise(mmap.MADV_RANDOM)
+    except (AttributeError, OSError):
+        pass
+    try:
+        reader = pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(m)))
+        batches = list(reader)
+    except pa.ArrowInvalid as e:
+        raise PartitionError(f"{path} is not an Arrow IPC stream: {str(e).splitlines()[0]}") from e
+    return batches, reader.schema, m
+
+
+def _read_scored_dir(path: Path) -> PartitionInput:
+    """A complete scored folder (CONTRACTS.md section 2), every part checked against its recorded sha256."""
+    scoring, parts = scored_parts(path)
+    batches, maps, schema = [], [], None
+    for p in parts:
+        b, s, m = _map_stream(p)
+        if schema is not None and s != schema:
+            raise PartitionError(f"{p.name} has different columns than {parts[0].name}")
+        schema = s
+        batches += b
+        maps.append(m)
+    rejects = read_rejects(path / REJECTS_FILE) if (path / REJECTS_FILE).exists() else None
+    fingerprint = {
+        "kind": "scored",
+        "path": str(path.resolve()),
+        "scoring_json_sha256": sha256_file(path / SCORING_FILE),
+        "parts": [{k: p.get(k) for k in ("file", "rows", "sha256")} for p in scoring.get("parts", [])],
+    }
+    return PartitionInput(batches, schema, scoring=scoring, rejects=rejects, fingerprint=fingerprint, maps=maps,
+                          rows_in=scoring.get("rows_in"))
+
+
+def _table_of(data) -> pa.Table:
+    """The Arrow table behind a ``datasets.Dataset`` (memory-mapped when the dataset is), or a ``pa.Table``."""
+    if isinstance(data, pa.Table):
+        return data
+    if getattr(data, "_indices", None) is not None:
+        data = data.flatten_indices()
+    return data.data.table
+
+
+def _row_ids_sha256(ids: pa.ChunkedArray) -> str:
+    h = hashlib.sha256()
+    for chunk in ids.chunks:
+        h.update("\n".join(chunk.to_pylist()).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def open_input(data, rejects=None) -> PartitionInput:
+    """Wrap a scored folder path, a ``datasets.Dataset`` or a ``pyarrow.Table`` as partitioner input.
+
+    Raises:
+        PartitionError: missing/incomplete scored folder, empty input, no ``row_id`` column.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.exists():
+            raise PartitionError(f"input {path} does not exist")
+        if not is_scored_folder(path):
+            raise PartitionError(f"input {path} is not a scored folder; load and score files first "
+                                 "(sdpo partition FILES runs the scorer)")
+        inp = _read_scored_dir(path)
+    else:
+        try:
+            table = _table_of(data)
+        except AttributeError as e:
+            raise PartitionError(f"cannot partition a {type(data).__name__}: give a datasets.Dataset, a "
+                                 "pyarrow.Table or a scored folder") from e
+        # Keep datasets' feature metadata on the schema so shards load back with the same features.
+        batches = table.to_batches()
+        rej = rejects if rejects is None or isinstance(rejects, pa.Table) else None
+        if rejects is not None and rej is None:
+            rej = rejects_table(list(rejects))
+        fp = {"kind": type(data).__name__, "rows": table.num_rows, "columns": table.column_names}
+        if ROW_ID in table.column_names and table.num_rows:
+            fp["row_ids_sha256"] = _row_ids_sha256(table.column(ROW_ID))
+        inp = PartitionInput(batches, table.schema, rejects=rej, fingerprint=fp)
+    if inp.num_rows == 0:
+        raise PartitionError("input has no rows to partition")
+    if ROW_ID not in inp.schema.names:
+        raise PartitionError(f"input has no '{ROW_ID}' column; load it with partitioner.load_preferences")
+    return inp
+

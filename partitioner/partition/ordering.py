@@ -1,0 +1,171 @@
+"""The curriculum order: a permutation of the input rows, and the order key along it.
+
+Keys are sorted in memory (row ids as order-preserving uint64 where they are the loader's 16-hex content hashes);
+rows are never touched here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from scorers.columns import CHOSEN_LOGPS, DIFFICULTY, REJECTED_LOGPS, ROW_ID, SOURCE
+from scorers.stats import margin_stats_by
+
+from .config import PartitionConfig, PartitionConfigError
+from .inputs import PartitionInput
+
+def numeric_column(inp: PartitionInput, name: str, what: str) -> np.ndarray:
+    if name not in inp.schema.names:
+        raise PartitionConfigError(f"{what} column {name!r} not in input (columns: {', '.join(inp.schema.names)})")
+    typ = inp.schema.field(name).type
+    if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)):
+        raise PartitionConfigError(f"{what} column {name!r} is {typ}, not numeric")
+    col = inp.column(name)
+    if col.null_count:
+        raise PartitionConfigError(f"{what} column {name!r} has {col.null_count} null values")
+    values = col.to_numpy().astype(np.float64, copy=False)
+    inp.release()
+    bad = int(np.isnan(values).sum())
+    if bad:
+        raise PartitionConfigError(f"{what} column {name!r} has {bad} NaN values")
+    return values
+
+
+def _signal(inp: PartitionInput, config: PartitionConfig) -> tuple[str, np.ndarray, str, bool]:
+    """(signal name, values, column, higher_is_harder) for the score orders."""
+    signals = {s["name"]: s for s in (inp.scoring or {}).get("signals", [])}
+    name = config.signal or DIFFICULTY
+    if name == DIFFICULTY:
+        if DIFFICULTY not in inp.schema.names:
+            raise PartitionConfigError(
+                f"order {config.order!r} needs scores but the input has no '{DIFFICULTY}' column: score it first "
+                "(sdpo score) or use --order random/column"
+            )
+        return DIFFICULTY, numeric_column(inp, DIFFICULTY, "difficulty"), DIFFICULTY, True
+    if name not in signals:
+        avail = sorted(signals) + [DIFFICULTY]
+        raise PartitionConfigError(f"unknown signal {name!r}; available: {', '.join(avail)}")
+    spec = signals[name]
+    col = spec.get("column", name)
+    values = numeric_column(inp, col, f"signal {name!r}")
+    return name, values, col, spec.get("direction", "higher_is_harder") != "higher_is_easier"
+
+
+def reward_accuracy_by_source(inp: PartitionInput) -> dict[str, float]:
+    """The reference model's reward accuracy per source (share of rows with chosen_logps > rejected_logps)."""
+    for c in (CHOSEN_LOGPS, REJECTED_LOGPS):
+        if c not in inp.schema.names:
+            raise PartitionConfigError(
+                f"order 'by_source' needs scored input ('{c}' missing): score it first (sdpo score)"
+            )
+    codes, names = source_codes(inp)
+    stats = margin_stats_by(codes, numeric_column(inp, CHOSEN_LOGPS, "score"), numeric_column(inp, REJECTED_LOGPS, "score"),
+                            names=names)
+    return {name: s["reward_accuracy"] for name, s in stats.items()}
+
+
+def source_codes(inp: PartitionInput) -> tuple[np.ndarray, list[str]]:
+    if SOURCE not in inp.schema.names:
+        return np.zeros(inp.num_rows, dtype=np.int32), [""]
+    enc = pc.dictionary_encode(inp.column(SOURCE)).combine_chunks()
+    inp.release()
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int32), [str(s) for s in enc.dictionary.to_pylist()]
+
+
+def _index_array(indices) -> np.ndarray:
+    """Sort indices as the smallest signed integer array that holds them (4 bytes a row below 2**31 rows)."""
+    arr = indices.to_numpy() if isinstance(indices, (pa.Array, pa.ChunkedArray)) else indices
+    return arr.astype(np.int32 if len(arr) < 2**31 else np.int64)
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _row_id_keys(inp: PartitionInput):
+    """Row ids as order-preserving uint64 when every id is the loader's 16-hex content hash, else the strings.
+
+    Same-length lowercase hex compares like the number it spells, so the uint64 sorts exactly as the strings
+    do, in 8 bytes a row instead of a string column.
+    """
+    col = inp.column(ROW_ID)
+    out = np.empty(len(col), dtype=np.uint64)
+    pos = 0
+    for chunk in col.chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        if chunk.null_count or not pa.types.is_string(chunk.type):
+            return col
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32, count=n + 1, offset=chunk.offset * 4)
+        if offsets[-1] - offsets[0] != 16 * n or not np.all(np.diff(offsets) == 16):
+            return col
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8, count=16 * n, offset=int(offsets[0]))
+        digits = _HEX[data].reshape(n, 16)
+        if (digits == 255).any():
+            return col
+        value = np.zeros(n, dtype=np.uint64)
+        for i in range(16):
+            value = (value << np.uint64(4)) | digits[:, i].astype(np.uint64)
+        out[pos:pos + n] = value
+        pos += n
+    inp.release()
+    return out
+
+
+def _argsort(key: np.ndarray | None, row_ids, descending: bool = False) -> np.ndarray:
+    """Stable order by key (asc/desc), ties by row_id ascending."""
+    if isinstance(row_ids, np.ndarray):
+        keys = [row_ids] if key is None else [row_ids, -key if descending else key]
+        return _index_array(np.lexsort(keys))
+    cols = {"r": row_ids}
+    sort_keys = [("r", "ascending")]
+    if key is not None:
+        cols = {"k": pa.array(key), **cols}
+        sort_keys = [("k", "descending" if descending else "ascending")] + sort_keys
+    return _index_array(pc.sort_indices(pa.table(cols), sort_keys=sort_keys))
+
+
+def compute_order(inp: PartitionInput, config: PartitionConfig) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Row positions in curriculum order, the order key aligned with them (or None), and the manifest's 'ordering'."""
+    row_ids = _row_id_keys(inp)
+    info: dict = {"order": config.order, "seed": config.seed}
+    if config.order in ("easy_to_hard", "hard_to_easy"):
+        name, values, col, higher_is_harder = _signal(inp, config)
+        desc = (config.order == "hard_to_easy") == higher_is_harder
+        perm = _argsort(values, row_ids, descending=desc)
+        info.update(signal=name, column=col, ascending=not desc,
+                    direction="higher_is_harder" if higher_is_harder else "higher_is_easier")
+        return perm, values[perm], info
+    if config.order == "column":
+        values = numeric_column(inp, config.column, "order")
+        perm = _argsort(values, row_ids, descending=not config.ascending)
+        info.update(column=config.column, ascending=config.ascending)
+        return perm, values[perm], info
+    if config.order == "random":
+        base = _argsort(None, row_ids)
+        perm = base[np.random.default_rng(config.seed).permutation(len(base))]
+        return perm, None, info
+    # by_source
+    acc = reward_accuracy_by_source(inp)
+    codes, names = source_codes(inp)
+    ranked = sorted(acc, key=lambda s: (-acc[s], s))
+    rank_of_code = np.array([ranked.index(n) if n in acc else len(ranked) for n in names], dtype=np.float64)
+    within = numeric_column(inp, DIFFICULTY, "difficulty") if DIFFICULTY in inp.schema.names else None
+    if isinstance(row_ids, np.ndarray):
+        perm = _index_array(np.lexsort([row_ids] + ([within] if within is not None else []) + [rank_of_code[codes]]))
+    else:
+        table = {"s": pa.array(rank_of_code[codes])}
+        keys = [("s", "ascending")]
+        if within is not None:
+            table["d"] = pa.array(within)
+            keys.append(("d", "ascending"))
+        table["r"] = row_ids
+        keys.append(("r", "ascending"))
+        perm = _index_array(pc.sort_indices(pa.table(table), sort_keys=keys))
+    info.update(sources=ranked, reward_accuracy={s: acc[s] for s in ranked},
+                within_source="difficulty ascending" if within is not None else "row_id")
+    return perm, (rank_of_code[codes])[perm], info
+

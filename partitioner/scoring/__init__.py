@@ -1,0 +1,1 @@
+"""The resumable scoring job (scored folder, local and Ray executors)."""

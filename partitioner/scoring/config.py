@@ -1,0 +1,139 @@
+"""``ScoringConfig``: how pairs are scored, and the settings a resumed job must match.
+
+Every field changes the numbers in the scored folder unless its metadata says ``"guards_resume": False`` (how the
+job runs, or what was loaded, which the input fingerprint covers). :func:`job_settings` derives the recorded
+settings from the fields, so a new option guards resumption without anyone remembering to add it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from scorers.columns import BACKENDS, DIFFICULTY, DTYPES, TRUNCATION_MODES
+from scorers.errors import ConfigError, check_choice
+from scorers.onednn import LINEAR_KERNELS
+from scorers.signals import parse_signals
+
+from ..io import library_version
+
+SCHEMA_VERSION = 1
+# vLLM server client options that change how requests travel, never a number.
+VLLM_TRANSPORT_OPTIONS = ("max_concurrency", "timeout", "retries", "backoff", "api_key")
+
+
+def _not_guarded(help_: str) -> dict:
+    return {"help": help_, "guards_resume": False}
+
+
+@dataclass
+class ScoringConfig:
+    """How pairs are scored. A rerun into the same folder must match every field that guards resumption."""
+
+    model: str = field(default="bundled", metadata={"help": "Reference model: local path, hub id or 'bundled'."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer path; default: the model's."})
+    dtype: str = field(default="float32", metadata={"help": "float32 (TRL-exact), bfloat16 or float16."})
+    max_length: int | None = field(default=1024, metadata={"help": "DPOConfig.max_length."})
+    truncation_mode: str = field(default="keep_start", metadata={"help": "DPOConfig.truncation_mode."})
+    signals: list[str] = field(
+        default_factory=lambda: ["ref_margin", "ref_margin_per_token"],
+        metadata={"help": "Difficulty signals (comma-separated; scorers.signals.SIGNALS); the first is the "
+                          "difficulty unless difficulty_signal names another."},
+    )
+    difficulty_signal: str | None = field(default=None, metadata={"help": "Signal written as `difficulty`."})
+    batch_tokens: int = field(default=4096, metadata={"help": "Token budget per forward pass."})
+    rows_per_part: int = field(default=256, metadata={"help": "Rows per output part (the resume unit)."})
+    packed: bool = field(default=True, metadata={"help": "Compute each prompt once (prefix-shared packed rows)."})
+    beta: float = field(default=0.1, metadata={"help": "beta of the implicit_reward signal."})
+    policy_model: str | None = field(default=None, metadata={"help": "pi of implicit_reward (vs. the reference)."})
+    reward_model: str | None = field(default=None, metadata={"help": "Sequence-classification reward model."})
+    rating_columns: list[str] = field(
+        default_factory=lambda: ["score_chosen", "score_rejected"], metadata={"help": "Columns of rating_gap."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random signal."})
+    linear_kernel: str = field(default="auto", metadata={
+        "help": "transformers backend: fp32 GEMM of the linear layers on CPU: auto (oneDNN where this torch has it), "
+                "onednn or torch (torch's default, MKL)."})
+    backend: str = field(default="transformers", metadata={
+        "help": "Reference log-prob backend: transformers, vllm (offline engine) or vllm-server (a running server)."})
+    vllm_options: dict = field(default_factory=dict, metadata={
+        "help": "vllm/vllm-server: keyword options of VLLMBackend / VLLMServerBackend, as JSON (e.g. "
+                "'{\"tensor_parallel_size\": 2}')."})
+    server_url: str | None = field(default=None, metadata=_not_guarded("vllm-server: the server's base URL."))
+    server_model: str | None = field(default=None, metadata=_not_guarded("vllm-server: served name, if not model."))
+    limit: int | None = field(default=None, metadata=_not_guarded("Score only the first N loaded rows."))
+    load_options: dict = field(default_factory=dict, metadata=_not_guarded(
+        "Keyword arguments of partitioner.data.loading.load_preferences (format, column_mapping, source_column, "
+        "split, drop_duplicates, limit_per_source)."))
+    overwrite: bool = field(default=False, metadata=_not_guarded("Start over when the folder holds other results."))
+    device: str | None = field(default=None, metadata=_not_guarded("torch device; default cpu."))
+    progress: bool = field(default=True, metadata=_not_guarded("Show progress bars."))
+
+    def __post_init__(self):
+        if isinstance(self.signals, str):
+            self.signals = [s.strip() for s in self.signals.split(",") if s.strip()]
+        if isinstance(self.rating_columns, str):
+            self.rating_columns = [s.strip() for s in self.rating_columns.split(",") if s.strip()]
+        self.signals = [s.name for s in parse_signals(self.signals)]  # raises on unknown names
+        if self.difficulty_signal is None:
+            self.difficulty_signal = self.signals[0]
+        if self.difficulty_signal not in self.signals:
+            raise ConfigError(f"difficulty_signal {self.difficulty_signal!r} is not among signals {self.signals}")
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        check_choice("linear_kernel", self.linear_kernel, LINEAR_KERNELS)
+        check_choice("backend", self.backend, BACKENDS)
+        if self.rows_per_part < 1 or self.batch_tokens < 1:
+            raise ConfigError("rows_per_part and batch_tokens must be >= 1")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if "implicit_reward" in self.signals and not self.policy_model:
+            raise ConfigError("signal implicit_reward needs policy_model (the model compared with the reference)")
+        if "reward_model" in self.signals and not self.reward_model:
+            raise ConfigError("signal reward_model needs reward_model (a sequence-classification model path)")
+        if len(self.rating_columns) != 2:
+            raise ConfigError("rating_columns must name two columns: chosen's and rejected's")
+        if self.backend == "vllm-server" and not self.server_url:
+            raise ConfigError("backend vllm-server needs server_url (--server-url http://HOST:PORT)")
+        if dataclasses.is_dataclass(self.load_options):
+            self.load_options = dataclasses.asdict(self.load_options)
+
+
+def job_settings(config: ScoringConfig, tokenizer, input_info: dict) -> dict:
+    """What the scored folder's numbers depend on, derived from every field of ``config`` that guards resumption.
+
+    The layout (model fingerprints instead of paths, a ``tokenizer`` block the trainer reads back) is the one
+    ``scoring.json`` records (CONTRACTS.md section 2).
+    """
+    from scorers.models import chat_template_sha256, model_fingerprint
+
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.metadata.get("guards_resume", True)}
+    signals = parse_signals(values.pop("signals"))
+    tokenizer_block = {
+        "name_or_path": values.pop("tokenizer") or config.model,
+        "max_length": values.pop("max_length"),
+        "truncation_mode": values.pop("truncation_mode"),
+        "chat_template_sha256": chat_template_sha256(tokenizer),
+    }
+    model = model_fingerprint(values.pop("model"))
+    dtype = values.pop("dtype")
+    difficulty = {"signal": values.pop("difficulty_signal"), "column": DIFFICULTY, "direction": "higher_is_harder"}
+    for name in ("policy_model", "reward_model"):
+        values[name] = model_fingerprint(values[name]) if values[name] else None
+    values["vllm_options"] = {k: v for k, v in sorted(values["vllm_options"].items())
+                              if k not in VLLM_TRANSPORT_OPTIONS}
+    values["rating_columns"] = list(values["rating_columns"])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "library_version": library_version(),
+        "model": model,
+        "dtype": dtype,
+        "tokenizer": tokenizer_block,
+        "signals": [s.meta() for s in signals],
+        "difficulty": difficulty,
+        "scoring": values,
+        "input": input_info,
+    }

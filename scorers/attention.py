@@ -1,0 +1,87 @@
+"""Attention of packed ``prefix + side1 + side2`` rows (:mod:`scorers.packing`) without a materialised mask.
+
+:func:`prefix_shared_attention` is registered as a transformers attention function and switched on for our own
+forwards only (:func:`prefix_attention`); the row layout travels in the ``attention_mask`` argument, which
+transformers >= 5 hands through unchanged when it is a 4D tensor (``masking_utils._preprocess_mask_arguments``).
+It works with autograd, so the same attention serves scoring and training.
+
+Assumptions:
+    a decoder whose attention modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` (all
+    transformers >= 5 LLMs). Models with sliding-window or other custom masks are not modelled.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .compat import attention_implementation, sdpa_attention
+
+PREFIX_ATTENTION = "sdpo_prefix_shared"
+
+
+def layout_tensor(layouts: list[list[tuple[int, int, int]]], device):
+    """The ``(lines, 1, pairs, 3)`` int64 layout of packed lines, one list of ``(n0, n1, n2)`` per line (shorter
+    lists are padded with empty ``(0, 0, 0)`` entries, which attend to nothing)."""
+    import torch
+
+    width = max(len(line) for line in layouts)
+    rows = [list(line) + [(0, 0, 0)] * (width - len(line)) for line in layouts]
+    return torch.tensor(rows, dtype=torch.long, device=device).unsqueeze(1)
+
+
+def prefix_attention(model):
+    """Context manager: ``model``'s attention runs :func:`prefix_shared_attention` inside the block."""
+    return attention_implementation(model, PREFIX_ATTENTION, prefix_shared_attention)
+
+
+def is_layout(mask) -> bool:
+    import torch
+
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.int64 and mask.dim() == 4 and mask.shape[-1] == 3
+
+
+def prefix_shared_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of packed ``prefix + side1 + side2`` rows, without materialising a full block mask.
+
+    ``attention_mask`` is the row layout, an int64 tensor ``(batch, 1, pairs, 3)`` of segment lengths
+    ``(n_prefix, n_side1, n_side2)`` of the pairs laid one after the other in each row; per pair ``prefix + side1``
+    is plain causal attention (SDPA's causal kernel); ``side2`` attends to the prefix and causally to itself, never
+    to ``side1``. Positions past the three segments (padding) get zeros. Any other mask is handed to transformers'
+    SDPA attention unchanged.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not is_layout(attention_mask):
+        return sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    gqa = {"enable_gqa": query.shape[1] != key.shape[1]}  # K/V stay at their own head count: no repeat_kv copies
+    out = torch.zeros_like(query)  # (batch, heads, length, head_dim)
+    for b, segments in enumerate(attention_mask[:, 0].tolist()):
+        o = 0  # several pairs may share a row, one after the other
+        for n0, n1, n2 in segments:
+            a = o + n0 + n1
+            if a > o:
+                out[b, :, o:a] = F.scaled_dot_product_attention(
+                    query[b : b + 1, :, o:a], key[b : b + 1, :, o:a], value[b : b + 1, :, o:a], is_causal=True,
+                    scale=scaling, **gqa,
+                )[0]
+            if n2:
+                k2 = torch.cat([key[b : b + 1, :, o : o + n0], key[b : b + 1, :, a : a + n2]], dim=2)
+                v2 = torch.cat([value[b : b + 1, :, o : o + n0], value[b : b + 1, :, a : a + n2]], dim=2)
+                out[b, :, a : a + n2] = F.scaled_dot_product_attention(
+                    query[b : b + 1, :, a : a + n2], k2, v2, attn_mask=_side2_mask(n0, n2, query.device),
+                    scale=scaling, **gqa,
+                )[0]
+            o = a + n2
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=32)
+def _side2_mask(n0: int, n2: int, device):
+    """(n2, n0 + n2) boolean mask: every prefix key, then causal over the side's own keys (cached across layers)."""
+    import torch
+
+    mask = torch.ones(n2, n0 + n2, dtype=torch.bool, device=device)
+    mask[:, n0:] = torch.ones(n2, n2, dtype=torch.bool, device=device).tril()
+    return mask
+

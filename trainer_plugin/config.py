@@ -1,0 +1,78 @@
+"""``StepwiseConfig``: the stepwise driver's settings (the ``DPOConfig`` beside it configures each step's trainer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scorers.columns import DTYPES
+from scorers.errors import ConfigError, UserError, check_choice
+
+REF_MODES = ("live", "precomputed", "peft")
+
+
+class StepwiseInputError(UserError):
+    """The partition, model or output folder cannot be used for stepwise training (one-line message)."""
+
+
+@dataclass
+class StepwiseConfig:
+    """Settings of the stepwise driver (``trainer_plugin.driver.train_stepwise``)."""
+
+    partition_dir: str | None = field(
+        default=None, metadata={"help": "Partition folder (chunk-*.arrow + manifest.json) from `sdpo partition`."}
+    )
+    model_name_or_path: str = field(
+        default="bundled", metadata={"help": "The SFT model M0: a local folder, a hub id, or 'bundled' (SmolLM2)."}
+    )
+    ref_mode: str = field(
+        default="live",
+        metadata={"help": "Reference of step t = M(t-1): 'live' (frozen copy), 'precomputed' (scored before the "
+                  "step, no reference in memory) or 'peft' (LoRA on the merged previous steps).",
+                  "choices": REF_MODES},
+    )
+    dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in.", "choices": DTYPES})
+    steps: int | None = field(
+        default=None, metadata={"help": "Train only the first N chunks (default: all of them)."}
+    )
+    score_batch_tokens: int = field(
+        default=4096, metadata={"help": "Token budget per forward of the reference scoring passes."}
+    )
+    reference_stats: bool = field(
+        default=True,
+        metadata={"help": "Log mean γ_ref and reward accuracy of M(t-1) on chunk t (in 'live'/'peft' mode this "
+                  "costs one extra forward pass over the chunk; 'precomputed' has it for free)."},
+    )
+    held_out: str | None = field(
+        default=None,
+        metadata={"help": "Held-out pairs (an Arrow stream file or a partition folder) on which γ_ref of every "
+                  "M(t) is logged (the paper's Figure-2 quantity)."},
+    )
+    reuse_partition_scores: bool = field(
+        default=True,
+        metadata={"help": "'precomputed' step 1: reuse the partition's chosen/rejected log-probs when they were "
+                  "scored by the same model, max_length, truncation mode and dtype."},
+    )
+    check_tokenizer: bool = field(
+        default=True, metadata={"help": "Refuse a model whose tokenizer differs from the partition's."}
+    )
+    rescore_between_steps: bool = field(
+        default=False,
+        metadata={"help": "Adaptive curriculum: after step t re-score the remaining chunks with M(t) and re-order "
+                  "them easy→hard (chunk sizes kept); the new order is recorded in run.json."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "'peft' mode: LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "'peft' mode: LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "'peft' mode: LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "'peft' mode: module names to adapt (default: all linear except lm_head)."}
+    )
+
+    def __post_init__(self):
+        check_choice("ref_mode", self.ref_mode, REF_MODES)
+        check_choice("dtype", self.dtype, DTYPES)
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.score_batch_tokens < 1:
+            raise ConfigError(f"score_batch_tokens must be >= 1, got {self.score_batch_tokens}")
+        if self.lora_r < 1:
+            raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
