@@ -66,8 +66,7 @@ def n_scored_tokens(n_prompt: int, n_completion: int, max_length: int | None, tr
 class LogProbBackend(abc.ABC):
     """Scores tokenized preference pairs with a reference model.
 
-    Subclasses implement :meth:`score`; :meth:`close` frees the model; :meth:`describe` returns a JSON-able dict for
-    provenance (backend name, model, dtype, truncation settings).
+    Subclasses implement :meth:`score`; :meth:`close` frees the model.
     """
 
     max_length: int | None
@@ -84,10 +83,6 @@ class LogProbBackend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model and any worker processes."""
-
-    @abc.abstractmethod
-    def describe(self) -> dict:
-        """Provenance of the scores: backend, model, dtype, max_length, truncation_mode."""
 
     def __enter__(self):
         return self

@@ -22,7 +22,6 @@ CHOSEN_TRUNCATED, REJECTED_TRUNCATED = "chosen_truncated", "rejected_truncated"
 # Scores of the reference model (sums over the completion tokens TRL keeps, as DPOTrainer computes them).
 CHOSEN_LOGPS, REJECTED_LOGPS = "chosen_logps", "rejected_logps"
 CHOSEN_TOKENS, REJECTED_TOKENS = "chosen_tokens", "rejected_tokens"
-SCORE_COLUMNS = (CHOSEN_LOGPS, REJECTED_LOGPS, CHOSEN_TOKENS, REJECTED_TOKENS)
 
 # Intermediate columns of the signals that need another model.
 POLICY_CHOSEN_LOGPS, POLICY_REJECTED_LOGPS = "policy_chosen_logps", "policy_rejected_logps"

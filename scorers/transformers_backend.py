@@ -107,18 +107,6 @@ class TransformersBackend(LogProbBackend):
         self.tokens_computed = 0  # model positions run (padding excluded), for FLOP accounting
         self.padding_computed = 0
 
-    def describe(self) -> dict:
-        return {
-            "backend": "transformers",
-            "model": str(self.model_name),
-            "dtype": self.dtype,
-            "max_length": self.max_length,
-            "truncation_mode": self.truncation_mode,
-            "packed": self.packed,
-            "batch_tokens": self.batch_tokens,
-            "linear_kernel": self.linear_kernel,
-        }
-
     def close(self) -> None:
         self.model = None
 

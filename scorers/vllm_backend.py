@@ -90,7 +90,6 @@ class VLLMBackend(LogProbBackend):
         check_model_path(path)
         self._environ = dict(os.environ)  # vLLM sets variables (LD_PRELOAD, ...) on import / start: undone on close
         vllm = import_vllm()
-        self.vllm_version = vllm.__version__
         kwargs = dict(
             model=path,
             tokenizer=resolve_model_path(tokenizer) if tokenizer else None,
@@ -105,7 +104,6 @@ class VLLMBackend(LogProbBackend):
             enable_prefix_caching=False,  # prompt_logprobs bypass the prefix cache anyway
         )
         kwargs.update(engine_kwargs or {})
-        self.engine_options = {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")}
         self.max_model_len = max_model_len
         saved = os.environ.get(_MP_ENV)
         if tensor_parallel_size * data_parallel_size == 1 and saved is None:
@@ -121,16 +119,6 @@ class VLLMBackend(LogProbBackend):
             self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
         self.tokens_computed = 0
-
-    def describe(self) -> dict:
-        return {
-            "backend": "vllm",
-            "model": str(self.model_name),
-            "dtype": self.dtype,
-            "max_length": self.max_length,
-            "truncation_mode": self.truncation_mode,
-            "vllm_version": self.vllm_version,
-        }
 
     def close(self) -> None:
         """Stop the engine and free its memory (weights, KV cache, distributed state) for whatever runs next."""

@@ -40,10 +40,6 @@ class VLLMServerError(UserError):
     """The server cannot be used for this job, or did not answer (one-line message)."""
 
 
-class _Retryable(Exception):
-    pass
-
-
 class VLLMServerBackend(LogProbBackend):
     """DPOTrainer reference log-probs scored by a running vLLM OpenAI-compatible server.
 
@@ -90,7 +86,6 @@ class VLLMServerBackend(LogProbBackend):
         self.batch_size, self.max_concurrency = batch_size, max_concurrency
         self.timeout, self.retries, self.backoff, self.api_key = timeout, retries, backoff, api_key
         self.progress = progress
-        self.expected_model = model
         self.served, self.max_model_len = self._check_model(model, served_model_name)
         if tokenizer is not None:
             self._check_tokenizer(tokenizer)
@@ -177,15 +172,6 @@ class VLLMServerBackend(LogProbBackend):
             )
 
     # -- contract ---------------------------------------------------------------------------------------------
-
-    def describe(self) -> dict:
-        return {
-            "backend": "vllm-server",
-            "model": str(self.expected_model or self.served),
-            "served_model": self.served,
-            "max_length": self.max_length,
-            "truncation_mode": self.truncation_mode,
-        }
 
     def _score_batch(self, seqs: list[tuple[list[int], int]]) -> list[list[float]]:
         payload = {"model": self.served, "prompt": [ids for ids, _ in seqs], "max_tokens": 1, "prompt_logprobs": 0,

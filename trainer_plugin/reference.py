@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from scorers.columns import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
+from scorers.columns import TOKEN_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def score_pairs(
     """
     from scorers.transformers_backend import TransformersBackend
 
-    cols = [PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS]
-    rows = dataset.select_columns(cols).to_list() if hasattr(dataset, "select_columns") else list(dataset)
+    rows = dataset.select_columns(list(TOKEN_COLUMNS)).to_list() if hasattr(dataset, "select_columns") else list(dataset)
     was_training = model.training
     try:
         backend = TransformersBackend(model, max_length=max_length, truncation_mode=truncation_mode,

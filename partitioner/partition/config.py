@@ -16,7 +16,7 @@ too-small chunk into its neighbour; ``shuffle_within`` permutes rows inside each
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .folder import PartitionError
 
@@ -119,7 +119,4 @@ class PartitionConfig:
             raise PartitionConfigError(f"min_chunk_size must be >= 1, got {self.min_chunk_size}")
         if self.batch_rows < 1:
             raise PartitionConfigError(f"batch_rows must be >= 1, got {self.batch_rows}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 

@@ -100,11 +100,6 @@ def read_manifest(partition_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def chunk_paths(partition_dir: str | os.PathLike) -> list[Path]:
-    d = Path(partition_dir)
-    return [d / c["file"] for c in read_manifest(d)["chunks"]]
-
-
 def load_partition(partition_dir: str | os.PathLike, verify: bool = False) -> list:
     """The chunks of a partition as memory-mapped ``datasets.Dataset`` objects, in curriculum order.
 
