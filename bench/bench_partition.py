@@ -48,13 +48,21 @@ def _corpus(n_bytes: int, seed: int = 0):
     return np.frombuffer(b"".join(out)[:n_bytes], dtype=np.uint8)
 
 
+SYNTHETIC_SETTINGS = {
+    "schema_version": 1, "library_version": "bench", "model": {"name_or_path": "synthetic"}, "dtype": "float32",
+    "tokenizer": {}, "scoring": {},
+    "signals": [{"name": "ref_margin", "column": "ref_margin", "direction": "higher_is_easier",
+                 "formula": "chosen_logps - rejected_logps"}],
+    "difficulty": {"signal": "ref_margin", "column": "difficulty", "direction": "higher_is_harder"},
+}
+
+
 def generate(scored_dir: Path, rows: int, seed: int = 0) -> None:
     """Write ``rows`` synthetic scored rows as a scored folder (parts + scoring.json + rejects + _SUCCESS)."""
     import numpy as np
     import pyarrow as pa
 
-    from partitioner.data.rejects import REJECTS_SCHEMA
-    from partitioner.io import write_arrow_stream
+    from partitioner.scoring.folder import finish, write_part
 
     rng = np.random.default_rng(seed)
     corpus = _corpus(64 << 20, seed)
@@ -93,17 +101,9 @@ def generate(scored_dir: Path, rows: int, seed: int = 0) -> None:
             "ref_margin": margin,
             "difficulty": -margin,
         })
-        name = f"part-{p:05d}.arrow"
-        write_arrow_stream(table, scored_dir / "parts" / name)
-        parts.append({"file": f"parts/{name}", "rows": n, "sha256": None})
-    write_arrow_stream(REJECTS_SCHEMA.empty_table(), scored_dir / "rejects.arrow")
-    meta = {"schema_version": 1, "library_version": "bench", "model": {"name_or_path": "synthetic"},
-            "signals": [{"name": "ref_margin", "column": "ref_margin", "direction": "higher_is_easier",
-                         "formula": "chosen_logps - rejected_logps"}],
-            "difficulty": {"signal": "ref_margin", "column": "difficulty", "direction": "higher_is_harder"},
-            "rows_in": rows, "rows_scored": rows, "rows_rejected": 0, "reject_reasons": {}, "parts": parts}
-    (scored_dir / "scoring.json").write_text(json.dumps(meta))
-    (scored_dir / "_SUCCESS").write_text("")
+        write_part(scored_dir, p, table)
+        parts.append(n)
+    finish(scored_dir, SYNTHETIC_SETTINGS, len(parts), [], rows, rows)
 
 
 def _child(path: str, scored: str, out: str) -> None:

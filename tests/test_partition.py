@@ -31,7 +31,7 @@ from partitioner import (
 from partitioner.cli.main import main as sdpo_main
 from partitioner.data.rejects import reject_record, write_rejects
 from partitioner.io import read_arrow_stream, write_arrow_stream, write_json, write_marker
-from partitioner.scoring.folder import ScoringError
+from partitioner.scoring.folder import ScoringError, finish, write_part
 
 
 def _chars(messages) -> int:
@@ -58,23 +58,18 @@ def scored(loaded):
 
 
 def _write_scored_dir(ds, path, rejects=(), rows_per_part=128):
-    """A scored folder (CONTRACTS.md section 2 layout) holding ``ds``'s rows."""
+    """A scored folder (CONTRACTS.md section 2) holding ``ds``'s rows, written by the scoring job's own writer."""
     table = ds.data.table
-    parts = []
+    n_parts = 0
     for k, lo in enumerate(range(0, len(ds), rows_per_part)):
-        name = f"parts/part-{k:05d}.arrow"
-        sha = write_arrow_stream(table.slice(lo, rows_per_part), path / name)
-        parts.append({"file": name, "rows": min(rows_per_part, len(ds) - lo), "sha256": sha})
-    write_rejects(list(rejects), path / "rejects.arrow")
-    meta = {"schema_version": 1, "library_version": "test", "model": {"name_or_path": "stand-in"},
-            "signals": [{"name": "ref_margin", "column": "ref_margin", "direction": "higher_is_easier",
-                         "formula": "chosen_logps - rejected_logps"}],
-            "difficulty": {"signal": "ref_margin", "column": "difficulty", "direction": "higher_is_harder"},
-            "rows_in": len(ds) + len(rejects), "rows_scored": len(ds), "rows_rejected": len(rejects),
-            "parts": parts}
-    sha = write_json(path / "scoring.json", meta)
-    write_marker(path / "_SUCCESS", {"rows_scored": len(ds), "scoring_json_sha256": sha})
-    return path
+        write_part(path, k, table.slice(lo, rows_per_part))
+        n_parts += 1
+    settings = {"schema_version": 1, "library_version": "test", "model": {"name_or_path": "stand-in"},
+                "dtype": "float32", "tokenizer": {}, "scoring": {},
+                "signals": [{"name": "ref_margin", "column": "ref_margin", "direction": "higher_is_easier",
+                             "formula": "chosen_logps - rejected_logps"}],
+                "difficulty": {"signal": "ref_margin", "column": "difficulty", "direction": "higher_is_harder"}}
+    return finish(path, settings, n_parts, list(rejects), len(ds) + len(rejects), len(ds))
 
 
 def _rows(out) -> list[pl.DataFrame]:
