@@ -36,10 +36,13 @@ def library_version() -> str:
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """sha256 of a file, read into one reused buffer (no copy per block)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            h.update(data)
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scorers.columns import DTYPES
+
 from .partition.config import CHUNKINGS, ORDERS
 
 BUNDLED_DATA = Path(__file__).resolve().parent / "bundled"
@@ -31,7 +33,7 @@ class RunConfig:
     output_dir: str = field(default="out/run", metadata={"help": "The job folder."})
     model: str = field(default="bundled", metadata={
         "help": "Reference model M0: path, hub id or 'bundled' (SmolLM2-135M-Instruct)."})
-    dtype: str = field(default="float32", metadata={"help": "float32 (TRL-exact) or bfloat16."})
+    dtype: str = field(default="float32", metadata={"help": "float32 (TRL-exact) or bfloat16.", "choices": DTYPES})
     max_length: int = field(default=1024, metadata={"help": "DPOConfig.max_length."})
     signals: list[str] = field(default_factory=lambda: ["ref_margin", "ref_margin_per_token", "length_gap"],
                                metadata={"help": "Difficulty signals to compute (comma-separated)."})

@@ -211,3 +211,22 @@ def test_real_smollm2_matches_trl(shared_data, smollm2_tokenizer, tmp_path):
     assert len(trl_ds) == len(ds)
     for side in ("chosen", "rejected"):
         assert np.abs(np.array(ds[f"{side}_logps"]) - np.array(trl_ds[f"ref_{side}_logps"])).max() < 1e-2
+
+
+def test_saved_dataset_folder_goes_through_the_loader(tiny_model_dir, pairs, tmp_path):
+    """A save_to_disk folder is validated and gets content-hash row ids like any other input (one loader path)."""
+    from datasets import Dataset
+
+    bad = Dataset.from_list([{**pairs[0], "row_id": "bogus-id", "source": "orca"},
+                             {**pairs[1], "chosen": pairs[1]["rejected"], "row_id": "x", "source": "orca"}])
+    from datasets import concatenate_datasets
+
+    data = tmp_path / "saved"
+    concatenate_datasets([pairs.cast(bad.features), bad]).save_to_disk(str(data))
+    out = score_preferences(str(data), tmp_path / "scored", _cfg(tiny_model_dir, progress=False))
+    ds, meta = read_scored(out)
+    assert meta["rows_in"] == len(pairs) + 2 and meta["reject_reasons"].get("identical_pair") == 1
+    assert "bogus-id" not in ds["row_id"] and set(ds["source"]) == set(pairs["source"]) | {"orca"}
+    direct, _ = read_scored(score_preferences(pairs, tmp_path / "direct", _cfg(tiny_model_dir, progress=False)))
+    extra = set(ds["row_id"]) - set(direct["row_id"])  # the same content hashes either way ...
+    assert extra == {f"{direct['row_id'][0]}-1"}  # ... and the re-tagged copy of row 0 is a counted duplicate

@@ -328,16 +328,16 @@ def test_cli_train_with_yaml_config(partition2, tiny_model_dir, tmp_path, capsys
         per_device_train_batch_size: 2
         learning_rate: 0.005
         max_length: {MAX_LENGTH}
-        bf16: false
-        use_cpu: true
         gradient_checkpointing: false
         save_strategy: "no"
         report_to: []
         """))
+    # no bf16 / use_cpu anywhere: on a machine without a bf16 accelerator the command trains in fp32 by itself
     assert main(["train", "--config", str(cfg), "--beta", "0.2"]) == 0
     assert (out / "step_1" / "_COMPLETE").exists() and not (out / "step_2").exists()
     args = torch.load(out / "step_1" / "training_args.bin", weights_only=False)
     assert args.beta == 0.2 and args.learning_rate == 0.005  # flag wins, YAML applied
+    assert args.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert "step 1:" in capsys.readouterr().out
 
 

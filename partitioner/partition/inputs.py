@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,14 @@ from scorers.columns import ROW_ID
 
 from ..data.rejects import REJECTS_FILE, read_rejects, rejects_table
 from ..io import sha256_file
-from ..scoring.folder import SCORING_FILE, is_scored_folder, scored_parts
+from ..scoring.folder import SCORING_FILE, is_scored_folder, scored_parts, verify_parts
 from .folder import PartitionError
 
 class PartitionInput:
     """Rows to partition, as record batches (memory-mapped where the input is a file), plus what came with them."""
 
-    def __init__(self, batches, schema, *, scoring=None, rejects=None, fingerprint=None, maps=(), rows_in=None):
+    def __init__(self, batches, schema, *, scoring=None, rejects=None, fingerprint=None, maps=(), rows_in=None,
+                 verification=None):
         self.batches: list[pa.RecordBatch] = [b for b in batches if b.num_rows]
         self.schema: pa.Schema = schema
         self.scoring: dict | None = scoring
@@ -36,6 +38,12 @@ class PartitionInput:
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self.num_rows = int(self.offsets[-1])
         self.rows_in = rows_in
+        self._verification = verification  # a Future checking the input files' checksums, or None
+
+    def wait_verified(self) -> None:
+        """Block until the input's checksums are confirmed (raises what the check raised); call before writing."""
+        if self._verification is not None:
+            self._verification.result()
 
     def column(self, name: str) -> pa.ChunkedArray:
         if name not in self.schema.names:
@@ -68,14 +76,22 @@ def _map_stream(path: Path) -> tuple[list[pa.RecordBatch], pa.Schema, mmap.mmap 
     try:
         reader = pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(m)))
         batches = list(reader)
+        for b in batches:  # buffer sizes against lengths: cheap, and no read can then leave the mapping
+            b.validate()
     except pa.ArrowInvalid as e:
         raise PartitionError(f"{path} is not an Arrow IPC stream: {str(e).splitlines()[0]}") from e
     return batches, reader.schema, m
 
 
 def _read_scored_dir(path: Path) -> PartitionInput:
-    """A complete scored folder (CONTRACTS.md section 2), every part checked against its recorded sha256."""
-    scoring, parts = scored_parts(path)
+    """A complete scored folder (CONTRACTS.md section 2). Its parts are checked against their recorded sha256 in a
+    background thread (hashing releases the GIL) while the key columns are read and sorted; the partitioner waits
+    for the check before it writes or removes anything (:meth:`PartitionInput.wait_verified`), so a part that
+    differs from its checksum never reaches a shard."""
+    scoring, parts = scored_parts(path, verify=False)
+    verification = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-parts")
+    future = verification.submit(verify_parts, scoring, parts)
+    verification.shutdown(wait=False)
     batches, maps, schema = [], [], None
     for p in parts:
         b, s, m = _map_stream(p)
@@ -92,7 +108,7 @@ def _read_scored_dir(path: Path) -> PartitionInput:
         "parts": [{k: p.get(k) for k in ("file", "rows", "sha256")} for p in scoring.get("parts", [])],
     }
     return PartitionInput(batches, schema, scoring=scoring, rejects=rejects, fingerprint=fingerprint, maps=maps,
-                          rows_in=scoring.get("rows_in"))
+                          rows_in=scoring.get("rows_in"), verification=future)
 
 
 def _table_of(data) -> pa.Table:

@@ -86,6 +86,7 @@ def partition_preferences(data, output_dir: str | os.PathLike, config: Partition
     del harder, codes, key
     inp.release()
 
+    inp.wait_verified()  # nothing is written (not even the old partition removed) before the input is confirmed
     out = prepare_output_dir(output_dir, overwrite=config.overwrite)
     files = write_shards(inp, perm, bounds, out, config, progress=progress)
     for entry, f in zip(chunk_entries, files):

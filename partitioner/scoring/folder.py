@@ -136,8 +136,11 @@ def is_scored_folder(path) -> bool:
     return Path(path).is_dir() and (Path(path) / SCORING_FILE).is_file()
 
 
-def scored_parts(path) -> tuple[dict, list[Path]]:
+def scored_parts(path, verify: bool = True) -> tuple[dict, list[Path]]:
     """``(scoring.json, part paths in order)`` of a complete scored folder, every part checked against its sha256.
+
+    With ``verify=False`` the parts' checksums are left to the caller (:func:`verify_parts`), e.g. to check them
+    while other work runs; nothing derived from a part may be written before that check passes.
 
     Raises:
         ScoringError: not a scored folder, unfinished (no valid ``_SUCCESS``), a part missing, outside the folder,
@@ -163,10 +166,21 @@ def scored_parts(path) -> tuple[dict, list[Path]]:
         p = out / name
         if not p.is_file():
             raise ScoringError(f"scored part {p} is missing")
+        paths.append(p)
+    if verify:
+        verify_parts(meta, paths)
+    return meta, paths
+
+
+def verify_parts(meta: dict, paths: list[Path]) -> None:
+    """Check every part against the sha256 ``scoring.json`` records for it.
+
+    Raises:
+        ScoringError: a part differs from its recorded checksum.
+    """
+    for entry, p in zip(meta["parts"], paths, strict=True):
         if sha256_file(p) != entry.get("sha256"):
             raise ScoringError(f"scored part {p} differs from its checksum in {SCORING_FILE}; rescore the folder")
-        paths.append(p)
-    return meta, paths
 
 
 def read_scored(path) -> tuple:
