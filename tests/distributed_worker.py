@@ -11,6 +11,7 @@ Jobs:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -95,6 +96,20 @@ def run_cli(job: dict) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def whole_parameters(*models):
+    """Each model's parameters read back whole: FSDP2 shards gathered (``full_tensor``), ZeRO-3 partitions gathered
+    (``GatheredParameters``), DDP replicas as they are. Collective under FSDP / ZeRO-3: every process calls it."""
+    params = [list(m.parameters()) for m in models]
+    if any(hasattr(p, "ds_id") for ps in params for p in ps):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for ps in params for p in ps]):
+            yield [[p.data for p in ps] for ps in params]
+    else:
+        yield [[p.full_tensor() if hasattr(p, "full_tensor") else p for p in ps] for ps in params]
+
+
 def record_batches(batch_sampler, drawn: list) -> None:
     """Make ``batch_sampler`` append every batch it yields to ``drawn``."""
     base = type(batch_sampler)
@@ -134,8 +149,9 @@ def run_callback(job: dict) -> dict:
                 if state.global_step in cb.refresh_steps and state.global_step not in [c[0] for c in self.checks]:
                     policy = trainer.accelerator.unwrap_model(model)
                     ref = trainer.accelerator.unwrap_model(trainer.ref_model)
-                    same = all(torch.equal(r, p) for r, p in zip(ref.parameters(), policy.parameters(), strict=True))
-                    self.checks.append([state.global_step, same, tensor_digest(ref.parameters())])
+                    with whole_parameters(ref, policy) as (r_params, p_params):
+                        same = all(torch.equal(r, p) for r, p in zip(r_params, p_params, strict=True))
+                        self.checks.append([state.global_step, same, tensor_digest(r_params)])
 
             def on_log(self, args, state, control, logs=None, **k):
                 if logs and "loss" in logs:

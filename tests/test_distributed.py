@@ -91,12 +91,14 @@ def stepwise_job(partitions, model: Path, folder: Path, per_device: int, **extra
         ["live", train_argv(part, model, folder / "runs" / "live", per_device, "live")],
         ["precomputed", train_argv(part, model, folder / "runs" / "precomputed", per_device, "precomputed",
                                    "--held_out", str(part))],
+        ["peft", train_argv(part, model, folder / "runs" / "peft", per_device, "peft", "--lora_r", "4",
+                            "--learning_rate", "2e-2")],
     ]}
 
 
 @pytest.fixture(scope="module")
 def stepwise_runs(partitions, tiny_model_dir, tmp_path_factory):
-    """Both reference modes, 2 steps: 1 process at batch 2, and 2 processes at batch 1 each (global batch 2)."""
+    """The three reference modes, 2 steps: 1 process at batch 2, and 2 processes at batch 1 each (global batch 2)."""
     runs = {}
     for processes, per_device in ((1, 2), (2, 1)):
         folder = tmp_path_factory.mktemp(f"stepwise-{processes}")
@@ -107,15 +109,19 @@ def stepwise_runs(partitions, tiny_model_dir, tmp_path_factory):
     return runs
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def _weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """A step's saved model, or its LoRA adapter ('peft' mode)."""
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "model.safetensors"))
+    adapter = step_dir / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.exists() else step_dir / "model.safetensors"))
 
 
-def _assert_close_weights(a: Path, b: Path, m0: Path, tol: float, update_tol: float) -> None:
-    """Weights of runs ``a`` and ``b`` within ``tol`` per element and ``update_tol`` relative to the update a - M0."""
-    wa, wb, w0 = _weights(a), _weights(b), _weights(m0)
+def _assert_close_weights(a: Path, b: Path, m0: Path | None, tol: float, update_tol: float) -> None:
+    """Weights of steps ``a`` and ``b`` within ``tol`` per element and ``update_tol`` relative to the update a - M0
+    (to the adapter a itself when ``m0`` is None: LoRA's B starts at 0)."""
+    wa, wb = _weights(a), _weights(b)
+    w0 = _weights(m0) if m0 is not None else {k: torch.zeros_like(v) for k, v in wa.items()}
     assert wa.keys() == wb.keys()
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst <= tol, f"largest weight difference {worst:.3g} > {tol}"
@@ -124,7 +130,7 @@ def _assert_close_weights(a: Path, b: Path, m0: Path, tol: float, update_tol: fl
     assert update > 0 and diff / update <= update_tol, f"relative difference {diff / update:.3g} > {update_tol}"
 
 
-@pytest.mark.parametrize("mode", ["live", "precomputed"])
+@pytest.mark.parametrize("mode", ["live", "precomputed", "peft"])
 def test_two_processes_match_one_process_at_the_same_global_batch(stepwise_runs, tiny_model_dir, mode):
     one, two = stepwise_runs[1], stepwise_runs[2]
     base = one["reports"][0]["losses"][mode]
@@ -136,7 +142,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(stepwise_runs,
             assert a == pytest.approx(b, abs=LOSS_TOL)
     assert two["reports"][0]["losses"][mode] == two["reports"][1]["losses"][mode]  # the all-reduced loss
     _assert_close_weights(one["folder"] / "runs" / mode / "step_2", two["folder"] / "runs" / mode / "step_2",
-                          tiny_model_dir, WEIGHT_TOL, UPDATE_TOL)
+                          None if mode == "peft" else tiny_model_dir, WEIGHT_TOL, UPDATE_TOL)
     steps = json.loads((two["folder"] / "runs" / mode / "steps.json").read_text())["steps"]
     assert [(s["step"], s["optimizer_steps"], s["rows_trained"]) for s in steps] == [(1, 2, 4), (2, 2, 4)]
 
@@ -148,15 +154,16 @@ def test_only_the_main_process_writes_and_logs(stepwise_runs):
     runs = two["folder"] / "runs"
     written = {Path(p) for _, p in main["writes"]}
     assert all(str(p).startswith(str(runs)) for p in written)  # nothing beside the partition's shards or the model
-    for mode in ("live", "precomputed"):
-        for name in ("run.json", "steps.json", "step_1/_COMPLETE", "step_2/_COMPLETE", "step_2/config.json"):
+    for mode in ("live", "precomputed", "peft"):
+        for name in ("run.json", "steps.json", "step_1/_COMPLETE", "step_2/_COMPLETE",
+                     "step_2/tokenizer_config.json"):
             assert any(p.name == Path(name).name and str(p).startswith(str(runs / mode / Path(name).parent))
                        for p in written), (mode, name)
     assert any(p.name == "reference_logps.arrow" for p in written)
     out, err = two["done"].stdout, two["done"].stderr
-    assert out.count("wrote ") == 2 and out.count("step 2: 4 pairs, 2 optimizer steps") == 2  # one per run
+    assert out.count("wrote ") == 3 and out.count("step 2: 4 pairs, 2 optimizer steps") == 3  # one per run
     for line in ("stepwise step 1/2", "stepwise step 2/2", "step 1 {", "step 2 {"):
-        assert err.count(line) == 2, line  # once per run (2 runs), not once per process
+        assert err.count(line) == 3, line  # once per run (3 runs), not once per process
     assert err.count("stepwise/gamma_ref_held_out") == 2  # the precomputed run's 2 steps, logged once each
 
 
@@ -248,3 +255,30 @@ def test_hard_refresh_reaches_fsdp2_shards(tiny_model_dir, tmp_path):
     for r in reports:
         assert r["sharded"] and not r["equal_before"] and r["equal_after"]
     assert reports[0]["ref_digest"] == reports[1]["ref_digest"]
+
+
+def test_optimizer_step_rows_follow_accelerate_sharding():
+    """What accelerate's ``BatchSamplerShard`` deals to each process, and the rows one optimizer step takes."""
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from trainer_plugin.callback import ChunkOrderedSampler, StepwiseReferenceCallback, optimizer_step_rows
+
+    def loader(batch_sampler):
+        return SimpleNamespace(batch_sampler=batch_sampler)
+
+    order = SequentialSampler(range(16))
+    assert optimizer_step_rows(loader(BatchSampler(order, 2, False)), 3) == 6
+    dealt = BatchSamplerShard(BatchSampler(order, 2, False), num_processes=2, process_index=1)
+    assert list(dealt)[:2] == [[2, 3], [6, 7]]  # process 1 takes batches 1, 3, ... of the order
+    assert optimizer_step_rows(loader(dealt), 2) == 8  # accumulation 2: rows 0..7 of the order on the 2 processes
+    split = BatchSamplerShard(BatchSampler(order, 4, False), num_processes=2, process_index=1, split_batches=True)
+    assert list(split)[:2] == [[2, 3], [6, 7]]  # split_batches: half of every batch of 4
+    assert optimizer_step_rows(loader(split), 2) == 8
+    cb = StepwiseReferenceCallback(chunk_sizes=[4, 4])
+    cb.sampler = ChunkOrderedSampler([4, 4], rows_per_step=4)  # as install() would build it for 1 process
+    with pytest.raises(ValueError, match="takes 8 rows per optimizer step"):
+        cb.on_train_begin(SimpleNamespace(gradient_accumulation_steps=2, num_train_epochs=1),
+                          SimpleNamespace(is_world_process_zero=True, global_step=0), None, train_dataloader=loader(dealt))

@@ -213,6 +213,8 @@ class StepwiseReferenceCallback(TrainerCallback):
         if train_dataloader is not None:
             self._check_sharding(train_dataloader, args.gradient_accumulation_steps)
         self.boundaries = self.boundary_steps(math.ceil(args.num_train_epochs))
+        if not state.is_world_process_zero:  # every process refreshes; the main one says so
+            return
         if state.global_step > 0:
             logger.warning("resumed at step %d: the reference is not restored from the checkpoint", state.global_step)
         logger.info("stepwise reference refresh at optimizer steps %s (chunks of %s steps)", self.boundaries,
@@ -241,5 +243,6 @@ class StepwiseReferenceCallback(TrainerCallback):
         hard_refresh(policy, ref)
         self.refresh_seconds.append(time.perf_counter() - t0)
         self.refresh_steps.append(state.global_step)
-        logger.info("step %d: chunk boundary, reference <- policy (%.3fs)", state.global_step,
-                    self.refresh_seconds[-1])
+        if state.is_world_process_zero:
+            logger.info("step %d: chunk boundary, reference <- policy (%.3fs)", state.global_step,
+                        self.refresh_seconds[-1])

@@ -123,3 +123,23 @@ def weights_are_sharded(trainer) -> bool:
         plugin = trainer.accelerator.state.deepspeed_plugin
         return plugin is not None and plugin.zero_stage == 3
     return False
+
+
+def check_saves_whole(trainer) -> None:
+    """Under sharded training, check the trainer saves M(t) whole (what the driver reads back after each step).
+
+    Raises:
+        StepwiseInputError: FSDP with a sharded state dict, or ZeRO-3 without gathering the weights on save.
+    """
+    if not weights_are_sharded(trainer):
+        return
+    if getattr(trainer, "is_fsdp_enabled", False):
+        kind = str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
+        if "FULL_STATE_DICT" not in kind:
+            raise StepwiseInputError(f"FSDP saves {kind}; the stepwise driver reads M(t) back whole from step_t/: set "
+                                     "fsdp_state_dict_type: FULL_STATE_DICT (examples/configs/accelerate_fsdp.yaml)")
+        return
+    zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise StepwiseInputError("ZeRO-3 does not gather the weights on save; the stepwise driver reads M(t) back whole "
+                                 "from step_t/: set zero3_save_16bit_model: true (examples/configs/accelerate_zero3.yaml)")

@@ -26,7 +26,7 @@ from scorers.compat import drop_trl_forward_patch
 from scorers.stats import margin_stats
 
 from .config import StepwiseConfig, StepwiseInputError
-from .distributed import processes_of, weights_are_sharded
+from .distributed import check_saves_whole, processes_of, weights_are_sharded
 from .inputs import check_tokenizer, ensure_tokens, load_chunks, load_held_out
 from .ref_modes import LiveReference, PeftReference, PrecomputedReference
 from .reference import score_pairs
@@ -112,6 +112,7 @@ def train_stepwise(
                         "reference": _reference_stats(config, score, policy, ref, eval_dataset)}
 
         trainer = _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run)
+        check_saves_whole(trainer)
         record["rows_trained"] = len(trainer.train_dataset)
         if record["rows_trained"] != len(chunks[t - 1]) and procs.is_main:
             logger.warning("step %d: TRL dropped %d pair(s) whose prompt fills max_length=%s", t,
