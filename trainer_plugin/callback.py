@@ -14,8 +14,19 @@ saves M(t) after each one. Both use M(t-1) as the reference of chunk t: here the
 policy's weights (a hard refresh) right after the last optimizer step of each chunk.
 
 Chunk boundaries in optimizer steps: every chunk is padded to a multiple of ``rows_per_step =
-per_device_train_batch_size × gradient_accumulation_steps × world_size`` by repeating rows of the same chunk
+per_device_train_batch_size × gradient_accumulation_steps × processes`` by repeating rows of the same chunk
 (so no optimizer step mixes two chunks), which gives chunk c ``ceil(n_c / rows_per_step)`` optimizer steps.
+
+Several processes (``torchrun`` / ``accelerate launch``; DDP, FSDP, DeepSpeed): accelerate shards the training
+dataloader with ``BatchSamplerShard``: the sampler's order is cut into batches of ``per_device_train_batch_size``
+rows and process i takes batches i, i + processes, ... (every process draws the same order: the sampler is seeded,
+not random per process). One optimizer step is ``gradient_accumulation_steps`` batches on each process, i.e. the
+next ``rows_per_step`` rows of the order, which the padding keeps inside one chunk. With
+``accelerator_config={"split_batches": True}`` each batch is split across the processes instead, so
+``rows_per_step`` has no ``processes`` factor. The arithmetic is checked against the prepared dataloader when
+training starts. Every process refreshes its own reference at the same global step: a DDP replica copies its
+policy replica; under FSDP policy and reference are sharded alike (each parameter along dim 0), so each process
+copies its own shards; under ZeRO-3 the parameters are gathered and rank 0 copies.
 
 Assumptions:
     a live ``ref_model`` (not PEFT, not ``precompute_ref_log_probs``: a refreshed reference invalidates
@@ -34,9 +45,10 @@ import torch
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
-from partitioner.partition.folder import load_partition, read_manifest, verify_partition
+from partitioner.partition.folder import read_manifest, verify_partition
 from scorers.compat import set_train_sampler
 
+from .inputs import load_detached_chunks
 from .reference import hard_refresh
 
 logger = logging.getLogger(__name__)
@@ -53,8 +65,8 @@ def concatenate_chunks(partition):
     from datasets import concatenate_datasets
 
     if isinstance(partition, (str, os.PathLike)):
-        verify_partition(partition)
-        chunks = load_partition(partition)
+        manifest = verify_partition(partition)
+        chunks = load_detached_chunks(partition, manifest)  # TRL's map/filter then write no cache files beside them
     else:
         chunks = list(partition)
     tagged = [c.add_column(CHUNK_COLUMN, [i] * len(c)) for i, c in enumerate(chunks)]
@@ -97,6 +109,21 @@ class ChunkOrderedSampler(Sampler[int]):
             for i in range(steps * self.rows_per_step):
                 yield start + perm[i % n]
             start += n
+
+
+def optimizer_step_rows(loader, accumulation: int) -> int:
+    """Rows of the sampler's order that one optimizer step consumes, over all processes, for a dataloader prepared by
+    accelerate (``DataLoaderShard`` with ``BatchSamplerShard``, ``DataLoaderDispatcher``) or a plain one."""
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderDispatcher
+
+    batches = loader.batch_sampler
+    if isinstance(loader, DataLoaderDispatcher):  # the main process reads `processes` batches (or one, split)
+        per_batch = batches.batch_size * (1 if loader.split_batches else loader.state.num_processes)
+    elif isinstance(batches, BatchSamplerShard):  # process i takes batches i, i + processes, ... (or a slice)
+        per_batch = batches.batch_size * (1 if batches.split_batches else batches.num_processes)
+    else:
+        per_batch = batches.batch_size
+    return per_batch * accumulation
 
 
 def _chunk_sizes_of(dataset) -> list[int]:
@@ -165,7 +192,8 @@ class StepwiseReferenceCallback(TrainerCallback):
             )
         self.ref_model = trainer.ref_model
         self.accelerator = trainer.accelerator
-        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        shards = 1 if trainer.accelerator.split_batches else trainer.accelerator.num_processes
+        rows_per_step = args.train_batch_size * args.gradient_accumulation_steps * shards
         self.sampler = ChunkOrderedSampler(self.chunk_sizes, rows_per_step, seed=args.data_seed or args.seed)
         set_train_sampler(trainer, self.sampler)
         trainer.add_callback(self)
@@ -179,14 +207,30 @@ class StepwiseReferenceCallback(TrainerCallback):
         steps = [epoch * per_epoch + e for epoch in range(num_epochs) for e in ends]
         return steps[:-1]
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         if self.sampler is None:
             raise ValueError("call StepwiseReferenceCallback.install(trainer) before training")
+        if train_dataloader is not None:
+            self._check_sharding(train_dataloader, args.gradient_accumulation_steps)
         self.boundaries = self.boundary_steps(math.ceil(args.num_train_epochs))
+        if not state.is_world_process_zero:  # every process refreshes; the main one says so
+            return
         if state.global_step > 0:
             logger.warning("resumed at step %d: the reference is not restored from the checkpoint", state.global_step)
         logger.info("stepwise reference refresh at optimizer steps %s (chunks of %s steps)", self.boundaries,
                     self.sampler.steps_per_chunk())
+
+    def _check_sharding(self, loader, accumulation: int) -> None:
+        """The rows one optimizer step takes from the sampler's order, as the prepared dataloader shards it, must be
+        the sampler's ``rows_per_step`` (else a step could straddle two chunks).
+
+        Raises:
+            ValueError: they differ (e.g. a device mesh with tensor parallelism, which accelerate shards differently).
+        """
+        rows = optimizer_step_rows(loader, accumulation)
+        if rows != self.sampler.rows_per_step:
+            raise ValueError(f"the prepared dataloader takes {rows} rows per optimizer step, the chunk-ordered sampler "
+                             f"was built for {self.sampler.rows_per_step}; chunk boundaries would not fall on steps")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step not in self.boundaries or state.global_step in self.refresh_steps:
@@ -199,5 +243,6 @@ class StepwiseReferenceCallback(TrainerCallback):
         hard_refresh(policy, ref)
         self.refresh_seconds.append(time.perf_counter() - t0)
         self.refresh_steps.append(state.global_step)
-        logger.info("step %d: chunk boundary, reference <- policy (%.3fs)", state.global_step,
-                    self.refresh_seconds[-1])
+        if state.is_world_process_zero:
+            logger.info("step %d: chunk boundary, reference <- policy (%.3fs)", state.global_step,
+                        self.refresh_seconds[-1])

@@ -2,7 +2,9 @@
 
 Takes every ``StepwiseConfig`` option and every ``DPOConfig``/``TrainingArguments`` flag (``--learning-rate``,
 ``--per-device-train-batch-size``, ``--beta``, ...; dashes or underscores); ``--config file.yaml`` takes the same
-keys, as ``trl dpo`` does. bf16 is used only where the hardware has it, unless ``--bf16`` says otherwise.
+keys, as ``trl dpo`` does. bf16 is used only where the hardware has it, unless ``--bf16`` says otherwise; on a
+machine without an accelerator ``use_cpu`` is on unless ``--use_cpu`` says otherwise (so that ``torchrun`` starts
+CPU processes that train together, over gloo). Under several processes only the main one logs at INFO and prints.
 
 Example::
 
@@ -36,6 +38,13 @@ def bf16_default() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...) on this machine."""
+    import torch
+
+    return torch.accelerator.is_available()
+
+
 def run(values: dict) -> int:
     from partitioner.cli.options import build
     from scorers.errors import ConfigError
@@ -54,10 +63,18 @@ def run(values: dict) -> int:
     overrides = {}
     if "bf16" not in values and "fp16" not in values:
         overrides["bf16"] = bf16_default()
+    if "use_cpu" not in values and not has_accelerator():
+        overrides["use_cpu"] = True
+    dpo_args = build(DPOConfig, values, **overrides)
+    main = dpo_args.process_index == 0
+    if not main:  # the other processes say only what goes wrong
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    if "bf16" in overrides:
         logger.info("bf16 %s (%s)", "on" if overrides["bf16"] else "off",
                     "a CUDA device with bf16" if overrides["bf16"] else "no bf16-capable accelerator; --bf16 to force")
-    dpo_args = build(DPOConfig, values, **overrides)
     records = train_stepwise(config.partition_dir, config.model_name_or_path, args=dpo_args, config=config)
+    if not main:
+        return 0
     out = Path(dpo_args.output_dir)
     for s in records:
         ref = s.get("reference", {}).get("chunk") or {}

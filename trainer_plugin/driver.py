@@ -5,6 +5,8 @@ trains on chunk t with a new optimizer and LR schedule (as in the paper) and sav
 with a completion marker written last (:mod:`trainer_plugin.run_folder`). A rerun of the same command resumes
 after the last completed step; seeds are derived per step (``args.seed + t - 1``), so a resumed run ends equal
 to an uninterrupted one. How the reference is held is the ``ref_mode`` (:mod:`trainer_plugin.ref_modes`).
+Under ``torchrun`` / ``accelerate launch`` every process runs this driver (:mod:`trainer_plugin.distributed`:
+the main process writes, the scoring passes are split by rows).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from scorers.compat import drop_trl_forward_patch
 from scorers.stats import margin_stats
 
 from .config import StepwiseConfig, StepwiseInputError
+from .distributed import check_saves_whole, processes_of, weights_are_sharded
 from .inputs import check_tokenizer, ensure_tokens, load_chunks, load_held_out
 from .ref_modes import LiveReference, PeftReference, PrecomputedReference
 from .reference import score_pairs
@@ -68,6 +71,7 @@ def train_stepwise(
         config = dataclasses.replace(config, ref_mode=ref_mode)
     if getattr(args, "sync_ref_model", False):
         raise StepwiseInputError("sync_ref_model cannot be combined with the stepwise driver (it sets the reference)")
+    procs = processes_of(args)
     chunks, manifest = load_chunks(partition_dir)
     model_path = model if isinstance(model, (str, os.PathLike)) else None
     tokenizer = tokenizer or load_tokenizer(str(model_path) if model_path is not None else model.config._name_or_path)
@@ -77,29 +81,30 @@ def train_stepwise(
     if eval_dataset is None and config.held_out:
         eval_dataset = load_held_out(config.held_out)
     if eval_dataset is not None:
-        eval_dataset = ensure_tokens(eval_dataset, tokenizer, args.max_length, args.truncation_mode)
+        with procs.main_first():  # tokenizing may write a datasets cache file beside the held-out file
+            eval_dataset = ensure_tokens(eval_dataset, tokenizer, args.max_length, args.truncation_mode)
 
-    def score(m, dataset):  # M's summed log-probs of chosen and rejected, as DPOTrainer's reference computes them
+    def score_rows(m, dataset):  # M's summed log-probs of chosen and rejected, as DPOTrainer's reference computes them
         return score_pairs(m, ensure_tokens(dataset, tokenizer, args.max_length, args.truncation_mode),
                            max_length=args.max_length, truncation_mode=args.truncation_mode,
                            batch_tokens=config.score_batch_tokens)
 
+    score = procs.split_scoring(score_rows)  # each row scored once, on one process; every process gets all rows
     mode = _reference_mode(config, score, _can_reuse_scores(manifest, model_path, args, config), peft_config)
-    run = RunFolder(args.output_dir, _identity(config, partition_dir, chunks, manifest, args),
-                    dataclasses.asdict(config))
+    with procs.main_first():  # the main process checks and cleans the folder before the others read it
+        run = RunFolder(args.output_dir, _identity(config, partition_dir, chunks, manifest, args),
+                        dataclasses.asdict(config), write=procs.is_main)
+    procs.agree(run.completed, "completed steps", run.path)
     k = len(run.completed)
-    policy = mode.load_policy(model, run, k, config.dtype)  # M(k), the policy after the last completed step
-    import torch
-
-    if policy.dtype != getattr(torch, config.dtype):
-        policy.to(getattr(torch, config.dtype))
+    policy = _on_device(mode.load_policy(model, run, k, config.dtype), args, config)  # M(k): after step k
     for t, orders in sorted(((int(t), o) for t, o in run.rescored_orders.items())):
         if t <= k:
             chunks = _apply_order(chunks, t, orders)
 
     for t in range(k + 1, n_steps + 1):
-        logger.info("stepwise step %d/%d: %d pairs, reference = M(%d) (%s)", t, n_steps, len(chunks[t - 1]), t - 1,
-                    mode.name)
+        if procs.is_main:
+            logger.info("stepwise step %d/%d: %d pairs, reference = M(%d) (%s)", t, n_steps, len(chunks[t - 1]),
+                        t - 1, mode.name)
         started = time.perf_counter()
         ref = mode.reference(t, policy, chunks[t - 1])  # the reference of step t is M(t-1): the policy as it is now
         record: dict = {"step": t, "chunk": t - 1, "rows": len(chunks[t - 1]), "ref_mode": mode.name,
@@ -107,8 +112,9 @@ def train_stepwise(
                         "reference": _reference_stats(config, score, policy, ref, eval_dataset)}
 
         trainer = _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run)
+        check_saves_whole(trainer)
         record["rows_trained"] = len(trainer.train_dataset)
-        if record["rows_trained"] != len(chunks[t - 1]):
+        if record["rows_trained"] != len(chunks[t - 1]) and procs.is_main:
             logger.warning("step %d: TRL dropped %d pair(s) whose prompt fills max_length=%s", t,
                            len(chunks[t - 1]) - record["rows_trained"], args.max_length)
         if trainer_hook is not None:
@@ -116,13 +122,18 @@ def train_stepwise(
         result = trainer.train()
         record.update(optimizer_steps=trainer.state.global_step, train_runtime=result.metrics.get("train_runtime"),
                       train_loss=result.metrics.get("train_loss"), trl=_trl_metrics(trainer.state.log_history))
-        logger.info("step %d %s", t, json.dumps({"stepwise/step": t, **_flat_stats(record["reference"]),
-                                                 **record["trl"]}))
+        if procs.is_main:
+            logger.info("step %d %s", t, json.dumps({"stepwise/step": t, **_flat_stats(record["reference"]),
+                                                     **record["trl"]}))
 
-        trainer.save_model(str(run.step_dir(t)))  # with the tokenizer (processing_class)
+        trainer.save_model(str(run.step_dir(t)))  # with the tokenizer; every process takes part, the main one writes
         if run.write:
             mode.save_step(run.step_dir(t), ref)
-        policy = mode.after_step(trainer)  # M(t)
+        if weights_are_sharded(trainer):  # FSDP / ZeRO-3: each process holds a shard; M(t) is read back whole
+            procs.wait()
+            policy = _on_device(mode.load_policy(_reload_base(model, mode), run, t, config.dtype), args, config)
+        else:
+            policy = mode.after_step(trainer)  # M(t)
         drop_trl_forward_patch(policy)
         del trainer, ref
         gc.collect()
@@ -138,6 +149,26 @@ def train_stepwise(
         final["held_out"] = margin_stats(*score(policy, eval_dataset))
     run.finish(final, mode.name)
     return run.records
+
+
+def _on_device(policy, args, config):
+    """``policy`` in the run's dtype on this process's device (where its scoring passes run)."""
+    import torch
+
+    if policy.dtype != getattr(torch, config.dtype):
+        policy.to(getattr(torch, config.dtype))
+    return policy.to(args.device)
+
+
+def _reload_base(model, mode):
+    """What ``mode.load_policy`` rebuilds M(t) from under sharded training: the path of M0 (a loaded M0 object
+    was sharded in place by FSDP / ZeRO-3)."""
+    if isinstance(model, (str, os.PathLike)):
+        return model
+    if mode.name == "peft":
+        raise StepwiseInputError("ref_mode 'peft' under FSDP / DeepSpeed ZeRO-3 needs the model as a path, not a "
+                                 "loaded model (M(t) is rebuilt from it and the saved adapters)")
+    return None  # 'live' / 'precomputed' then load step_t from disk alone
 
 
 def _reference_mode(config: StepwiseConfig, score, reuse_scores: bool, peft_config):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences, tokenize_row
+from partitioner.io import sha256_file
 from partitioner.partition.folder import MANIFEST, PartitionError, load_partition, read_manifest, verify_partition
 from scorers.columns import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS, ROW_ID
 from scorers.models import chat_template_sha256
@@ -37,7 +38,26 @@ def load_chunks(partition) -> tuple[list, dict | None]:
         verify_partition(path)
     except PartitionError as e:
         raise StepwiseInputError(f"partition {path} fails verification: {str(e).splitlines()[0]}") from e
-    return load_partition(path), manifest
+    return load_detached_chunks(path, manifest), manifest
+
+
+def load_detached_chunks(path, manifest: dict) -> list:
+    """The partition's chunks, detached from their files (:func:`detach_from_file`)."""
+    return [detach_from_file(ds, c["sha256"]) for ds, c in zip(load_partition(path), manifest["chunks"], strict=True)]
+
+
+def detach_from_file(dataset, fingerprint: str):
+    """``dataset``, memory-mapped from a file, as an in-memory ``datasets`` table over the same buffers (no copy).
+
+    ``datasets`` writes what ``map``/``filter`` derive from a file-backed dataset as cache files beside that file:
+    TRL's preparation of every step's chunk would write into the partition folder, once per training process (the
+    processes' fingerprints differ). Detached, the derived tables stay in memory. ``fingerprint`` (the shard's
+    sha256) spares ``datasets`` hashing every row to make one.
+    """
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    return Dataset(InMemoryTable(dataset.data.table), info=dataset.info, split=dataset.split, fingerprint=fingerprint)
 
 
 def check_tokenizer(tokenizer, chunks: list, manifest: dict | None, *, rows: int = 8) -> None:
@@ -98,8 +118,8 @@ def load_held_out(path: str):
     p = Path(path)
     if p.is_dir():
         if (p / MANIFEST).exists():
-            return concatenate_datasets(load_partition(p))
+            return concatenate_datasets(load_detached_chunks(p, read_manifest(p)))
         raise StepwiseInputError(f"held-out folder {p} is not a partition (no {MANIFEST})")
     if not p.is_file():
         raise StepwiseInputError(f"held-out file does not exist: {p}")
-    return Dataset.from_file(str(p))
+    return detach_from_file(Dataset.from_file(str(p)), sha256_file(p))

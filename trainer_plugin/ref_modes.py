@@ -58,10 +58,10 @@ def with_ref_columns(chunk, chosen, rejected):
 
 
 def _load_saved_policy(m0, step_dir: Path, dtype: str):
-    """M(k) from ``step_dir``: loaded from disk, or (an in-memory M0 given) its weights loaded into it."""
+    """M(k) from ``step_dir``: loaded from disk (M0 given as a path, or None), or its weights loaded into M0."""
     from scorers.models import load_causal_lm
 
-    if isinstance(m0, (str, Path)):
+    if m0 is None or isinstance(m0, (str, Path)):
         return load_causal_lm(str(step_dir), dtype=dtype)
     from safetensors.torch import load_file
 

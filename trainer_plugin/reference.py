@@ -28,16 +28,25 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 def hard_refresh(policy: torch.nn.Module, reference: torch.nn.Module) -> None:
     """Copy the policy's weights into the reference in place (alpha=1 of TRL's ``SyncRefModelCallback``).
 
-    Under DeepSpeed ZeRO-3 the parameters are gathered on rank 0, modified there and re-partitioned, as TRL does.
+    Called on every process. DDP: each process copies its own full replica (DDP keeps the policy replicas equal).
+    FSDP: each process copies its own shards (FSDP2 shards every parameter along dim 0 whatever the wrapping, so
+    the policy's and the reference's shards line up; FSDP1 with the same wrap policy, as TRL prepares the reference).
+    DeepSpeed ZeRO-3: the parameters are gathered on rank 0, modified there and re-partitioned, as TRL does.
 
     Assumptions:
         ``policy`` and ``reference`` have the same architecture (parameters zip in the same order); ``policy``
         is unwrapped (no DDP/accelerate wrapper).
+
+    Raises:
+        ValueError: a reference parameter is shaped or sharded differently from the policy's.
     """
     from accelerate.state import AcceleratorState
 
     def _copy():
-        for ref_p, pol_p in zip(reference.parameters(), policy.parameters(), strict=True):
+        for (name, ref_p), pol_p in zip(reference.named_parameters(), policy.parameters(), strict=True):
+            if ref_p.shape != pol_p.shape or getattr(ref_p, "placements", None) != getattr(pol_p, "placements", None):
+                raise ValueError(f"reference parameter {name} is laid out unlike the policy's "
+                                 f"({tuple(ref_p.shape)} vs {tuple(pol_p.shape)}); cannot refresh it in place")
             ref_p.data.copy_(pol_p.data)
 
     try:
