@@ -257,7 +257,7 @@ def m0_relative(held, chosen, rejected, beta: float) -> dict:
                             held["rejected_tokens"], beta)
 
 
-def run_arm(cfg: ReproConfig, out: Path, arm: str, seed: int, data: dict) -> dict:
+def run_arm(cfg: ReproConfig, out: Path, arm: str, seed: int, data: dict, command: str) -> dict:
     """Train (or resume) one arm with one seed, evaluate every M(t) on the held-out pairs; returns its result."""
     from trainer_plugin.config import StepwiseConfig
     from trainer_plugin.driver import train_stepwise
@@ -281,7 +281,7 @@ def run_arm(cfg: ReproConfig, out: Path, arm: str, seed: int, data: dict) -> dic
         "models": models,  # M0, M1, ..., M(T) on the held-out pairs
         "final": models[-1],
         "train_seconds": trained - started, "eval_seconds": time.perf_counter() - trained,
-        "command": shlex.join([sys.executable, *sys.argv]), "machine": machine(cfg),
+        "command": command, "machine": machine(cfg),
     }
 
 
@@ -309,8 +309,11 @@ def machine(cfg: ReproConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- the run
-def run(cfg: ReproConfig) -> Path:
-    """The whole replication into ``cfg.output_dir`` (resumable); returns the folder. Ends with the summary."""
+def run(cfg: ReproConfig, command: str = "reproduce_sdpo.run(config) from Python") -> Path:
+    """The whole replication into ``cfg.output_dir`` (resumable); returns the folder. Ends with the summary.
+
+    ``command`` is recorded with the results (the command line, when run as a script).
+    """
     from reproduce_report import write_summary
 
     out = Path(cfg.output_dir)
@@ -319,7 +322,7 @@ def run(cfg: ReproConfig) -> Path:
     if config_file.exists() and read_json(config_file, "config")["identity"] != json.loads(json.dumps(cfg.identity())):
         raise UserError(f"{out} holds results of another configuration ({config_file}); use a new output_dir")
     write_json(config_file, {"identity": cfg.identity(), "seeds": cfg.seeds, "arms": cfg.arms})
-    invocation = {"command": shlex.join([sys.executable, *sys.argv]), "started": time.time()}
+    invocation = {"command": command, "started": time.time()}
     data = prepare(cfg, out)
     todo = [(seed, arm) for seed in cfg.seeds for arm in cfg.arms]
     for i, (seed, arm) in enumerate(todo, 1):
@@ -330,7 +333,7 @@ def run(cfg: ReproConfig) -> Path:
             logger.info("[%d/%d] %s seed %d: done before, skipped", i, len(todo), arm, seed)
             continue
         logger.info("[%d/%d] %s seed %d: training", i, len(todo), arm, seed)
-        result = run_arm(cfg, out, arm, seed, data)
+        result = run_arm(cfg, out, arm, seed, data, command)
         write_json(result_file, result)
         if not cfg.keep_models:
             drop_models(out / "runs" / arm / f"seed_{seed}")
@@ -371,7 +374,7 @@ def main(argv=None) -> int:
 
             write_report(Path(cfg.output_dir), Path(a.report))
         else:
-            run(cfg)
+            run(cfg, command=shlex.join(["python", *sys.argv]))
     except UserError as e:
         print(f"reproduce_sdpo: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
