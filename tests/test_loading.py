@@ -89,6 +89,16 @@ def test_several_sources_and_in_memory_inputs(shared_data, tmp_path):
     assert ds.filter(lambda r: r[SOURCE] == "saved")[ROW_ID] == [i + "-4" for i in orca[ROW_ID]]
 
 
+def test_selected_filtered_and_shuffled_datasets_load_only_their_rows(shared_data):
+    """A Dataset after select/filter/shuffle keeps every row behind an indices mapping; only its own rows load."""
+    full = load_preferences(shared_data / "orca_dpo_pairs/validation.jsonl")
+    for view in (full.select([7, 3, 11]), full.filter(lambda r, i: i % 50 == 0, with_indices=True),
+                 full.shuffle(seed=2).select(range(4))):
+        loaded = load_preferences(view)
+        assert loaded[ROW_ID] == view[ROW_ID]
+        assert loaded["chosen"] == view["chosen"]
+
+
 def test_file_types_roundtrip(tmp_path):
     rows = [
         {"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad answer {i}.", "score_chosen": 8.0 + i,

@@ -222,7 +222,8 @@ def _from_dataset_obj(obj, split: str, name: str):
         if split not in obj:
             raise PreferenceDataError(f"{name}: no split {split!r}; splits are {', '.join(obj)}")
         obj = obj[split]
-    return obj.data.table if isinstance(obj, datasets.Dataset) else obj
+    # A selected/filtered/shuffled Dataset keeps all rows in ``.data`` behind an indices mapping: read through it.
+    return obj.with_format("arrow")[:] if isinstance(obj, datasets.Dataset) else obj
 
 
 def _expand(inputs, split: str) -> list[tuple[str, object, str]]:
