@@ -22,7 +22,8 @@ from scorers.columns import CHOSEN, PROMPT, REJECTED, ROW_ID, SOURCE
 
 from .formats import PreferenceDataError, RowReject, consumed_columns, convert_row
 from .identity import DuplicateIndex, canonical_json, digest_keys, row_id_array, text_pair_digests
-from .jsonrows import Block, unrepresentable
+from .blocks import Block
+from .jsonrows import unrepresentable
 from .rejects import reject_record
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,13 @@ def table_rows(table: pa.Table, positions: np.ndarray) -> list:
             except (pa.ArrowException, UnicodeDecodeError, ValueError) as e:
                 out.append(RowReject("invalid_utf8", f"row holds text that is not UTF-8 ({str(e)[:80]})"))
         return out
+
+
+def _take(data, positions: np.ndarray, n: int):
+    """``data`` at ``positions`` (no copy when they are all ``n`` rows in order)."""
+    if len(positions) == n and (n == 0 or (positions[0] == 0 and bool(np.all(np.diff(positions) == 1)))):
+        return data
+    return data.take(pa.array(positions))
 
 
 def _json_text(values: list) -> pa.Array:
@@ -153,7 +161,7 @@ class BlockConverter:
             skip |= {ROW_ID, SOURCE}
         if block.table is not None:
             names = [c for c in block.table.column_names if c not in skip]
-            sub = block.table.select(names).take(pa.array(positions)) if names else None
+            sub = _take(block.table.select(names), positions, block.num_rows) if names else None
             return ({n: sub.column(n).combine_chunks() for n in names} if sub is not None else {}), {}, set()
         names: dict = {}
         for p in positions.tolist():
@@ -196,8 +204,8 @@ class BlockConverter:
         for key in (PROMPT, CHOSEN, REJECTED):
             slow = pa.array([c[key] for c in canon], type=MESSAGES if conv else pa.string())
             if len(fast_pos):
-                fast = block.table.column(key).take(pa.array(fast_pos)).combine_chunks().cast(pa.string())
-                slow = pa.concat_arrays([fast, slow]).take(pa.array(order))
+                fast = _take(block.table.column(key), fast_pos, block.num_rows).combine_chunks().cast(pa.string())
+                slow = _take(pa.concat_arrays([fast, slow]), order, len(order))
             arrays.append(slow)
         return arrays, conv
 
@@ -211,17 +219,18 @@ class BlockConverter:
         if self.conversational is None:
             self.conversational = conv
         if len(fast_pos):
-            fast_digests = text_pair_digests(*(block.table.column(k).take(pa.array(fast_pos)).combine_chunks()
+            fast_digests = text_pair_digests(*(_take(block.table.column(k), fast_pos, block.num_rows).combine_chunks()
                                                for k in (PROMPT, CHOSEN, REJECTED)))
             all_digests = fast_digests + [hashlib.sha256(digests[p]).digest() for p in kept_pos]
-            all_digests = [all_digests[i] for i in order.tolist()]
+            if len(kept_pos):
+                all_digests = [all_digests[i] for i in order.tolist()]
         else:
             all_digests = [hashlib.sha256(digests[p]).digest() for p in kept_pos]
         columns = {PROMPT: prompt, CHOSEN: chosen, REJECTED: rejected}
         keep = np.ones(len(positions), dtype=bool)
         if self.source_column is not None:
-            src = extras.get(self.source_column) if not self.own_output else block.table.column(SOURCE).take(
-                pa.array(positions)).combine_chunks() if block.table is not None else pa.array(
+            src = extras.get(self.source_column) if not self.own_output else _take(block.table.column(SOURCE),
+                positions, block.num_rows).combine_chunks() if block.table is not None else pa.array(
                 [_row(block, p).get(SOURCE) for p in positions.tolist()])
             if src is None:
                 src = pa.nulls(len(positions), pa.string())
@@ -251,16 +260,16 @@ class BlockConverter:
             occurrences = occurrences[first]
         if not keep.any():
             return None
-        sel = pa.array(np.flatnonzero(keep))
-        out = {ROW_ID: row_id_array(hex_ids, occurrences), SOURCE: sources.take(sel)}
-        out.update({k: v.take(sel) for k, v in columns.items()})
+        sel = np.flatnonzero(keep)
+        out = {ROW_ID: row_id_array(hex_ids, occurrences), SOURCE: _take(sources, sel, len(keep))}
+        out.update({k: _take(v, sel, len(keep)) for k, v in columns.items()})
         fields = [pa.field(ROW_ID, pa.string()), pa.field(SOURCE, pa.string())] + [
             pa.field(k, v.type) for k, v in columns.items()]
         arrays = list(out.values())
         for name, arr in extras.items():
             if self.own_output and name == SOURCE:
                 continue
-            arr = arr.take(sel) if len(arr) == len(keep) else arr
+            arr = _take(arr, sel, len(keep)) if len(arr) == len(keep) else arr
             meta = {JSON_TEXT: b"1"} if name in self._json_columns else None
             fields.append(pa.field(f"orig_{name}" if name in RESERVED else name, arr.type, metadata=meta))
             arrays.append(arr)

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from .blocks import Block
 from .formats import PreferenceDataError, RowReject
 
 BLOCK_BYTES = 4 << 20  # bytes of JSON lines parsed at a time
@@ -29,31 +28,6 @@ MAX_DOCUMENT_BYTES = 256 << 20  # a .json file that is one object (not an array,
 _SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F]")
 _LONG_DIGITS = re.compile(r"\d{19}")
 _BOM = b"\xef\xbb\xbf"
-
-
-@dataclass
-class Block:
-    """Consecutive rows of one input: parsed by Arrow (``table``) or as Python objects (``rows``).
-
-    ``rows`` items are a row (any object; a mapping when usable) or a :class:`RowReject` for a row that could not be
-    parsed; ``originals`` holds each row's raw text where there is one (for the rejects file). ``loose`` are rejects
-    without a position (CSV rows with the wrong number of fields), counted as rows of this block.
-    """
-
-    start: int
-    table: pa.Table | None = None
-    rows: list | None = None
-    originals: list | None = None
-    loose: list = field(default_factory=list)
-
-    @property
-    def num_rows(self) -> int:
-        return self.table.num_rows if self.table is not None else len(self.rows)
-
-    def head(self, n: int) -> "Block":
-        if self.table is not None:
-            return Block(self.start, table=self.table.slice(0, n), loose=self.loose)
-        return Block(self.start, rows=self.rows[:n], originals=self.originals and self.originals[:n], loose=self.loose)
 
 
 class UnparsedNumber:
@@ -330,7 +304,3 @@ def json_document_rows(data: bytes, name: str) -> list | None:
     if len(lists) == 1 and obj[lists[0]] and all(isinstance(r, dict) for r in obj[lists[0]]):
         return obj[lists[0]]
     return [obj]
-
-
-def recursion_headroom() -> int:
-    return sys.getrecursionlimit()

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +39,9 @@ from scorers.columns import ROW_ID, SOURCE
 from ..io import atomic_file
 from .convert import BlockConverter, table_rows
 from .formats import FORMATS, PreferenceDataError, detect_row_format, vote_format
-from .identity import DuplicateIndex, pair_content_hash
-from .jsonrows import Block
+from .identity import DuplicateIndex, pair_content_hash  # noqa: F401 - re-exported
 from .rejects import REJECTS_FILE, RejectsWriter, read_rejects
+from .blocks import limited, prefetched
 from .sources import Source, expand_inputs
 from .store import KeptWriter, new_work_dir
 
@@ -132,71 +130,11 @@ class LoadConfig:
                 "limit_per_source": self.limit_per_source}
 
 
-# --------------------------------------------------------------------------------------------- reading
-def _limited(blocks: Iterator[Block], limit: int | None) -> Iterator[Block]:
-    """The blocks up to ``limit`` rows (rows past it are not part of the load, not counted)."""
-    seen = 0
-    for block in blocks:
-        if limit is not None and seen + block.num_rows + len(block.loose) > limit:
-            block = block.head(max(0, limit - seen - len(block.loose)))
-            if block.num_rows + len(block.loose):
-                yield block
-            return
-        seen += block.num_rows + len(block.loose)
-        yield block
-        if limit is not None and seen >= limit:
-            return
-
-
-def _prefetched(blocks: Iterator[Block], depth: int = 2) -> Iterator[Block]:
-    """``blocks``, read ahead in a thread (parsing and decompression overlap the conversion)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def work():
-        try:
-            for block in blocks:
-                while not stop.is_set():
-                    try:
-                        q.put((block, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put((None, e))
-            return
-        finally:
-            close = getattr(blocks, "close", None)
-            if stop.is_set() and close is not None:
-                close()
-        q.put((done, None))
-
-    thread = threading.Thread(target=work, name="sdpo-load-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            block, error = q.get()
-            if error is not None:
-                raise error
-            if block is done:
-                return
-            yield block
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.05)
-
-
+# --------------------------------------------------------------------------------------------- detection
 def _sample(source: Source, limit: int | None) -> tuple[Counter, set, bool]:
     """Layout votes, columns seen and whether the rows are this loader's output, from the input's first rows."""
     votes, columns, objects, own = Counter(), set(), 0, 0
-    blocks = _limited(source.open(), limit)
+    blocks = limited(source.open(), limit)
     try:
         for block in blocks:
             if block.table is not None:
@@ -274,10 +212,13 @@ def load_preferences_with_rejects(
                 votes, columns, own_output = _sample(source, limit_per_source)
                 if fmt is None:
                     # no object at all (an empty file, or only unreadable lines): every row is a counted reject
-                    fmt = vote_format(votes, columns) if votes or columns else 'standard'
+                    try:
+                        fmt = vote_format(votes, columns) if votes or columns else "standard"
+                    except PreferenceDataError as e:
+                        raise PreferenceDataError(f"{source.desc}: {e}") from None
             rep.format = fmt
             conv = BlockConverter(source.name, fmt, column_mapping, source_column, own_output, index, drop_duplicates)
-            for block in _prefetched(_limited(source.open(), limit_per_source)):
+            for block in prefetched(limited(source.open(), limit_per_source)):
                 kept, records = conv.convert(block)
                 n_in = block.num_rows + len(block.loose)
                 n_kept = kept.num_rows if kept is not None else 0

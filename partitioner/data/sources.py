@@ -1,4 +1,4 @@
-"""Inputs of the loader as re-openable streams of :class:`~.jsonrows.Block`: files (plain or compressed), folders,
+"""Inputs of the loader as re-openable streams of :class:`~.blocks.Block`: files (plain or compressed), folders,
 globs, ``save_to_disk`` folders, in-memory tables and Hub datasets.
 
 Compressed files (``.gz``, ``.bz2``, ``.zst`` through ``pyarrow``'s ``CompressedInputStream``; ``.xz`` through the
@@ -21,12 +21,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from .formats import PreferenceDataError
-from .jsonrows import Block, json_array_rows, json_document_rows, jsonl_blocks
+from .blocks import Block, python_rows_blocks
+from .jsonrows import json_array_rows, json_document_rows, jsonl_blocks
 from .tables import arrow_blocks, csv_blocks, parquet_blocks, table_blocks
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".arrow", ".csv")
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".xz": "xz"}
-ROWS_PER_BLOCK = 8192  # rows of Python lists / JSON arrays converted at a time
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAVED_DATASET = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -111,18 +111,6 @@ def _jsonl(path: Path, compression) -> Iterator[Block]:
         yield from jsonl_blocks(s)
 
 
-def _python_rows_blocks(rows_with_originals, start: int = 0) -> Iterator[Block]:
-    rows, originals = [], []
-    for row, original in rows_with_originals:
-        rows.append(row)
-        originals.append(original)
-        if len(rows) == ROWS_PER_BLOCK:
-            yield Block(start, rows=rows, originals=originals)
-            start, rows, originals = start + len(rows), [], []
-    if rows:
-        yield Block(start, rows=rows, originals=originals)
-
-
 def _json(path: Path, compression) -> Iterator[Block]:
     """A ``.json`` file: a JSON array (streamed), JSON lines, or one JSON object."""
     with _Stream(path, compression) as s:
@@ -130,7 +118,7 @@ def _json(path: Path, compression) -> Iterator[Block]:
     first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if first == b"[":
         with _Stream(path, compression) as s:
-            yield from _python_rows_blocks(json_array_rows(s, str(path)))
+            yield from python_rows_blocks(json_array_rows(s, str(path)))
         return
     if first == b"{":
         first_line = head.lstrip(b"\xef\xbb\xbf \t\r\n").split(b"\n", 1)[0]
@@ -145,7 +133,7 @@ def _json(path: Path, compression) -> Iterator[Block]:
             with _Stream(path, compression) as s:
                 rows = json_document_rows(s.read(), str(path))
             if rows is not None:
-                yield from _python_rows_blocks((r, r) for r in rows)
+                yield from python_rows_blocks((r, r) for r in rows)
                 return
         yield from _jsonl(path, compression)
         return
@@ -296,10 +284,8 @@ def _stem(path: Path) -> str:
 
 
 def _memory_source(name: str, item, split: str) -> Source:
-    if isinstance(item, list):
-        if not all(isinstance(r, Mapping) for r in item[:1]):
-            pass  # non-mapping rows are counted rejects (not_an_object)
-        return Source(name, f"list of {len(item)} rows", lambda: _python_rows_blocks((r, r) for r in item))
+    if isinstance(item, list):  # rows that are not mappings are counted rejects (not_an_object)
+        return Source(name, f"list of {len(item)} rows", lambda: python_rows_blocks((r, r) for r in item))
     if isinstance(item, (pa.Table, pa.RecordBatch)):
         table = pa.Table.from_batches([item]) if isinstance(item, pa.RecordBatch) else item
         return Source(name, "pyarrow.Table", lambda: table_blocks(table))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from .formats import PreferenceDataError, RowReject
-from .jsonrows import Block
+from .blocks import Block
 
 BLOCK_BYTES = 4 << 20
 CANONICAL_TEXT = ("prompt", "chosen", "rejected")
@@ -62,9 +62,11 @@ def arrow_blocks(path: Path, stream_factory: Callable | None) -> Iterator[Block]
     try:
         if stream_factory is not None:
             with stream_factory() as s:
-                head = s.read(8)
-                source = pa.PythonFile(_Prefixed(head, s) if head[:6] != b"ARROW1" else s, mode="r")
-                for batch in ipc.open_stream(source):
+                file_format = s.read(8)[:6] == b"ARROW1"
+            with stream_factory() as s:
+                if file_format:  # the file format is the stream format after 8 bytes (magic + padding), then a footer
+                    s.read(8)
+                for batch in ipc.open_stream(pa.PythonFile(s, mode="r")):
                     yield from _sliced(batch, start)
                     start += batch.num_rows
             return
@@ -81,22 +83,6 @@ def arrow_blocks(path: Path, stream_factory: Callable | None) -> Iterator[Block]
                 start += batch.num_rows
     except (pa.ArrowException, OSError, EOFError) as e:
         raise PreferenceDataError(f"{path}: not a readable Arrow IPC file, or truncated ({_first_line(e)})") from None
-
-
-class _Prefixed:
-    """A stream with some bytes already read put back in front."""
-
-    def __init__(self, head: bytes, stream):
-        self.head, self.stream = head, stream
-
-    def read(self, n=-1):
-        if self.head:
-            if n is None or n < 0:
-                data, self.head = self.head + self.stream.read(), b""
-                return data
-            data, self.head = self.head[:n], self.head[n:]
-            return data + (self.stream.read(n - len(data)) if n > len(data) else b"")
-        return self.stream.read(n)
 
 
 def parquet_blocks(path: Path) -> Iterator[Block]:
