@@ -402,3 +402,20 @@ def test_load_errors_are_preference_data_errors(tmp_path):
     (tmp_path / "d.csv").write_bytes(_csv("prompt,prompt,chosen,rejected", []))
     with pytest.raises(PreferenceDataError, match="repeats column"):
         load_preferences_with_rejects(tmp_path / "d.csv")
+
+
+@pytest.mark.parametrize("chosen,rejected", [
+    ("The sky is blue.", "The sky is green."), ("Same start and a", "Same start and b"), ("A ", "B"),
+    ("abc", "abcdef"), ("x", "y"),
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+     [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "B"}]),
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+     [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "R"}]),
+])
+def test_implicit_prompt_extraction_is_trls(chosen, rejected):
+    from trl.data_utils import extract_prompt as trl_extract_prompt
+
+    from partitioner.data.formats import extract_prompt
+
+    theirs = trl_extract_prompt({"chosen": chosen, "rejected": rejected})
+    assert extract_prompt(chosen, rejected) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])

@@ -202,14 +202,17 @@ def _messages(value, what: str, role_key: str = "role", content_key: str = "cont
     return [_message(m, f"{what}[{i}]", role_key, content_key) for i, m in enumerate(value)]
 
 
-def _split_implicit(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
-    """TRL's extract_prompt on message lists: longest common prefix of turns is the prompt."""
-    idx = 0
-    for idx in range(min(len(chosen), len(rejected))):
+def extract_prompt(chosen, rejected) -> tuple:
+    """TRL's ``trl.data_utils.extract_prompt``, step for step (``tests/test_hostile_inputs.py`` checks it against
+    TRL's own): the prompt is the longest common prefix of ``chosen`` and ``rejected`` (characters of text, turns
+    of conversations), with a space before the first difference left to the completions. Kept here so loading does
+    not import TRL (and torch).
+    """
+    for idx in range(min(len(chosen), len(rejected))):  # noqa: B007 - idx is used after the loop, as in TRL
         if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # remove space before the prompt
+                idx -= 1
             break
-    else:
-        idx = min(len(chosen), len(rejected))
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
@@ -284,11 +287,8 @@ def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple
     if fmt == "standard":
         p, c, r = _check_standard(_field(row, "prompt"), _field(row, "chosen"), _field(row, "rejected"))
     elif fmt == "standard_implicit":
-        from trl.data_utils import extract_prompt
-
         c, r = _text(_field(row, "chosen"), "chosen"), _text(_field(row, "rejected"), "rejected")
-        parts = extract_prompt({"chosen": c, "rejected": r})
-        p, c, r = _check_standard(parts["prompt"], parts["chosen"], parts["rejected"])
+        p, c, r = _check_standard(*extract_prompt(c, r))
     elif fmt == "conversational":
         p, c, r = _check_conversational(
             _messages(_field(row, "prompt"), "prompt"),
@@ -301,7 +301,7 @@ def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple
         for name, turns in ((ck, c_all), (rk, r_all)):
             if not any(m["role"] == "assistant" for m in turns):
                 raise RowReject("no_assistant_turn", f"{name} has no assistant turn")
-        p, c, r = _check_conversational(*_split_implicit(c_all, r_all))
+        p, c, r = _check_conversational(*extract_prompt(c_all, r_all))
     elif fmt == "openai":
         inp = _field(row, "input")
         if not isinstance(inp, Mapping):

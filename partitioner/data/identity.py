@@ -47,20 +47,11 @@ def text_pair_digests(prompt: pa.Array, chosen: pa.Array, rejected: pa.Array) ->
     for col in cols:
         escaped |= pc.match_substring_regex(col, _NEEDS_ESCAPE).to_numpy(zero_copy_only=False)
     (po, pd), (co, cd), (ro, rd) = (_offsets_and_data(c) for c in cols)
-    base = hashlib.sha256(b'["')
-    out = []
-    for i in range(len(prompt)):
-        if escaped[i]:
-            out.append(hashlib.sha256(canonical_json(*(c[i].as_py() for c in cols))).digest())
-            continue
-        h = base.copy()
-        h.update(pd[po[i]:po[i + 1]])
-        h.update(b'","')
-        h.update(cd[co[i]:co[i + 1]])
-        h.update(b'","')
-        h.update(rd[ro[i]:ro[i + 1]])
-        h.update(b'"]')
-        out.append(h.digest())
+    sha, join = hashlib.sha256, b'","'.join
+    out = [sha(b'["' + join((pd[a:b], cd[c:d], rd[e:f])) + b'"]').digest()
+           for a, b, c, d, e, f in zip(po, po[1:], co, co[1:], ro, ro[1:])]
+    for i in np.flatnonzero(escaped).tolist():  # text with quotes, backslashes or control characters: json.dumps
+        out[i] = sha(canonical_json(*(c[i].as_py() for c in cols))).digest()
     return out
 
 

@@ -292,8 +292,8 @@ def json_document_rows(data: bytes, name: str) -> list | None:
         PreferenceDataError: the file is larger than MAX_DOCUMENT_BYTES, or not UTF-8.
     """
     if len(data) > MAX_DOCUMENT_BYTES:
-        raise PreferenceDataError(f"{name}: a single JSON object of {len(data)} bytes; give large data as JSON lines "
-                                  "or a JSON array (both are streamed)")
+        raise PreferenceDataError(f"{name}: a single JSON object of more than {MAX_DOCUMENT_BYTES} bytes; give large "
+                                  "data as JSON lines or a JSON array (both are streamed)")
     try:
         obj = json.loads(data.decode("utf-8-sig"), parse_int=_parse_int)
     except UnicodeDecodeError as e:

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from .formats import PreferenceDataError
 from .blocks import Block, python_rows_blocks
-from .jsonrows import json_array_rows, json_document_rows, jsonl_blocks
+from .jsonrows import MAX_DOCUMENT_BYTES, json_array_rows, json_document_rows, jsonl_blocks
 from .tables import arrow_blocks, csv_blocks, parquet_blocks, table_blocks
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".arrow", ".csv")
@@ -62,7 +62,10 @@ class _Stream:
     def __init__(self, path: Path, compression: str | None):
         self.path, self.compression = path, compression
         try:
-            raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+            if compression is None or compression == "xz":
+                raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+            else:  # Arrow's own file and codec: decompression runs in C++ without the GIL
+                raw = pa.OSFile(str(path), "rb")
         except OSError as e:
             raise _os_error(path, e) from None
         if compression is None:
@@ -72,7 +75,7 @@ class _Stream:
 
             self._f = lzma.LZMAFile(raw)
         else:
-            self._f = pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression)
+            self._f = pa.CompressedInputStream(raw, compression)
         self._raw = raw
         self.closed = False
 
@@ -114,7 +117,7 @@ def _jsonl(path: Path, compression) -> Iterator[Block]:
 def _json(path: Path, compression) -> Iterator[Block]:
     """A ``.json`` file: a JSON array (streamed), JSON lines, or one JSON object."""
     with _Stream(path, compression) as s:
-        head = s.read(1 << 16)
+        head = s.read(1 << 20)
     first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if first == b"[":
         with _Stream(path, compression) as s:
@@ -131,7 +134,7 @@ def _json(path: Path, compression) -> Iterator[Block]:
             is_lines = False
         if not is_lines:
             with _Stream(path, compression) as s:
-                rows = json_document_rows(s.read(), str(path))
+                rows = json_document_rows(s.read(MAX_DOCUMENT_BYTES + 1), str(path))
             if rows is not None:
                 yield from python_rows_blocks((r, r) for r in rows)
                 return
