@@ -2,7 +2,7 @@
 
 Generates a TRL-standard JSONL file (``prompt``/``chosen``/``rejected`` text of realistic lengths, ~1.15 KB a row,
 as the 200k-row / 230 MB file of the issue) under a temporary folder, plus gzipped copies, then runs each contender
-in its own child process and reads that child's peak RSS from ``wait4`` (``ru_maxrss``):
+in its own child process and reads that child's peak RSS (``VmHWM`` of ``/proc/self/status`` at its exit):
 
 * ``datasets``: ``load_dataset("json", data_files=FILE, split="train", cache_dir=<fresh>)`` (the anchor);
 * ``ours``: ``python -m partitioner.cli inspect FILE --json`` (the whole command: start-up, load, report);
@@ -56,25 +56,34 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
             f.write("\n".join(lines) + "\n")
 
 
+# Runs a command's Python code in this child and prints the child's own peak RSS (VmHWM, reset at exec; a fork's
+# ru_maxrss would include the parent's memory) to stderr at exit.
+PEAK_WRAPPER = """
+import atexit, runpy, sys
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("VMHWM_KB", line.split()[1], file=sys.stderr)
+atexit.register(peak)
+mode, target, sys.argv = sys.argv[1], sys.argv[2], [sys.argv[2]] + sys.argv[3:]
+runpy.run_module(target, run_name="__main__") if mode == "-m" else runpy.run_path(target, run_name="__main__")
+"""
+
+
 def run_child(argv: list[str]) -> dict:
-    """Run ``argv`` in a child process; wall seconds and the child's own peak RSS (``wait4``)."""
+    """Run ``-m MODULE ARGS`` / ``-s SCRIPT ARGS`` in a child Python process: wall seconds, peak RSS (VmHWM)."""
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        result = {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-                  "rc": proc.returncode, "stdout": out.read().decode()[-3000:], "stderr": err.read().decode()[-800:]}
-    if result["rc"] != 0:
-        raise RuntimeError(f"{argv} failed: {result['stderr']}")
-    return result
+    proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *argv], capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv} failed: {proc.stderr[-800:]}")
+    peak = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("VMHWM_KB")]
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(int(peak[-1]) / 1024, 1), "stdout": proc.stdout}
 
 
 DATASETS_CHILD = """
-import sys, tempfile, datasets
+import sys, tempfile
+import datasets
 datasets.disable_progress_bars()
 ds = datasets.load_dataset("json", data_files=sys.argv[1], split="train", cache_dir=tempfile.mkdtemp(dir=sys.argv[2]))
 print(len(ds))
@@ -82,9 +91,11 @@ print(len(ds))
 
 
 def bench_inspect(path: Path, work: Path) -> dict:
-    ours = run_child([sys.executable, "-m", "partitioner.cli", "inspect", str(path), "--json"])
+    ours = run_child(["-m", "partitioner.cli", "inspect", str(path), "--json"])
     report = json.loads(ours["stdout"])
-    theirs = run_child([sys.executable, "-c", DATASETS_CHILD, str(path), str(work)])
+    script = work / "datasets_child.py"
+    script.write_text(DATASETS_CHILD)
+    theirs = run_child(["-s", str(script), str(path), str(work)])
     shutil.rmtree(work / "datasets-cache", ignore_errors=True)
     for p in work.glob("tmp*"):
         shutil.rmtree(p, ignore_errors=True)
@@ -101,14 +112,18 @@ def main() -> None:
     parser.add_argument("--flat-rows", type=int, nargs="*", default=[200_000, 2_000_000],
                         help="sizes for the flat-memory check (ours only); the largest also runs the partition job")
     parser.add_argument("--dir", default=None, help="where to generate (default: a temporary folder under /tmp)")
+    parser.add_argument("--generate", nargs=2, metavar=("FILE", "ROWS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.generate:
+        generate(Path(args.generate[0]), int(args.generate[1]))
+        return
     work = Path(tempfile.mkdtemp(prefix="sdpo-bench-loading-", dir=args.dir))
     results: dict = {"machine": f"{os.cpu_count()} CPU cores", "python": sys.version.split()[0]}
     try:
         largest = max([args.rows, *args.flat_rows])
         full = work / f"pairs-{largest}.jsonl"
         t0 = time.perf_counter()
-        generate(full, largest)
+        subprocess.run([sys.executable, __file__, "--generate", str(full), str(largest)], check=True)
         print(f"generated {largest} rows ({full.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f}s",
               flush=True)
         files = {}
@@ -130,13 +145,13 @@ def main() -> None:
             print(json.dumps(r), flush=True)
         flat = []
         for n in sorted(args.flat_rows):
-            res = run_child([sys.executable, "-m", "partitioner.cli", "inspect", str(files[n]), "--json"])
+            res = run_child(["-m", "partitioner.cli", "inspect", str(files[n]), "--json"])
             flat.append({"rows": n, "ours_s": res["seconds"], "ours_rss_mb": res["peak_rss_mb"]})
             print(json.dumps(flat[-1]), flush=True)
         results["flat"] = flat
         results["rss_ratio_largest_smallest"] = round(flat[-1]["ours_rss_mb"] / flat[0]["ours_rss_mb"], 2)
         out = work / "partition"
-        res = run_child([sys.executable, "-m", "partitioner.cli", "partition", str(gz[largest]), "--order", "random",
+        res = run_child(["-m", "partitioner.cli", "partition", str(gz[largest]), "--order", "random",
                          "--chunks", "8", "-o", str(out), "--no-progress"])
         manifest = json.loads((out / "manifest.json").read_text())
         results["partition"] = {"rows": largest, "file": gz[largest].name, "seconds": res["seconds"],
