@@ -246,8 +246,12 @@ def load_preferences_with_rejects(
     if report.rows_in != report.rows_kept + report.rows_rejected or writer.rows != report.rows_kept:
         raise AssertionError("row accounting broken: rows in != kept + rejected")
     import datasets
+    from datasets.table import MemoryMappedTable
 
-    return datasets.Dataset.from_file(str(kept_path)), report
+    # Dataset.from_file would derive the fingerprint from the (random) path; the content's hash keeps it the same
+    # from run to run, as resumable jobs need (the fingerprint ends up in the files datasets writes).
+    dataset = datasets.Dataset(MemoryMappedTable.from_file(str(kept_path)), fingerprint=writer.fingerprint)
+    return dataset, report
 
 
 def _check_kinds(kinds: dict, conversational: bool, source: str) -> None:
