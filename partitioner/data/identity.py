@@ -5,8 +5,8 @@
 ``'["' + prompt + '","' + chosen + '","' + rejected + '"]'``, and :func:`text_pair_digests` hashes it straight from
 the Arrow buffers (the same bytes, so the same ids) without building Python strings.
 
-Duplicates are counted in a :class:`DuplicateIndex`: an open-addressing hash table of the 64-bit ids in two numpy
-arrays (12 bytes a slot, half full at most), updated a batch at a time.
+Duplicates are counted in a :class:`DuplicateIndex`: an open-addressing hash table of the 64-bit ids in a numpy
+array (8 bytes a slot, 70% full at most; ~23 MB for 2M rows), updated a batch at a time.
 """
 
 from __future__ import annotations
@@ -73,51 +73,56 @@ def row_id_array(hex_ids: bytes, occurrences: np.ndarray) -> pa.Array:
 
 
 class DuplicateIndex:
-    """How many times each 64-bit id was seen (numpy open addressing, linear probing, grown at half full)."""
+    """How many times each 64-bit id was seen: an open-addressing table of the ids (numpy, linear probing, 8 bytes a
+    slot, at most 70% full), plus a dict of the counts of ids seen more than once (few in real data)."""
+
+    LOAD = 0.7
 
     def __init__(self, capacity: int = 1 << 16):
-        self.keys = np.zeros(capacity, dtype=np.uint64)
-        self.counts = np.zeros(capacity, dtype=np.uint32)
+        self.keys = np.zeros(capacity, dtype=np.uint64)  # 0 = empty slot; the id 0 itself is counted apart
         self.size = 0
+        self.repeats: dict[int, int] = {}  # id -> count, for ids seen more than once
+        self.zeros = 0
 
     def _grow(self, needed: int) -> None:
         capacity = len(self.keys)
-        while needed * 2 > capacity:
+        while needed > self.LOAD * capacity:
             capacity *= 2
         if capacity == len(self.keys):
             return
-        used = self.counts > 0
-        keys, counts = self.keys[used], self.counts[used]
+        old = self.keys[self.keys != 0]
         self.keys = np.zeros(capacity, dtype=np.uint64)
-        self.counts = np.zeros(capacity, dtype=np.uint32)
         self.size = 0
-        self._add_unique(keys, counts)
+        self._insert(old, np.ones(len(old), dtype=np.int64), count=False)
 
-    def _add_unique(self, keys: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Add ``counts`` to distinct ``keys``; returns each key's count before."""
-        mask = len(self.keys) - 1
-        counts = counts.astype(np.uint32)
+    def _insert(self, keys: np.ndarray, counts: np.ndarray, count: bool = True) -> np.ndarray:
+        """Add distinct non-zero ``keys`` seen ``counts`` times each; returns each key's count before."""
+        cap = np.uint64(len(self.keys))
         before = np.zeros(len(keys), dtype=np.int64)
         pending = np.arange(len(keys))
-        slot = (keys & np.uint64(mask)).astype(np.int64)
+        slot = (keys % cap).astype(np.int64)
         while pending.size:
             s = slot[pending]
-            occupied = self.counts[s] > 0
-            found = occupied & (self.keys[s] == keys[pending])
-            hit = pending[found]
-            before[hit] = self.counts[s[found]]
-            self.counts[s[found]] += counts[hit]
-            free = np.flatnonzero(~occupied)
-            free_slots, first = np.unique(s[free], return_index=True)
-            winners = pending[free[first]]
-            self.keys[free_slots] = keys[winners]
-            self.counts[free_slots] = counts[winners]
+            held = self.keys[s]
+            found = held == keys[pending]
+            free = held == 0
+            for i in pending[found].tolist():  # ids seen before: their counts live in the dict
+                key = int(keys[i])
+                before[i] = self.repeats.get(key, 1)
+                self.repeats[key] = before[i] + int(counts[i])
+            free_at = np.flatnonzero(free)
+            self.keys[s[free_at]] = keys[pending[free_at]]  # keys wanting the same free slot: one of them lands
+            landed = free_at[self.keys[s[free_at]] == keys[pending[free_at]]]
+            winners = pending[landed]
             self.size += len(winners)
+            if count:
+                for i in winners[counts[winners] > 1].tolist():
+                    self.repeats[int(keys[i])] = int(counts[i])
             done = found.copy()
-            done[free[first]] = True
+            done[landed] = True
             # a key whose slot holds another key probes the next one; one that lost a free slot sees it taken next
-            collided = occupied & ~found
-            slot[pending[collided]] = (s[collided] + 1) & mask
+            moved = ~found & ~free
+            slot[pending[moved]] = (s[moved] + 1) % len(self.keys)
             pending = pending[~done]
         return before
 
@@ -126,8 +131,13 @@ class DuplicateIndex:
         if not len(keys):
             return np.zeros(0, dtype=np.int64)
         uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        self._grow(self.size + len(uniq))
-        before = self._add_unique(uniq, counts)
+        before = np.zeros(len(uniq), dtype=np.int64)
+        nonzero = uniq != 0
+        if not nonzero.all():  # the id 0 (the empty-slot marker) is counted apart
+            before[~nonzero] = self.zeros
+            self.zeros += int(counts[~nonzero][0])
+        self._grow(self.size + int(nonzero.sum()))
+        before[nonzero] = self._insert(uniq[nonzero], counts[nonzero])
         order = np.argsort(inverse, kind="stable")
         starts = np.cumsum(counts) - counts
         rank = np.empty(len(keys), dtype=np.int64)
