@@ -229,9 +229,12 @@ class BlockConverter:
         columns = {PROMPT: prompt, CHOSEN: chosen, REJECTED: rejected}
         keep = np.ones(len(positions), dtype=bool)
         if self.source_column is not None:
-            src = extras.get(self.source_column) if not self.own_output else _take(block.table.column(SOURCE),
-                positions, block.num_rows).combine_chunks() if block.table is not None else pa.array(
-                [_row(block, p).get(SOURCE) for p in positions.tolist()])
+            if not self.own_output:
+                src = extras.get(self.source_column)
+            elif block.table is not None:
+                src = _take(block.table.column(SOURCE), positions, block.num_rows).combine_chunks()
+            else:
+                src = pa.array([_text_or_none(_row(block, p).get(SOURCE)) for p in positions.tolist()], pa.string())
             if src is None:
                 src = pa.nulls(len(positions), pa.string())
             for i in np.flatnonzero(~src.is_valid().to_numpy(zero_copy_only=False)).tolist():
@@ -274,6 +277,10 @@ class BlockConverter:
             fields.append(pa.field(f"orig_{name}" if name in RESERVED else name, arr.type, metadata=meta))
             arrays.append(arr)
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _text_or_none(value):
+    return None if value is None else value if isinstance(value, str) else str(value)
 
 
 def _row(block: Block, pos: int):
