@@ -18,7 +18,8 @@ class Block:
 
     ``rows`` items are a row (any object; a mapping when usable) or a :class:`RowReject` for a row that could not be
     parsed; ``originals`` holds each row's raw text where there is one (for the rejects file). ``loose`` are rejects
-    without a position (CSV rows with the wrong number of fields), counted as rows of this block.
+    without a position (CSV rows with the wrong number of fields), counted as rows of this block. ``utf8_checked``:
+    the parser already checked that the table's strings are UTF-8 (JSON and CSV readers do; Arrow files may not).
     """
 
     start: int
@@ -26,6 +27,7 @@ class Block:
     rows: list | None = None
     originals: list | None = None
     loose: list = field(default_factory=list)
+    utf8_checked: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -33,7 +35,7 @@ class Block:
 
     def head(self, n: int) -> "Block":
         if self.table is not None:
-            return Block(self.start, table=self.table.slice(0, n), loose=self.loose)
+            return Block(self.start, table=self.table.slice(0, n), loose=self.loose, utf8_checked=self.utf8_checked)
         return Block(self.start, rows=self.rows[:n], originals=self.originals and self.originals[:n], loose=self.loose)
 
 

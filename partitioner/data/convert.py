@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 from scorers.columns import CHOSEN, PROMPT, REJECTED, ROW_ID, SOURCE
 
 from .formats import PreferenceDataError, RowReject, consumed_columns, convert_row
-from .identity import DuplicateIndex, canonical_json, digest_keys, row_id_array, text_pair_digests
+from .identity import (DuplicateIndex, canonical_json, digest_keys, row_id_array, string_buffers,
+                       text_pair_digests)
 from .blocks import Block
 from .jsonrows import unrepresentable
 from .rejects import reject_record
@@ -36,27 +37,44 @@ OTHER_LAYOUT_COLUMNS = ("input", "preferred_output", "non_preferred_output", "co
                         "rejected_messages")
 _PY_SPACE = "".join(chr(i) for i in range(0x110000) if chr(i).isspace())
 _BLANK = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in _PY_SPACE) + "]*$"  # blank by Python's str.strip()
+_BLANK_LEAD_BYTES = np.array(sorted({c.encode("utf-8")[0] for c in _PY_SPACE}), dtype=np.uint8)
 
 
 def _is_text_type(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def _fast_rows(table: pa.Table, fmt: str) -> np.ndarray | None:
+def _blank(col: pa.Array) -> np.ndarray:
+    """Which strings are empty or whitespace by Python's ``str.strip`` (exact regex on the few that may be)."""
+    offsets, data = string_buffers(col)
+    lengths = np.diff(offsets)
+    candidates = lengths == 0
+    starts = offsets[:-1][~candidates]
+    candidates[~candidates] = np.isin(data[starts], _BLANK_LEAD_BYTES)  # a blank text starts with a space byte
+    where = np.flatnonzero(candidates)
+    if len(where):
+        exact = pc.fill_null(pc.match_substring_regex(col.take(pa.array(where)), _BLANK), False)
+        exact = exact.to_numpy(zero_copy_only=False)
+        candidates[where] = exact
+    return candidates
+
+
+def _fast_rows(table: pa.Table, fmt: str, utf8_checked: bool) -> np.ndarray | None:
     """Rows of an Arrow block that are valid TRL standard rows by column-wise checks (None: no such path)."""
     if fmt != "standard" or not all(c in table.column_names and _is_text_type(table.schema.field(c).type)
                                     for c in (PROMPT, CHOSEN, REJECTED)):
         return None
     try:
-        cols = [table.column(c).combine_chunks() for c in (PROMPT, CHOSEN, REJECTED)]
-        for col in cols:
-            col.validate(full=True)
+        cols = [_one_array(table.column(c)).cast(pa.string()) for c in (PROMPT, CHOSEN, REJECTED)]
+        if not utf8_checked:  # Arrow files and tables may hold bytes that are not UTF-8
+            for col in cols:
+                col.validate(full=True)
     except pa.ArrowException:
         return None
     ok = np.ones(table.num_rows, dtype=bool)
     for col in cols:
         ok &= col.is_valid().to_numpy(zero_copy_only=False)
-        ok &= ~pc.fill_null(pc.match_substring_regex(col, _BLANK), True).to_numpy(zero_copy_only=False)
+        ok &= ~_blank(col)
     ok &= ~pc.fill_null(pc.equal(cols[1], cols[2]), True).to_numpy(zero_copy_only=False)
     for name in OTHER_LAYOUT_COLUMNS:
         if name in table.column_names:
@@ -78,6 +96,10 @@ def table_rows(table: pa.Table, positions: np.ndarray) -> list:
             except (pa.ArrowException, UnicodeDecodeError, ValueError) as e:
                 out.append(RowReject("invalid_utf8", f"row holds text that is not UTF-8 ({str(e)[:80]})"))
         return out
+
+
+def _one_array(col: pa.ChunkedArray) -> pa.Array:
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 def _take(data, positions: np.ndarray, n: int):
@@ -111,7 +133,7 @@ class BlockConverter:
         rejects = [reject_record(self.source, None, "load", rj.reason, rj.detail, orig) for rj, orig in block.loose]
         n = block.num_rows
         table = block.table
-        fast = _fast_rows(table, self.fmt) if table is not None else None
+        fast = _fast_rows(table, self.fmt, block.utf8_checked) if table is not None else None
         fast = fast if fast is not None else np.zeros(n, dtype=bool)
         slow_pos = np.flatnonzero(~fast)
         rows = table_rows(table, slow_pos) if table is not None else block.rows

@@ -6,7 +6,7 @@
 the Arrow buffers (the same bytes, so the same ids) without building Python strings.
 
 Duplicates are counted in a :class:`DuplicateIndex`: an open-addressing hash table of the 64-bit ids in a numpy
-array (8 bytes a slot, 70% full at most; ~23 MB for 2M rows), updated a batch at a time.
+array (8 bytes a slot, 75% full at most; 32 MB for 2M rows), updated a batch at a time.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-_NEEDS_ESCAPE = r'["\\\x00-\x1f]'  # what json.dumps(ensure_ascii=False) escapes in a string
 
 
 def canonical_json(prompt, chosen, rejected) -> bytes:
@@ -33,25 +31,42 @@ def pair_content_hash(prompt, chosen, rejected) -> str:
     return hashlib.sha256(canonical_json(prompt, chosen, rejected)).hexdigest()[:16]
 
 
-def _offsets_and_data(arr: pa.Array) -> tuple[list[int], memoryview]:
+def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets, UTF-8 bytes)`` of a string array as numpy views (no copy for ``pa.string()``)."""
     arr = arr.cast(pa.string()) if arr.type != pa.string() else arr
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1].tolist()
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
     data = arr.buffers()[2]
-    return offsets, memoryview(data if data is not None else b"")
+    return offsets, (np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8))
+
+
+def rows_with_bytes(arr: pa.Array, byte_test) -> np.ndarray:
+    """Which strings of ``arr`` hold a byte for which ``byte_test(bytes) -> bool mask`` is true."""
+    offsets, data = string_buffers(arr)
+    out = np.zeros(len(arr), dtype=bool)
+    hits = np.flatnonzero(byte_test(data[offsets[0]:offsets[-1]])) + offsets[0]
+    if len(hits):
+        out[np.unique(np.searchsorted(offsets, hits, side="right") - 1)] = True
+    return out
+
+
+def _needs_escape(data: np.ndarray) -> np.ndarray:
+    return (data < 0x20) | (data == 0x22) | (data == 0x5C)  # what json.dumps(ensure_ascii=False) escapes
 
 
 def text_pair_digests(prompt: pa.Array, chosen: pa.Array, rejected: pa.Array) -> list[bytes]:
     """sha256 digests of the canonical JSON of non-null text pairs, as :func:`pair_content_hash` computes them."""
-    cols = [prompt, chosen, rejected]
-    escaped = np.zeros(len(prompt), dtype=bool)
-    for col in cols:
-        escaped |= pc.match_substring_regex(col, _NEEDS_ESCAPE).to_numpy(zero_copy_only=False)
-    (po, pd), (co, cd), (ro, rd) = (_offsets_and_data(c) for c in cols)
+    cols = [c.cast(pa.string()) if c.type != pa.string() else c for c in (prompt, chosen, rejected)]
+    escaped = rows_with_bytes(cols[0], _needs_escape) | rows_with_bytes(cols[1], _needs_escape) | rows_with_bytes(
+        cols[2], _needs_escape)
+    (po, pd), (co, cd), (ro, rd) = ((o.tolist(), memoryview(d)) for o, d in map(string_buffers, cols))
     sha, join = hashlib.sha256, b'","'.join
     out = [sha(b'["' + join((pd[a:b], cd[c:d], rd[e:f])) + b'"]').digest()
            for a, b, c, d, e, f in zip(po, po[1:], co, co[1:], ro, ro[1:])]
-    for i in np.flatnonzero(escaped).tolist():  # text with quotes, backslashes or control characters: json.dumps
-        out[i] = sha(canonical_json(*(c[i].as_py() for c in cols))).digest()
+    where = np.flatnonzero(escaped)
+    if len(where):  # text with quotes, backslashes or control characters: the JSON encoder escapes them
+        values = [c.take(pa.array(where)).to_pylist() for c in cols]
+        for i, p, c, r in zip(where.tolist(), *values):
+            out[i] = sha(canonical_json(p, c, r)).digest()
     return out
 
 
@@ -74,9 +89,9 @@ def row_id_array(hex_ids: bytes, occurrences: np.ndarray) -> pa.Array:
 
 class DuplicateIndex:
     """How many times each 64-bit id was seen: an open-addressing table of the ids (numpy, linear probing, 8 bytes a
-    slot, at most 70% full), plus a dict of the counts of ids seen more than once (few in real data)."""
+    slot, at most 75% full), plus a dict of the counts of ids seen more than once (few in real data)."""
 
-    LOAD = 0.7
+    LOAD = 0.75
 
     def __init__(self, capacity: int = 1 << 16):
         self.keys = np.zeros(capacity, dtype=np.uint64)  # 0 = empty slot; the id 0 itself is counted apart

@@ -164,7 +164,7 @@ def arrow_block(data: bytes, start: int) -> Block | None:
         return None
     if any(_has_big_float(c.combine_chunks()) for c in table.columns):
         return None
-    return Block(start, table=table)
+    return Block(start, table=table, utf8_checked=True)
 
 
 def jsonl_blocks(stream, limit_bytes: int = BLOCK_BYTES) -> Iterator[Block]:

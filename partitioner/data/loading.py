@@ -43,7 +43,7 @@ from .identity import DuplicateIndex, pair_content_hash  # noqa: F401 - re-expor
 from .rejects import REJECTS_FILE, RejectsWriter, read_rejects
 from .blocks import limited, prefetched
 from .sources import Source, expand_inputs
-from .store import KeptWriter, new_work_dir
+from .store import KeptWriter, new_work_dir, open_kept
 
 logger = logging.getLogger(__name__)
 
@@ -246,11 +246,10 @@ def load_preferences_with_rejects(
     if report.rows_in != report.rows_kept + report.rows_rejected or writer.rows != report.rows_kept:
         raise AssertionError("row accounting broken: rows in != kept + rejected")
     import datasets
-    from datasets.table import MemoryMappedTable
 
     # Dataset.from_file would derive the fingerprint from the (random) path; the content's hash keeps it the same
     # from run to run, as resumable jobs need (the fingerprint ends up in the files datasets writes).
-    dataset = datasets.Dataset(MemoryMappedTable.from_file(str(kept_path)), fingerprint=writer.fingerprint)
+    dataset = datasets.Dataset(open_kept(kept_path), fingerprint=writer.fingerprint)
     return dataset, report
 
 

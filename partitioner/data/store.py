@@ -236,3 +236,26 @@ def _unify(segments: list[Path], out: Path) -> None:
         except _CastFailed as e:
             logger.warning("column %r cannot be brought to one type; kept as JSON text", e.name)
             as_json.add(e.name)
+
+
+def open_kept(path: Path):
+    """The kept rows as a ``datasets`` memory-mapped table whose pages are not left in this process's resident set.
+
+    Reading a stream touches every record batch's header; a page fault on the page cache can map a whole large
+    folio (up to 2 MB) around it, so ``MemoryMappedTable.from_file`` would keep ~2 MB per batch resident. Mapping
+    the file here lets us read it with ``MADV_RANDOM`` and drop the pages after (``MADV_DONTNEED``); they are
+    read again on access. The table is still tied to ``path`` (pickling re-maps it by path, as datasets does).
+    """
+    import mmap
+
+    from datasets.table import MemoryMappedTable
+
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    for advice in ("MADV_RANDOM",):
+        if hasattr(mmap, advice):
+            m.madvise(getattr(mmap, advice))
+    table = pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(m))).read_all()
+    if hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
+    return MemoryMappedTable(table, str(path))

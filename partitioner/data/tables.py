@@ -197,7 +197,7 @@ def csv_blocks(path: Path, stream_factory) -> Callable[[], Iterator[Block]]:
         for table, bad in read(state["types"]):
             loose = [RowReject("malformed_row", f"CSV line {r.number}: {r.actual_columns} fields, header has "
                                                 f"{r.expected_columns}") for r in bad]
-            yield Block(start, table=table, loose=list(zip(loose, [r.text for r in bad])))
+            yield Block(start, table=table, loose=list(zip(loose, [r.text for r in bad])), utf8_checked=True)
             start += table.num_rows
 
     return opener
