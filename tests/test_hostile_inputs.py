@@ -421,3 +421,9 @@ def test_implicit_prompt_extraction_is_trls(chosen, rejected):
 
     theirs = trl_extract_prompt({"chosen": chosen, "rejected": rejected})
     assert extract_prompt(chosen, rejected) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+
+
+def test_blank_text_is_pythons_whitespace():
+    from partitioner.data.convert import PY_SPACE
+
+    assert PY_SPACE == "".join(chr(i) for i in range(0x110000) if chr(i).isspace())

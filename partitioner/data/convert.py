@@ -35,9 +35,12 @@ MESSAGES = pa.list_(MESSAGE)
 JSON_TEXT = b"sdpo.json_text"  # field metadata key of a pass-through column kept as JSON text
 OTHER_LAYOUT_COLUMNS = ("input", "preferred_output", "non_preferred_output", "conversations", "chosen_messages",
                         "rejected_messages")
-_PY_SPACE = "".join(chr(i) for i in range(0x110000) if chr(i).isspace())
-_BLANK = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in _PY_SPACE) + "]*$"  # blank by Python's str.strip()
-_BLANK_LEAD_BYTES = np.array(sorted({c.encode("utf-8")[0] for c in _PY_SPACE}), dtype=np.uint8)
+# Every character for which Python's str.isspace() is true (what str.strip() removes); a test checks the list.
+PY_SPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+            "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+_BLANK = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in PY_SPACE) + "]*$"  # blank by Python's str.strip()
+_BLANK_FIRST_BYTES = np.array(sorted({c.encode("utf-8")[0] for c in PY_SPACE}), dtype=np.uint8)
+_BLANK_LAST_BYTES = np.array(sorted({c.encode("utf-8")[-1] for c in PY_SPACE}), dtype=np.uint8)
 
 
 def _is_text_type(t: pa.DataType) -> bool:
@@ -49,8 +52,10 @@ def _blank(col: pa.Array) -> np.ndarray:
     offsets, data = string_buffers(col)
     lengths = np.diff(offsets)
     candidates = lengths == 0
-    starts = offsets[:-1][~candidates]
-    candidates[~candidates] = np.isin(data[starts], _BLANK_LEAD_BYTES)  # a blank text starts with a space byte
+    nonempty = ~candidates
+    # a blank text starts with the first byte of a space and ends with the last byte of one
+    candidates[nonempty] = np.isin(data[offsets[:-1][nonempty]], _BLANK_FIRST_BYTES) & np.isin(
+        data[offsets[1:][nonempty] - 1], _BLANK_LAST_BYTES)
     where = np.flatnonzero(candidates)
     if len(where):
         exact = pc.fill_null(pc.match_substring_regex(col.take(pa.array(where)), _BLANK), False)

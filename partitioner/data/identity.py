@@ -43,8 +43,9 @@ def rows_with_bytes(arr: pa.Array, byte_test) -> np.ndarray:
     """Which strings of ``arr`` hold a byte for which ``byte_test(bytes) -> bool mask`` is true."""
     offsets, data = string_buffers(arr)
     out = np.zeros(len(arr), dtype=bool)
-    hits = np.flatnonzero(byte_test(data[offsets[0]:offsets[-1]])) + offsets[0]
-    if len(hits):
+    mask = byte_test(data[offsets[0]:offsets[-1]])
+    if mask.any():
+        hits = np.flatnonzero(mask) + offsets[0]
         out[np.unique(np.searchsorted(offsets, hits, side="right") - 1)] = True
     return out
 
@@ -108,7 +109,9 @@ class DuplicateIndex:
         old = self.keys[self.keys != 0]
         self.keys = np.zeros(capacity, dtype=np.uint64)
         self.size = 0
-        self._insert(old, np.ones(len(old), dtype=np.int64), count=False)
+        step = 1 << 16  # re-inserted a slice at a time: the probing temporaries stay small
+        for lo in range(0, len(old), step):
+            self._insert(old[lo:lo + step], np.ones(min(step, len(old) - lo), dtype=np.int64), count=False)
 
     def _insert(self, keys: np.ndarray, counts: np.ndarray, count: bool = True) -> np.ndarray:
         """Add distinct non-zero ``keys`` seen ``counts`` times each; returns each key's count before."""
@@ -153,6 +156,8 @@ class DuplicateIndex:
             self.zeros += int(counts[~nonzero][0])
         self._grow(self.size + int(nonzero.sum()))
         before[nonzero] = self._insert(uniq[nonzero], counts[nonzero])
+        if counts.max() == 1:  # no copies within the batch
+            return before[inverse]
         order = np.argsort(inverse, kind="stable")
         starts = np.cumsum(counts) - counts
         rank = np.empty(len(keys), dtype=np.int64)

@@ -116,6 +116,16 @@ def _arrow_safe(data: bytes) -> bool:
     return True
 
 
+def _valid_utf8(data: bytes) -> bool:
+    """Whether ``data`` is UTF-8 (Arrow's validation, as a one-value binary -> string cast)."""
+    offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int32))
+    try:
+        pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(data)]).cast(pa.string())
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
 def _replace_timestamps(t: pa.DataType) -> tuple[pa.DataType, bool]:
     if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_time(t):
         return pa.string(), True
@@ -147,9 +157,10 @@ def arrow_block(data: bytes, start: int) -> Block | None:
     """``data`` parsed by Arrow when that is exact (see the module docstring), else None."""
     import pyarrow.json as pj
 
-    if not _arrow_safe(data):
+    if not _arrow_safe(data) or not _valid_utf8(data):  # Arrow's JSON parser lets bytes that are not UTF-8 through
         return None
-    options = pj.ReadOptions(use_threads=True, block_size=1 << 20)
+    # one Arrow block for the whole piece: one chunk per column (no copies to combine them later)
+    options = pj.ReadOptions(use_threads=False, block_size=len(data) + 1)
     try:
         table = pj.read_json(pa.BufferReader(data), read_options=options)
         schema, changed = [], False

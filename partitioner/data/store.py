@@ -252,10 +252,13 @@ def open_kept(path: Path):
 
     with open(path, "rb") as f:
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    for advice in ("MADV_RANDOM",):
-        if hasattr(mmap, advice):
-            m.madvise(getattr(mmap, advice))
-    table = pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(m))).read_all()
-    if hasattr(mmap, "MADV_DONTNEED"):
-        m.madvise(mmap.MADV_DONTNEED)
-    return MemoryMappedTable(table, str(path))
+    advise = getattr(m, "madvise", lambda advice: None)
+    advise(getattr(mmap, "MADV_RANDOM", 0))
+    reader = pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(m)))
+    batches = []
+    for batch in reader:
+        batches.append(batch)
+        if len(batches) % 32 == 0:  # drop what reading the last headers mapped, as we go
+            advise(getattr(mmap, "MADV_DONTNEED", 0))
+    advise(getattr(mmap, "MADV_DONTNEED", 0))
+    return MemoryMappedTable(pa.Table.from_batches(batches, schema=reader.schema), str(path))
