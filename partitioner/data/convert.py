@@ -231,8 +231,8 @@ class BlockConverter:
         for key in (PROMPT, CHOSEN, REJECTED):
             slow = pa.array([c[key] for c in canon], type=MESSAGES if conv else pa.string())
             if len(fast_pos):
-                fast = _take(block.table.column(key), fast_pos, block.num_rows).combine_chunks().cast(pa.string())
-                slow = _take(pa.concat_arrays([fast, slow]), order, len(order))
+                fast = _one_array(_take(block.table.column(key), fast_pos, block.num_rows)).cast(pa.string())
+                slow = _take(pa.concat_arrays([fast, slow]), order, len(order)) if canon else fast
             arrays.append(slow)
         return arrays, conv
 
@@ -246,7 +246,7 @@ class BlockConverter:
         if self.conversational is None:
             self.conversational = conv
         if len(fast_pos):
-            fast_digests = text_pair_digests(*(_take(block.table.column(k), fast_pos, block.num_rows).combine_chunks()
+            fast_digests = text_pair_digests(*(_one_array(_take(block.table.column(k), fast_pos, block.num_rows))
                                                for k in (PROMPT, CHOSEN, REJECTED)))
             all_digests = fast_digests + [hashlib.sha256(digests[p]).digest() for p in kept_pos]
             if len(kept_pos):

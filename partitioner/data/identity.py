@@ -5,14 +5,15 @@
 ``'["' + prompt + '","' + chosen + '","' + rejected + '"]'``, and :func:`text_pair_digests` hashes it straight from
 the Arrow buffers (the same bytes, so the same ids) without building Python strings.
 
-Duplicates are counted in a :class:`DuplicateIndex`: an open-addressing hash table of the 64-bit ids in a numpy
-array (8 bytes a slot, 75% full at most; 32 MB for 2M rows), updated a batch at a time.
+Duplicates are counted in a :class:`DuplicateIndex`: the 64-bit ids in sorted numpy runs plus a set of recent ones
+(about 8 bytes an id, 16 MB for 2M rows, no growth spikes), updated a batch at a time.
 """
 
 from __future__ import annotations
 
 import binascii
 import hashlib
+import itertools
 import json
 
 import numpy as np
@@ -89,60 +90,25 @@ def row_id_array(hex_ids: bytes, occurrences: np.ndarray) -> pa.Array:
 
 
 class DuplicateIndex:
-    """How many times each 64-bit id was seen: an open-addressing table of the ids (numpy, linear probing, 8 bytes a
-    slot, at most 75% full), plus a dict of the counts of ids seen more than once (few in real data)."""
+    """How many times each 64-bit id was seen, in about 8 bytes an id and without growth spikes.
 
-    LOAD = 0.75
+    Ids are first kept in a set of recent ids; every RUN of them is frozen into a sorted numpy array (a *run*), which
+    later batches search with ``searchsorted``. Counts of ids seen more than once live in a dict (few in real data).
+    """
 
-    def __init__(self, capacity: int = 1 << 16):
-        self.keys = np.zeros(capacity, dtype=np.uint64)  # 0 = empty slot; the id 0 itself is counted apart
-        self.size = 0
+    RUN = 1 << 17
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+        self.recent: set[int] = set()
         self.repeats: dict[int, int] = {}  # id -> count, for ids seen more than once
-        self.zeros = 0
 
-    def _grow(self, needed: int) -> None:
-        capacity = len(self.keys)
-        while needed > self.LOAD * capacity:
-            capacity *= 2
-        if capacity == len(self.keys):
-            return
-        old = self.keys[self.keys != 0]
-        self.keys = np.zeros(capacity, dtype=np.uint64)
-        self.size = 0
-        step = 1 << 16  # re-inserted a slice at a time: the probing temporaries stay small
-        for lo in range(0, len(old), step):
-            self._insert(old[lo:lo + step], np.ones(min(step, len(old) - lo), dtype=np.int64), count=False)
-
-    def _insert(self, keys: np.ndarray, counts: np.ndarray, count: bool = True) -> np.ndarray:
-        """Add distinct non-zero ``keys`` seen ``counts`` times each; returns each key's count before."""
-        cap = np.uint64(len(self.keys))
-        before = np.zeros(len(keys), dtype=np.int64)
-        pending = np.arange(len(keys))
-        slot = (keys % cap).astype(np.int64)
-        while pending.size:
-            s = slot[pending]
-            held = self.keys[s]
-            found = held == keys[pending]
-            free = held == 0
-            for i in pending[found].tolist():  # ids seen before: their counts live in the dict
-                key = int(keys[i])
-                before[i] = self.repeats.get(key, 1)
-                self.repeats[key] = before[i] + int(counts[i])
-            free_at = np.flatnonzero(free)
-            self.keys[s[free_at]] = keys[pending[free_at]]  # keys wanting the same free slot: one of them lands
-            landed = free_at[self.keys[s[free_at]] == keys[pending[free_at]]]
-            winners = pending[landed]
-            self.size += len(winners)
-            if count:
-                for i in winners[counts[winners] > 1].tolist():
-                    self.repeats[int(keys[i])] = int(counts[i])
-            done = found.copy()
-            done[landed] = True
-            # a key whose slot holds another key probes the next one; one that lost a free slot sees it taken next
-            moved = ~found & ~free
-            slot[pending[moved]] = (s[moved] + 1) % len(self.keys)
-            pending = pending[~done]
-        return before
+    def _in_runs(self, keys: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(keys), dtype=bool)
+        for run in self.runs:
+            pos = np.minimum(np.searchsorted(run, keys), len(run) - 1)
+            found |= run[pos] == keys
+        return found
 
     def occurrences(self, keys: np.ndarray) -> np.ndarray:
         """For each key in order: how many earlier keys (this batch and before) are equal to it."""
@@ -150,12 +116,20 @@ class DuplicateIndex:
             return np.zeros(0, dtype=np.int64)
         uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
         before = np.zeros(len(uniq), dtype=np.int64)
-        nonzero = uniq != 0
-        if not nonzero.all():  # the id 0 (the empty-slot marker) is counted apart
-            before[~nonzero] = self.zeros
-            self.zeros += int(counts[~nonzero][0])
-        self._grow(self.size + int(nonzero.sum()))
-        before[nonzero] = self._insert(uniq[nonzero], counts[nonzero])
+        listed = uniq.tolist()
+        seen = self._in_runs(uniq)
+        if self.recent:
+            recent = self.recent
+            seen |= np.fromiter((k in recent for k in listed), dtype=bool, count=len(listed))
+        for i in np.flatnonzero(seen).tolist():  # ids seen in earlier batches (rare)
+            before[i] = self.repeats.get(listed[i], 1)
+            self.repeats[listed[i]] = int(before[i] + counts[i])
+        for i in np.flatnonzero(~seen & (counts > 1)).tolist():  # new ids with copies in this batch
+            self.repeats[listed[i]] = int(counts[i])
+        self.recent.update(itertools.compress(listed, (~seen).tolist()))
+        if len(self.recent) >= self.RUN:
+            self.runs.append(np.sort(np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent))))
+            self.recent = set()
         if counts.max() == 1:  # no copies within the batch
             return before[inverse]
         order = np.argsort(inverse, kind="stable")

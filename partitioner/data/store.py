@@ -75,33 +75,13 @@ def _storage_error(path: Path, e: Exception) -> StorageError:
     return StorageError(f"cannot write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0][:150]}")
 
 
-class _HashedFile:
-    """A binary file that hashes what is written to it (xxh3, as fast as the disk; datasets depends on xxhash)."""
-
-    def __init__(self, path: Path, hasher):
-        self._f, self.hasher, self.closed = open(path, "wb"), hasher, False  # noqa: SIM115 - closed by close()
-
-    def write(self, data) -> int:
-        self.hasher.update(data)
-        return self._f.write(data)
-
-    def flush(self):
-        self._f.flush()
-
-    def close(self):
-        self.closed = True
-        self._f.close()
-
-    def writable(self):
-        return True
-
-
 class KeptWriter:
     """Append kept-row tables to Arrow stream segments; :meth:`finish` gives the one file of the load.
 
-    ``fingerprint`` is a hash of everything written (the same rows give the same fingerprint in every run), used as
-    the ``datasets`` fingerprint of the loaded dataset, so what ``datasets`` derives from it (``map`` results and the
-    fingerprints they record in their files) does not depend on the work folder's random name.
+    ``fingerprint`` is a hash of the rows written (their schema and IPC messages; the same rows
+    give the same fingerprint in every run), used as the ``datasets`` fingerprint of the loaded dataset, so what
+    ``datasets`` derives from it (``map`` results and the fingerprints they record in their files) does not depend
+    on the work folder's random name.
     """
 
     def __init__(self, folder: Path):
@@ -123,11 +103,14 @@ class KeptWriter:
             if self.schema is None or not table.schema.equals(self.schema, check_metadata=True):
                 self._close()
                 path = self.folder / f"segment-{len(self.segments):05d}.arrow"
-                self._sink = _HashedFile(path, self._hasher)
-                self._writer = pa.ipc.new_stream(pa.PythonFile(self._sink, mode="w"), table.schema)
+                self._sink = pa.OSFile(str(path), "wb")
+                self._writer = pa.ipc.new_stream(self._sink, table.schema)
                 self.segments.append(path)
                 self.schema = table.schema
-            self._writer.write_table(table)
+                self._hasher.update(table.schema.serialize())
+            for batch in table.to_batches():
+                self._writer.write_batch(batch)
+                self._hasher.update(batch.serialize())  # the IPC message: the batch's bytes, padding zeroed
         except OSError as e:
             raise _storage_error(self.segments[-1] if self.segments else self.folder, e) from e
         self.rows += table.num_rows
