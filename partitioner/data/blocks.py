@@ -20,6 +20,7 @@ class Block:
     parsed; ``originals`` holds each row's raw text where there is one (for the rejects file). ``loose`` are rejects
     without a position (CSV rows with the wrong number of fields), counted as rows of this block. ``utf8_checked``:
     the parser already checked that the table's strings are UTF-8 (JSON and CSV readers do; Arrow files may not).
+    ``may_escape``: False when no text can hold a character JSON escapes (JSON source without any backslash).
     """
 
     start: int
@@ -28,6 +29,7 @@ class Block:
     originals: list | None = None
     loose: list = field(default_factory=list)
     utf8_checked: bool = False
+    may_escape: bool = True
 
     @property
     def num_rows(self) -> int:
@@ -35,7 +37,8 @@ class Block:
 
     def head(self, n: int) -> "Block":
         if self.table is not None:
-            return Block(self.start, table=self.table.slice(0, n), loose=self.loose, utf8_checked=self.utf8_checked)
+            return Block(self.start, table=self.table.slice(0, n), loose=self.loose, utf8_checked=self.utf8_checked,
+                         may_escape=self.may_escape)
         return Block(self.start, rows=self.rows[:n], originals=self.originals and self.originals[:n], loose=self.loose)
 
 

@@ -247,7 +247,7 @@ class BlockConverter:
             self.conversational = conv
         if len(fast_pos):
             fast_digests = text_pair_digests(*(_one_array(_take(block.table.column(k), fast_pos, block.num_rows))
-                                               for k in (PROMPT, CHOSEN, REJECTED)))
+                                               for k in (PROMPT, CHOSEN, REJECTED)), may_escape=block.may_escape)
             all_digests = fast_digests + [hashlib.sha256(digests[p]).digest() for p in kept_pos]
             if len(kept_pos):
                 all_digests = [all_digests[i] for i in order.tolist()]

@@ -55,11 +55,16 @@ def _needs_escape(data: np.ndarray) -> np.ndarray:
     return (data < 0x20) | (data == 0x22) | (data == 0x5C)  # what json.dumps(ensure_ascii=False) escapes
 
 
-def text_pair_digests(prompt: pa.Array, chosen: pa.Array, rejected: pa.Array) -> list[bytes]:
-    """sha256 digests of the canonical JSON of non-null text pairs, as :func:`pair_content_hash` computes them."""
+def text_pair_digests(prompt: pa.Array, chosen: pa.Array, rejected: pa.Array, may_escape: bool = True) -> list[bytes]:
+    """sha256 digests of the canonical JSON of non-null text pairs, as :func:`pair_content_hash` computes them.
+
+    ``may_escape=False`` says no text holds a character JSON escapes (known from JSON source without a backslash).
+    """
     cols = [c.cast(pa.string()) if c.type != pa.string() else c for c in (prompt, chosen, rejected)]
-    escaped = rows_with_bytes(cols[0], _needs_escape) | rows_with_bytes(cols[1], _needs_escape) | rows_with_bytes(
-        cols[2], _needs_escape)
+    escaped = np.zeros(len(cols[0]), dtype=bool)
+    if may_escape:
+        for col in cols:
+            escaped |= rows_with_bytes(col, _needs_escape)
     (po, pd), (co, cd), (ro, rd) = ((o.tolist(), memoryview(d)) for o, d in map(string_buffers, cols))
     sha, join = hashlib.sha256, b'","'.join
     out = [sha(b'["' + join((pd[a:b], cd[c:d], rd[e:f])) + b'"]').digest()

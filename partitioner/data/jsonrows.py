@@ -175,7 +175,8 @@ def arrow_block(data: bytes, start: int) -> Block | None:
         return None
     if any(_has_big_float(c.combine_chunks()) for c in table.columns):
         return None
-    return Block(start, table=table, utf8_checked=True)
+    # In JSON text every character JSON escapes is written with a backslash: none in the source, none in the rows.
+    return Block(start, table=table, utf8_checked=True, may_escape=b"\\" in data)
 
 
 def jsonl_blocks(stream, limit_bytes: int = BLOCK_BYTES) -> Iterator[Block]:

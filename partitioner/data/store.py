@@ -78,7 +78,7 @@ def _storage_error(path: Path, e: Exception) -> StorageError:
 class KeptWriter:
     """Append kept-row tables to Arrow stream segments; :meth:`finish` gives the one file of the load.
 
-    ``fingerprint`` is a hash of the rows written (their schema and IPC messages; the same rows
+    ``fingerprint`` is a hash of the rows written (their schema, row ids and other columns; the same rows
     give the same fingerprint in every run), used as the ``datasets`` fingerprint of the loaded dataset, so what
     ``datasets`` derives from it (``map`` results and the fingerprints they record in their files) does not depend
     on the work folder's random name.
@@ -108,9 +108,12 @@ class KeptWriter:
                 self.segments.append(path)
                 self.schema = table.schema
                 self._hasher.update(table.schema.serialize())
-            for batch in table.to_batches():
-                self._writer.write_batch(batch)
-                self._hasher.update(batch.serialize())  # the IPC message: the batch's bytes, padding zeroed
+            self._writer.write_table(table)
+            # The canonical text is fixed by row_id (its content hash); the other columns are hashed as IPC messages
+            # (the bytes written, padding zeroed), so equal rows give equal fingerprints.
+            identity = table.drop_columns([c for c in (PROMPT, CHOSEN, REJECTED) if c in table.column_names])
+            for batch in identity.to_batches():
+                self._hasher.update(batch.serialize())
         except OSError as e:
             raise _storage_error(self.segments[-1] if self.segments else self.folder, e) from e
         self.rows += table.num_rows
