@@ -122,6 +122,13 @@ ROW_CASES = {
     "nested_deep_json_array": ("d.json", ("[" + ",".join([*(json.dumps(r) for r in GOOD),
                                                           '{"x": ' + "[" * DEEP + "]" * DEEP + "}"]) + "]").encode(),
                                {"nested_too_deep": 1}, 20),
+    "nested_40_levels": ("d.jsonl", _lines([*GOOD, {**GOOD[0], "chosen": "x", "x": json.loads("[" * 40 + "]" * 40)}]),
+                         {"nested_too_deep": 1}, 20),
+    "nested_9500_levels_arrow_guard": ("d.jsonl", _lines([b'{"prompt": "a", "chosen": "c", "rejected": "d", "x": '
+                                                         + b"[" * 9500 + b"]" * 9500 + b"}", *GOOD]),
+                                       {"nested_too_deep": 1}, 20),
+    "nested_40_levels_in_memory": (None, [*GOOD, {**GOOD[0], "chosen": "x", "x": json.loads("[" * 40 + "]" * 40)}],
+                                   {"nested_too_deep": 1}, 20),
     "invalid_utf8_gz": ("d.jsonl.gz", gzip.compress(_lines([*GOOD, b'{"prompt": "caf\xe9", "chosen": "c", '
                                                                    b'"rejected": "d"}'])), {"invalid_utf8": 1}, 20),
     "csv_row_with_extra_field": ("d.csv", _csv("prompt,chosen,rejected", [*CSV_GOOD, '"a","b","c","d"']),

@@ -24,7 +24,7 @@ from .formats import PreferenceDataError, RowReject, consumed_columns, convert_r
 from .identity import (DuplicateIndex, canonical_json, digest_keys, row_id_array, string_buffers,
                        text_pair_digests)
 from .blocks import Block
-from .jsonrows import unrepresentable
+from .jsonrows import MAX_NESTING, nested_deeper, type_deeper, unrepresentable
 from .rejects import reject_record
 
 logger = logging.getLogger(__name__)
@@ -201,9 +201,13 @@ class BlockConverter:
             values = [slow_rows[p].get(name) for p in positions.tolist()]
             try:
                 out[name] = pa.array(values)
+                if type_deeper(out[name].type, MAX_NESTING - 1):  # Arrow files hold 64 levels; datasets recurses
+                    raise pa.ArrowInvalid("nested too deep")
             except (pa.ArrowException, TypeError, ValueError, OverflowError, UnicodeError, RecursionError):
                 for p, v in zip(positions.tolist(), values):
                     why = unrepresentable(v)
+                    if why is None and nested_deeper(v, MAX_NESTING - 1):
+                        why = RowReject("nested_too_deep", f"nested deeper than {MAX_NESTING} levels")
                     if why is not None and p not in bad:
                         bad[p] = RowReject(why.reason, f"column {name!r}: {why.detail}")
                 out[name] = None  # built again below, without the bad rows

@@ -3,7 +3,7 @@ arrays / documents (one element at a time).
 
 A block of JSON lines goes to ``pyarrow.json`` only when that gives exactly what Python's ``json`` gives and cannot
 crash: no line with more than :data:`ARROW_MAX_BRACKETS` brackets (Arrow's parser recurses and crashes the process
-on values nested some ten thousand deep), no integer past 64 bits (Arrow turns it into a float), no string Arrow
+on values nested some thirty thousand deep), no integer past 64 bits (Arrow turns it into a float), no string Arrow
 would turn into a timestamp (re-read with those fields as text). Anything Arrow refuses (a bad line, a lone
 surrogate escape, a number that changes type, duplicate keys) sends the block to Python's parser, line by line,
 where each bad line is a counted reject with its own reason.
@@ -22,7 +22,8 @@ from .blocks import Block
 from .formats import PreferenceDataError, RowReject
 
 BLOCK_BYTES = 4 << 20  # bytes of JSON lines parsed at a time
-ARROW_MAX_BRACKETS = 1000  # lines with more brackets than this (possible nesting) are parsed by Python
+ARROW_MAX_BRACKETS = 9000  # lines with more brackets than this are parsed by Python (Arrow crashes near 30,000 deep)
+MAX_NESTING = 32  # values nested deeper are rejected (nested_too_deep): Arrow IPC allows 64, datasets recurses
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_DOCUMENT_BYTES = 256 << 20  # a .json file that is one object (not an array, not JSON lines) is parsed whole
 _SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F]")
@@ -85,11 +86,39 @@ def parse_json_value(text: str | bytes, what: str):
         return RowReject("nested_too_deep", f"{what}: nested deeper than Python's JSON parser allows")
     except ValueError as e:
         return RowReject("invalid_json", f"{what}: {getattr(e, 'msg', str(e))[:200]}")
+    if text.count("[") + text.count("{") > MAX_NESTING and nested_deeper(value, MAX_NESTING):
+        return RowReject("nested_too_deep", f"{what}: nested deeper than {MAX_NESTING} levels")
     if _SURROGATE_ESCAPE.search(text) or _LONG_DIGITS.search(text):
         bad = unrepresentable(value)
         if bad is not None:
             return RowReject(bad.reason, f"{what}: {bad.detail}")
     return value
+
+
+def nested_deeper(value, limit: int) -> bool:
+    """Whether lists/objects in ``value`` nest more than ``limit`` deep (iterative: no recursion limit)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def type_deeper(t: pa.DataType, limit: int) -> bool:
+    """Whether lists/structs in type ``t`` nest more than ``limit`` deep (iterative)."""
+    stack = [(t, 0)]
+    while stack:
+        t, depth = stack.pop()
+        if depth > limit:
+            return True
+        if pa.types.is_struct(t):
+            stack.extend((f.type, depth + 1) for f in t)
+        elif pa.types.is_list(t) or pa.types.is_large_list(t):
+            stack.append((t.value_type, depth + 1))
+    return False
 
 
 def python_block(data: bytes, start: int) -> Block:
@@ -163,6 +192,8 @@ def arrow_block(data: bytes, start: int) -> Block | None:
     options = pj.ReadOptions(use_threads=False, block_size=len(data) + 1)
     try:
         table = pj.read_json(pa.BufferReader(data), read_options=options)
+        if any(type_deeper(f.type, MAX_NESTING - 1) for f in table.schema):  # rows nested too deep: row by row
+            return None
         schema, changed = [], False
         for f in table.schema:
             t, c = _replace_timestamps(f.type)

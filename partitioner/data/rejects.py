@@ -6,7 +6,7 @@ Reason codes (``reason`` column):
   ``invalid_unicode``   a lone surrogate escape (``"\ud800"``): valid JSON, but no UTF-8 text can hold it
   ``value_out_of_range`` a number no column can hold: an integer past Python's digit limit (4300 digits) or
                         outside the 64-bit range of an Arrow integer column
-  ``nested_too_deep``   a value nested deeper than the JSON parser's recursion limit (about 1000 levels)
+  ``nested_too_deep``   a value nested deeper than 32 levels (lists/objects; JSON past Python's recursion limit too)
   ``malformed_row``     a CSV row with another number of fields than the header
   ``not_an_object``     a row that is not a JSON object / mapping
   ``missing_field``     a required field is absent or null
@@ -78,7 +78,10 @@ def _to_json(original) -> str:
     try:
         text = json.dumps(original, ensure_ascii=False, default=str)
     except (TypeError, ValueError, RecursionError):
-        text = repr(original)
+        try:
+            text = repr(original)
+        except RecursionError:
+            text = "<not shown: nested too deep>"
     # A lone surrogate cannot be written as UTF-8: keep it visible as an escape.
     return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
