@@ -32,14 +32,14 @@ def run(values: dict) -> int:
     from scorers.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, REJECTED_TRUNCATED
 
     from ..data.loading import load_preferences_with_rejects
-    from ..data.rejects import write_rejects
+    from ..data.rejects import combine_rejects, write_rejects
 
     if not values.get("inputs"):
         raise ConfigError("give at least one INPUT (a file, glob, folder or Hub name)")
     cmd = build(InspectCommand, values)
     dataset, report = load_preferences_with_rejects(values["inputs"], **build(LoadConfig, values).as_kwargs())
     out = report.as_dict()
-    rejects = list(report.rejects)
+    rejects = [report.rejects_table()]
     if cmd.tokenizer:
         from scorers.models import load_tokenizer
 
@@ -47,7 +47,7 @@ def run(values: dict) -> int:
 
         tok = load_tokenizer(cmd.tokenizer)
         tokenized, tok_rejects = tokenize_preferences(dataset, tok, TokenizeConfig(max_length=cmd.max_length))
-        rejects += tok_rejects
+        rejects.append(tok_rejects)
         lengths = {}
         for col in (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS):
             ns = [len(x) for x in tokenized[col]] or [0]
@@ -61,7 +61,7 @@ def run(values: dict) -> int:
             "token_lengths": lengths,
         }
     if cmd.rejects:
-        write_rejects(rejects, cmd.rejects)
+        write_rejects(combine_rejects(*rejects), cmd.rejects)
     if cmd.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0

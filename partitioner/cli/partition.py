@@ -63,7 +63,7 @@ def run(values: dict) -> int:
         from ..data.loading import load_preferences_with_rejects
 
         data, report = load_preferences_with_rejects(list(inputs), **load)
-        rejects = list(report.rejects)
+        rejects = report.rejects_table()
     out = partition_preferences(data, cmd.output_dir, config, rejects=rejects, progress=cmd.progress)
     m = read_manifest(out)
     sizes = ", ".join(str(c["rows"]) for c in m["chunks"])

@@ -14,13 +14,22 @@ Layouts read (``format=`` names):
   ``hh``                 Anthropic-HH transcripts: ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` in chosen and rejected
   ``mapping``            any columns, named by a column mapping (``prompt``, ``chosen``, ``rejected``, optional ``system``)
 
-Implicit prompts are extracted as TRL's ``maybe_extract_prompt`` does (longest common prefix of turns, or of
-characters for text).
+Detection (:func:`detect_format`) is a vote: every row of a large sample gets its own layout
+(:func:`detect_row_format`; a field that is null counts as absent) and the layout most rows fit wins. Every row is
+then checked against that layout (:func:`convert_row`): a row of another layout is a ``mixed_format`` reject, a row
+of the same family that lacks a field (a null or missing ``prompt`` in an explicit-prompt input) is a
+``missing_field`` reject, and a ``prompt`` of the wrong type (a number, bytes) is ``non_text``. No row is ever
+converted into another layout.
+
+The one normalisation of text is TRL's: implicit prompts are extracted as TRL's ``extract_prompt`` does (longest
+common prefix of turns for conversations, of characters for text); ShareGPT/OpenAI/HH turns are mapped to
+``{"role", "content"}`` messages with their text unchanged.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 
 from scorers.errors import UserError
@@ -73,14 +82,19 @@ def _is_messages(value) -> bool:
 
 
 def _looks_hh(text) -> bool:
-    return isinstance(text, str) and ("\n\nHuman:" in text or text.startswith("Human:")) and "\n\nAssistant:" in text
+    """An Anthropic-HH transcript: it has a ``Human:`` turn (an ``Assistant:`` turn is checked on conversion)."""
+    return isinstance(text, str) and ("\n\nHuman:" in text or text.lstrip().startswith("Human:"))
 
 
 def detect_row_format(row: Mapping) -> str | None:
-    """The layout of one row, from its keys and value types; None when it matches none."""
+    """The layout of one row, from its non-null keys and their value types; None when it matches none.
+
+    A ``prompt`` that is present (not null) makes the row an explicit-prompt row whatever its type, so a prompt
+    that is a number or bytes is reported as a bad prompt, never taken as an implicit-prompt row.
+    """
     if not isinstance(row, Mapping):
         return None
-    keys = set(row)
+    keys = {k for k, v in row.items() if v is not None}
     if {"input", "preferred_output", "non_preferred_output"} <= keys:
         return "openai"
     if "conversations" in keys and {"chosen", "rejected"} <= keys:
@@ -90,29 +104,34 @@ def detect_row_format(row: Mapping) -> str | None:
     if {"chosen", "rejected"} <= keys:
         chosen = row["chosen"]
         if _is_messages(chosen):
-            return "conversational" if _is_messages(row.get("prompt")) else "conversational_implicit"
+            return "conversational" if "prompt" in keys else "conversational_implicit"
         if isinstance(chosen, str):
-            if isinstance(row.get("prompt"), str):
+            if "prompt" in keys:
                 return "standard"
             return "hh" if _looks_hh(chosen) else "standard_implicit"
     return None
 
 
-def detect_format(rows: list, columns: list[str]) -> str:
-    """The layout of a file, from its first rows that match a layout.
+def vote_format(votes: Counter, columns) -> str:
+    """The layout most rows fit (ties: the first in ``FORMATS``).
 
     Raises:
-        PreferenceDataError: no row matches a known layout; the message lists the columns seen.
+        PreferenceDataError: no row fits a known layout; the message lists the columns seen.
     """
-    for row in rows:
-        fmt = detect_row_format(row)
-        if fmt is not None:
-            return fmt
-    raise PreferenceDataError(
-        f"no known preference format fits columns {sorted(columns)}; expected one of {', '.join(FORMATS[:-1])} "
-        "(see partitioner/data/formats.py), or pass a column mapping, e.g. --column-mapping prompt=question,"
-        "chosen=response_j,rejected=response_k"
-    )
+    if not votes:
+        raise PreferenceDataError(
+            f"no known preference format fits columns {sorted(map(str, columns))[:20]}; expected one of "
+            f"{', '.join(FORMATS[:-1])} (see partitioner/data/formats.py), or pass a column mapping, e.g. "
+            "--column-mapping prompt=question,chosen=response_j,rejected=response_k"
+        )
+    best = max(votes.values())
+    return next(f for f in FORMATS if votes.get(f) == best)
+
+
+def detect_format(rows: list, columns=()) -> str:
+    """The layout most of ``rows`` fit (see :func:`vote_format`)."""
+    votes = Counter(f for f in map(detect_row_format, rows) if f is not None)
+    return vote_format(votes, columns or sorted({k for r in rows if isinstance(r, Mapping) for k in r}))
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -183,14 +202,17 @@ def _messages(value, what: str, role_key: str = "role", content_key: str = "cont
     return [_message(m, f"{what}[{i}]", role_key, content_key) for i, m in enumerate(value)]
 
 
-def _split_implicit(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
-    """TRL's extract_prompt on message lists: longest common prefix of turns is the prompt."""
-    idx = 0
-    for idx in range(min(len(chosen), len(rejected))):
+def extract_prompt(chosen, rejected) -> tuple:
+    """TRL's ``trl.data_utils.extract_prompt``, step for step (``tests/test_hostile_inputs.py`` checks it against
+    TRL's own): the prompt is the longest common prefix of ``chosen`` and ``rejected`` (characters of text, turns
+    of conversations), with a space before the first difference left to the completions. Kept here so loading does
+    not import TRL (and torch).
+    """
+    for idx in range(min(len(chosen), len(rejected))):  # noqa: B007 - idx is used after the loop, as in TRL
         if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # remove space before the prompt
+                idx -= 1
             break
-    else:
-        idx = min(len(chosen), len(rejected))
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
@@ -235,16 +257,17 @@ def _parse_hh(text: str, what: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- conversion
-def _consumed(fmt: str, mapping: Mapping | None) -> set[str]:
+def consumed_columns(fmt: str, mapping: Mapping | None = None) -> set[str]:
+    """The input columns layout ``fmt`` turns into prompt/chosen/rejected (the others pass through)."""
     return {
         "standard": {"prompt", "chosen", "rejected"},
-        "standard_implicit": {"chosen", "rejected"},
+        "standard_implicit": {"prompt", "chosen", "rejected"},  # a null prompt (absent) is not passed through
         "conversational": {"prompt", "chosen", "rejected"},
         "conversational_implicit": {"prompt", "chosen", "rejected"},
         "openai": {"input", "preferred_output", "non_preferred_output"},
         "sharegpt": {"conversations", "chosen", "rejected", "system"},
         "messages": {"chosen_messages", "rejected_messages"},
-        "hh": {"chosen", "rejected"},
+        "hh": {"prompt", "chosen", "rejected"},
         "mapping": set((mapping or {}).values()),
     }[fmt]
 
@@ -259,16 +282,13 @@ def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple
         raise RowReject("not_an_object", f"row is {type(row).__name__}, expected an object")
     if fmt != "mapping":
         own = detect_row_format(row)
-        if own is not None and own != fmt and not _compatible(own, fmt):
+        if own is not None and own != fmt and (fmt, own) not in _PROMPT_MISSING:
             raise RowReject("mixed_format", f"row looks like {own!r} in a {fmt!r} input")
     if fmt == "standard":
         p, c, r = _check_standard(_field(row, "prompt"), _field(row, "chosen"), _field(row, "rejected"))
     elif fmt == "standard_implicit":
-        from trl.data_utils import extract_prompt
-
         c, r = _text(_field(row, "chosen"), "chosen"), _text(_field(row, "rejected"), "rejected")
-        parts = extract_prompt({"chosen": c, "rejected": r})
-        p, c, r = _check_standard(parts["prompt"], parts["chosen"], parts["rejected"])
+        p, c, r = _check_standard(*extract_prompt(c, r))
     elif fmt == "conversational":
         p, c, r = _check_conversational(
             _messages(_field(row, "prompt"), "prompt"),
@@ -277,8 +297,11 @@ def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple
         )
     elif fmt in ("conversational_implicit", "messages"):
         ck, rk = ("chosen", "rejected") if fmt == "conversational_implicit" else ("chosen_messages", "rejected_messages")
-        p, c, r = _split_implicit(_messages(_field(row, ck), ck), _messages(_field(row, rk), rk))
-        p, c, r = _check_conversational(p, c, r)
+        c_all, r_all = _messages(_field(row, ck), ck), _messages(_field(row, rk), rk)
+        for name, turns in ((ck, c_all), (rk, r_all)):
+            if not any(m["role"] == "assistant" for m in turns):
+                raise RowReject("no_assistant_turn", f"{name} has no assistant turn")
+        p, c, r = _check_conversational(*extract_prompt(c_all, r_all))
     elif fmt == "openai":
         inp = _field(row, "input")
         if not isinstance(inp, Mapping):
@@ -317,16 +340,15 @@ def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple
         p, c, r = _convert_mapped(row, mapping or {})
     else:
         raise PreferenceDataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    consumed = _consumed(fmt, mapping)
+    consumed = consumed_columns(fmt, mapping)
     extras = {k: v for k, v in row.items() if k not in consumed}
     return {"prompt": p, "chosen": c, "rejected": r}, extras
 
 
-def _compatible(own: str, fmt: str) -> bool:
-    # An explicit-prompt row is fine in an implicit-prompt file and vice versa only within the same family;
-    # rows in ShareGPT files may carry a prompt-less layout check, etc. Everything else is a mix.
-    pairs = {("standard", "standard_implicit"), ("standard_implicit", "standard"), ("hh", "standard_implicit")}
-    return (own, fmt) in pairs
+# (input layout, row layout) pairs where the row is the input's layout without its prompt: the conversion then
+# rejects it as ``missing_field`` (prompt), which says more than ``mixed_format``.
+_PROMPT_MISSING = {("standard", "standard_implicit"), ("standard", "hh"),
+                   ("conversational", "conversational_implicit")}
 
 
 def _convert_mapped(row: Mapping, mapping: Mapping) -> tuple:

@@ -3,6 +3,11 @@
 Reason codes (``reason`` column):
   ``invalid_json``      a jsonl line that is not JSON
   ``invalid_utf8``      bytes that are not UTF-8
+  ``invalid_unicode``   a lone surrogate escape (``"\ud800"``): valid JSON, but no UTF-8 text can hold it
+  ``value_out_of_range`` a number no column can hold: an integer past Python's digit limit (4300 digits) or
+                        outside the 64-bit range of an Arrow integer column
+  ``nested_too_deep``   a value nested deeper than 32 levels (lists/objects; JSON past Python's recursion limit too)
+  ``malformed_row``     a CSV row with another number of fields than the header
   ``not_an_object``     a row that is not a JSON object / mapping
   ``missing_field``     a required field is absent or null
   ``empty_text``        a prompt/chosen/rejected text (or a message's content) is empty or whitespace
@@ -15,7 +20,7 @@ Reason codes (``reason`` column):
   ``duplicate_pair``    an exact duplicate of an earlier pair (only with ``drop_duplicates=True``)
   ``prompt_too_long``   the prompt alone has >= max_length tokens: DPOTrainer would drop it silently
 
-Rejects are written as an Arrow IPC *stream* file, readable by ``datasets.Dataset.from_file``,
+Rejects are written as they are found (:class:`RejectsWriter`), as an Arrow IPC *stream* file, readable by ``datasets.Dataset.from_file``,
 ``polars.read_ipc_stream`` and ``pyarrow.ipc.open_stream``.
 """
 
@@ -36,6 +41,10 @@ REJECTS_FILE = "rejects.arrow"
 REASONS = (
     "invalid_json",
     "invalid_utf8",
+    "invalid_unicode",
+    "value_out_of_range",
+    "nested_too_deep",
+    "malformed_row",
     "not_an_object",
     "missing_field",
     "empty_text",
@@ -62,14 +71,19 @@ REJECTS_SCHEMA = pa.schema(
 
 
 def _to_json(original) -> str:
-    if isinstance(original, str):
-        return original
     if isinstance(original, bytes):
-        return original.decode("utf-8", errors="backslashreplace")
+        original = original.decode("utf-8", errors="backslashreplace")
+    if isinstance(original, str):
+        return original.encode("utf-8", errors="backslashreplace").decode("utf-8")
     try:
-        return json.dumps(original, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return repr(original)
+        text = json.dumps(original, ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(original)
+        except RecursionError:
+            text = "<not shown: nested too deep>"
+    # A lone surrogate cannot be written as UTF-8: keep it visible as an escape.
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 def reject_record(source, row_index, stage: str, reason: str, detail: str, original) -> dict:
@@ -106,3 +120,61 @@ def write_rejects(records_or_table, path: str | os.PathLike) -> str:
 def read_rejects(path: str | os.PathLike) -> pa.Table:
     """A rejects file as a ``pyarrow.Table`` (raises ``StorageError`` when unreadable)."""
     return read_arrow_stream(path)
+
+
+def combine_rejects(*parts) -> pa.Table:
+    """One REJECTS_SCHEMA table from tables and lists of reject records, in order."""
+    tables = [p if isinstance(p, pa.Table) else rejects_table(list(p)) for p in parts if p is not None]
+    return pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
+
+
+class RejectsWriter:
+    """Append reject records to an Arrow IPC stream file as they are found (batched), counting them.
+
+    Raises:
+        StorageError: the file cannot be written (``partitioner.io.atomic_file``).
+    """
+
+    def __init__(self, path: str | os.PathLike, flush_rows: int = 4096):
+        from ..io import atomic_file
+
+        self.path = path
+        self.count = 0
+        self._pending: list[dict] = []
+        self._flush_rows = flush_rows
+        self._file = atomic_file(path, fsync=False)
+        sink = self._file.__enter__()
+        self._writer = pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), REJECTS_SCHEMA)
+
+    def add(self, records: list[dict]) -> None:
+        self._pending.extend(records)
+        self.count += len(records)
+        if len(self._pending) >= self._flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(rejects_table(self._pending))
+            self._pending = []
+
+    def close(self) -> None:
+        """Write what is pending and put the file in place."""
+        try:
+            self._flush()
+            self._writer.close()
+        except BaseException as e:
+            self._file.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._file.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Drop the file (its temporary name is removed)."""
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - the file is dropped anyway
+            pass
+        err = RuntimeError("aborted")
+        try:
+            self._file.__exit__(RuntimeError, err, None)
+        except RuntimeError:
+            pass

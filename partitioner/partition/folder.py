@@ -27,7 +27,7 @@ from scorers.columns import ROW_ID
 from scorers.errors import UserError
 
 from ..data.rejects import REJECTS_FILE
-from ..io import TMP_INFIX, fsync_dir, read_arrow_stream, read_json, sha256_file, write_json
+from ..io import TMP_INFIX, StorageError, fsync_dir, read_arrow_stream, read_json, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -92,12 +92,81 @@ def read_manifest(partition_dir: str | os.PathLike) -> dict:
     path = d / MANIFEST
     if not path.exists():
         raise PartitionError(f"{d} has no {MANIFEST}: not a partition, or its write did not finish")
-    manifest = read_json(path, "partition manifest")
+    try:
+        manifest = read_json(path, "partition manifest")
+    except UserError as e:
+        raise PartitionError(str(e)) from None
     if not isinstance(manifest, dict) or "chunks" not in manifest:
         raise PartitionError(f"{path} is not a partition manifest (no 'chunks')")
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise PartitionError(f"{path} has schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        raise PartitionError(f"{path} has schema_version {_short(manifest.get('schema_version'))}, expected "
+                             f"{SCHEMA_VERSION}")
+    check_manifest(manifest, path)
     return manifest
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_plain_name(name) -> bool:
+    """Whether ``name`` is a plain file name inside a folder: no separator, not ``.``/``..``, not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not Path(name).is_absolute() and Path(name).name == name)
+
+
+def check_manifest(m: dict, path) -> None:
+    """Refuse a manifest whose fields have the wrong JSON types, or whose files are not plain names in the folder.
+
+    Raises:
+        PartitionError: the first bad field, as one line.
+    """
+    for key in ("rows_in", "rows_kept", "rows_rejected"):
+        if not _is_count(m.get(key)):
+            raise PartitionError(f"{path}: {key} must be a non-negative integer, got {_short(m.get(key))}")
+    if m.get("columns") is not None and not (isinstance(m["columns"], list) and all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("type"), str)
+            for c in m["columns"])):
+        raise PartitionError(f"{path}: columns must be a list of {{name, type}} objects")
+    if m.get("rejects_sha256") is not None and not isinstance(m["rejects_sha256"], str):
+        raise PartitionError(f"{path}: rejects_sha256 must be text, got {_short(m['rejects_sha256'])}")
+    chunks = m["chunks"]
+    if not isinstance(chunks, list):
+        raise PartitionError(f"{path}: chunks must be a list, got {_short(chunks)}")
+    for i, c in enumerate(chunks):
+        if not isinstance(c, dict):
+            raise PartitionError(f"{path}: chunk {i} must be an object, got {_short(c)}")
+        entries = [("file", c.get("file"), c.get("sha256"))]
+        if c.get("parquet") is not None:
+            pq = c["parquet"]
+            if not isinstance(pq, dict):
+                raise PartitionError(f"{path}: chunk {i} parquet must be an object, got {_short(pq)}")
+            entries.append(("parquet file", pq.get("file"), pq.get("sha256")))
+        for what, name, sha in entries:
+            if not is_plain_name(name):
+                raise PartitionError(f"{path}: chunk {i} {what} {_short(name)} is not a plain file name inside the "
+                                     "folder; refusing to open it")
+            if not isinstance(sha, str):
+                raise PartitionError(f"{path}: chunk {i} sha256 must be text, got {_short(sha)}")
+        if not _is_count(c.get("rows")):
+            raise PartitionError(f"{path}: chunk {i} rows must be a non-negative integer, got {_short(c.get('rows'))}")
+
+
+def _shard_file(d: Path, name: str) -> Path:
+    """``d / name`` when it is a regular file (not a folder, not a link that could lead outside ``d``)."""
+    path = d / name
+    if path.is_symlink():
+        raise PartitionError(f"shard {name} is a symbolic link; refusing to follow it out of {d}")
+    if not path.exists():
+        raise PartitionError(f"shard {name} listed in {d / MANIFEST} is missing")
+    if not path.is_file():
+        raise PartitionError(f"shard {name} is not a regular file (a folder?)")
+    return path
 
 
 def load_partition(partition_dir: str | os.PathLike, verify: bool = False) -> list:
@@ -117,10 +186,12 @@ def load_partition(partition_dir: str | os.PathLike, verify: bool = False) -> li
     manifest = read_manifest(d)
     out = []
     for c in manifest["chunks"]:
-        path = d / c["file"]
-        if not path.exists():
-            raise PartitionError(f"shard {c['file']} listed in {d / MANIFEST} is missing")
-        ds = Dataset.from_file(str(path))
+        path = _shard_file(d, c["file"])
+        try:
+            ds = Dataset.from_file(str(path))
+        except (OSError, ValueError) as e:
+            raise PartitionError(f"shard {c['file']} is not a readable Arrow stream ({str(e).splitlines()[0][:120]})") \
+                from None
         if ds.num_rows != c["rows"]:
             raise PartitionError(f"shard {c['file']} has {ds.num_rows} rows, manifest says {c['rows']}")
         out.append(ds)
@@ -144,15 +215,24 @@ def verify_partition(partition_dir: str | os.PathLike) -> dict:
     Raises:
         PartitionError: the first mismatch found, as one line.
     """
-    d = Path(partition_dir)
+    try:
+        return _verify(Path(partition_dir))
+    except StorageError as e:  # a shard or the rejects file that is not a readable Arrow stream
+        raise PartitionError(str(e)) from None
+
+
+def _verify(d: Path) -> dict:
     m = read_manifest(d)
     expected_cols = m.get("columns")
     total = 0
     seen_ids: set = set()
+    listed = {c["file"] for c in m["chunks"]} | {c["parquet"]["file"] for c in m["chunks"] if c.get("parquet")}
+    unlisted = sorted(p.name for p in d.iterdir() if p.name.startswith("chunk-") and p.name not in listed)
+    if unlisted:
+        raise PartitionError(f"{unlisted[0]} looks like a shard but is not in the manifest ({len(unlisted)} such "
+                             "file(s)); a partition folder holds only its own shards")
     for c in m["chunks"]:
-        path = d / c["file"]
-        if not path.exists():
-            raise PartitionError(f"shard {c['file']} is missing")
+        path = _shard_file(d, c["file"])
         digest = sha256_file(path)
         if digest != c["sha256"]:
             raise PartitionError(f"shard {c['file']} checksum mismatch (sha256 {digest[:12]}, manifest {c['sha256'][:12]})")
@@ -169,9 +249,7 @@ def verify_partition(partition_dir: str | os.PathLike) -> dict:
                 raise PartitionError(f"shard {c['file']} repeats a row_id (a row is in more than one place)")
         pq_entry = c.get("parquet")
         if pq_entry:
-            pq_path = d / pq_entry["file"]
-            if not pq_path.exists():
-                raise PartitionError(f"parquet copy {pq_entry['file']} is missing")
+            pq_path = _shard_file(d, pq_entry["file"])
             if sha256_file(pq_path) != pq_entry["sha256"]:
                 raise PartitionError(f"parquet copy {pq_entry['file']} checksum mismatch")
         total += table.num_rows
@@ -182,6 +260,8 @@ def verify_partition(partition_dir: str | os.PathLike) -> dict:
             f"row accounting broken: rows_kept {m['rows_kept']} + rows_rejected {m['rows_rejected']} != rows_in {m['rows_in']}"
         )
     rej = d / REJECTS_FILE
+    if rej.exists() and not rej.is_file():
+        raise PartitionError(f"{REJECTS_FILE} is not a regular file")
     if m["rows_rejected"] and not rej.exists():
         raise PartitionError(f"{REJECTS_FILE} is missing but the manifest counts {m['rows_rejected']} rejected rows")
     if rej.exists():

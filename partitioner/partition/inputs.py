@@ -23,6 +23,7 @@ from ..io import sha256_file
 from ..scoring.folder import SCORING_FILE, is_scored_folder, scored_parts, verify_parts
 from .folder import PartitionError
 
+
 class PartitionInput:
     """Rows to partition, as record batches (memory-mapped where the input is a file), plus what came with them."""
 
@@ -120,6 +121,25 @@ def _table_of(data) -> pa.Table:
     return data.data.table
 
 
+def _mapped_dataset(data):
+    """``_map_stream`` of the one Arrow stream file a ``datasets.Dataset`` is exactly (all its rows and columns, no
+    selection), else None."""
+    files = getattr(data, "cache_files", None)
+    if not files or len(files) != 1 or getattr(data, "_indices", None) is not None:
+        return None
+    path = Path(files[0].get("filename", ""))
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) == b"ARROW1" or path.stat().st_size == 0:
+                return None
+        batches, schema, m = _map_stream(path)
+    except (OSError, PartitionError):
+        return None
+    if sum(b.num_rows for b in batches) != data.num_rows or not schema.equals(data.data.schema, check_metadata=False):
+        return None  # the mapping goes with its last reference
+    return batches, schema, m
+
+
 def _row_ids_sha256(ids: pa.ChunkedArray) -> str:
     h = hashlib.sha256()
     for chunk in ids.chunks:
@@ -142,6 +162,16 @@ def open_input(data, rejects=None) -> PartitionInput:
             raise PartitionError(f"input {path} is not a scored folder; load and score files first "
                                  "(sdpo partition FILES runs the scorer)")
         inp = _read_scored_dir(path)
+    elif (mapped := _mapped_dataset(data)) is not None:
+        # A dataset memory-mapped from one whole Arrow stream file (the loader's output): mapped here, so its pages
+        # can be released after each slice like a scored folder's.
+        batches, schema, m = mapped
+        fp = {"kind": type(data).__name__, "rows": data.num_rows, "columns": data.column_names}
+        if ROW_ID in schema.names and data.num_rows:
+            fp["row_ids_sha256"] = _row_ids_sha256(pa.Table.from_batches(batches, schema=schema).column(ROW_ID))
+        rej = rejects if rejects is None or isinstance(rejects, pa.Table) else rejects_table(list(rejects))
+        inp = PartitionInput(batches, schema, rejects=rej, fingerprint=fp, maps=[m])
+        inp.release()
     else:
         try:
             table = _table_of(data)

@@ -18,7 +18,7 @@ import numpy as np
 from scorers.columns import DIFFICULTY
 
 from ..data.rejects import REJECTS_FILE, REJECTS_SCHEMA, reason_counts, write_rejects
-from ..io import library_version
+from ..io import StorageError, library_version
 from .chunking import chunk_sizes
 from .config import PartitionConfig
 from .folder import SCHEMA_VERSION, PartitionError, prepare_output_dir, schema_columns, write_manifest
@@ -88,6 +88,17 @@ def partition_preferences(data, output_dir: str | os.PathLike, config: Partition
 
     inp.wait_verified()  # nothing is written (not even the old partition removed) before the input is confirmed
     out = prepare_output_dir(output_dir, overwrite=config.overwrite)
+    try:
+        return _write(inp, perm, bounds, out, config, chunk_entries, sizes, ordering, n, progress)
+    except (StorageError, OSError) as e:
+        # prepare_output_dir removed the old manifest before the first shard was written, and the new one is
+        # written last: the folder holds no manifest now, so nothing can read a half-written partition.
+        reason = str(e) if isinstance(e, StorageError) else f"cannot write in {out}: {e.strerror or e}"
+        raise PartitionError(f"{reason}; {out} holds no manifest (no partition) until a rerun completes") from e
+
+
+def _write(inp, perm, bounds, out: Path, config: PartitionConfig, chunk_entries: list, sizes, ordering: dict, n: int,
+           progress: bool) -> Path:
     files = write_shards(inp, perm, bounds, out, config, progress=progress)
     for entry, f in zip(chunk_entries, files):
         entry.update(f)

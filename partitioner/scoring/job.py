@@ -69,6 +69,7 @@ def score_preferences(inputs, output_dir, config: ScoringConfig | None = None, *
     from scorers.models import load_tokenizer
 
     from ..data.loading import load_preferences_with_rejects
+    from ..data.rejects import combine_rejects
     from ..data.tokenization import TokenizeConfig, tokenize_preferences
 
     config = config or ScoringConfig()
@@ -80,7 +81,7 @@ def score_preferences(inputs, output_dir, config: ScoringConfig | None = None, *
         import_ray()  # fail early with the install hint
     out = Path(output_dir)
     dataset, report = load_preferences_with_rejects(inputs, **(config.load_options or {}))
-    loader_rejects = list(report.rejects)
+    loader_rejects = report.rejects_table()
     if config.limit is not None and config.limit < len(dataset):
         dataset = dataset.select(range(config.limit))
     if len(dataset) == 0:
@@ -97,7 +98,7 @@ def score_preferences(inputs, output_dir, config: ScoringConfig | None = None, *
     kept, tok_rejects = tokenize_preferences(
         dataset, tokenizer, TokenizeConfig(max_length=config.max_length, truncation_mode=config.truncation_mode)
     )
-    rejects = loader_rejects + tok_rejects
+    rejects = combine_rejects(loader_rejects, tok_rejects)
     rows_in = len(dataset) + len(loader_rejects)
     n_parts = (len(kept) + config.rows_per_part - 1) // config.rows_per_part
     todo = [k for k in range(n_parts) if not part_done(out, k)]
