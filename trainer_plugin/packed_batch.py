@@ -4,7 +4,8 @@ TRL's collator gives ``2B`` right-padded rows (chosen rows first, then rejected)
 already applied ``max_length``/``truncation_mode``, so the tokens each side keeps are read from the rows themselves
 and each pair becomes one packed row (:func:`scorers.packing.pair_row`: the prompt once when both sides keep the
 same prompt tokens, two segments otherwise). Pairs are laid end to end in lines of at most ``batch_tokens`` tokens
-(:func:`scorers.packing.token_batches`; a pair longer than the budget is a line of its own).
+(:func:`scorers.packing.token_batches`, longest first; a pair longer than the budget is a line of its own), or all
+in one line in batch order.
 
 Every target (a completion token that gets a log-prob) also gets its *flat index*: its rank among the ``True``
 entries of TRL's ``completion_mask[:, 1:]`` in row-major order, i.e. where TRL's fused LM head puts that token's
@@ -14,7 +15,6 @@ log-prob. Per-token values computed on the lines are put back in TRL's ``(2B, L 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 from scorers.errors import UserError
@@ -87,7 +87,8 @@ def pack_collated(input_ids, attention_mask, completion_mask, batch_tokens: int 
         row_start[r] = row_start[r - 1] + per_row[r - 1]
 
     lines = []
-    for group in token_batches([len(r.ids) for r in rows], batch_tokens or sys.maxsize):
+    lengths = [len(r.ids) for r in rows]
+    for group in [list(range(n_pairs))] if batch_tokens is None else token_batches(lengths, batch_tokens):
         line, layout = pack_line([rows[i] for i in group])
         seen = [0] * n_rows  # targets placed so far per TRL row; within a side they come in token order
         flat = []
