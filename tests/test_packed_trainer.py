@@ -238,7 +238,8 @@ def test_gradient_checkpointing_and_token_budget_give_trls_gradient(m0, conversa
 
 LOSS_OPTIONS = [{"loss_type": [t]} for t in ("sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot",
                                               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")]
-LOSS_OPTIONS += [{"loss_type": ["exo_pair"], "label_smoothing": 1e-3}, {"loss_type": ["robust"], "label_smoothing": 0.1},
+LOSS_OPTIONS += [{"loss_type": ["exo_pair"], "label_smoothing": 1e-3},
+                 {"loss_type": ["robust"], "label_smoothing": 0.1},
                  {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}, {"use_weighting": True},
                  {"f_divergence_type": "js_divergence"}]
 
@@ -302,12 +303,21 @@ def test_gradient_accumulation_matches_trl(m0, conversational, tmp_path):
 
     from trainer_plugin.packed import PackedDPOTrainer
 
+    """Gradient accumulation (2 micro-batches of 2 pairs per optimizer step), then ``evaluate`` on held-out rows."""
+    from datasets import Dataset
+
     args = dpo_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3)
     trl, trl_logs, trl_grads = train(DPOTrainer, m0, conversational, args)
     ours, ours_logs, ours_grads = train(PackedDPOTrainer, m0, conversational, args)
     assert_logs_match(trl_logs, ours_logs)
     assert_grads_match(trl_grads, ours_grads)
     assert_updates_match(m0, trl.model, ours.model)
+    def metrics(evaluated: dict) -> dict:
+        return {k.removeprefix("eval_"): v for k, v in evaluated.items() if not k.endswith(("runtime", "per_second"))}
+
+    trl_eval, ours_eval = (metrics(t.evaluate(Dataset.from_list(conversational[8:16]))) for t in (trl, ours))
+    assert "rewards/margins" in trl_eval and "loss" in trl_eval
+    assert_logs_match([trl_eval], [ours_eval])
 
 
 def test_given_reference_columns_and_packed_precompute(m0, conversational, tmp_path):

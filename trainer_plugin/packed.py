@@ -23,7 +23,9 @@ Assumptions:
     auxiliary loss, no sliding window shorter than ``max_length``; batches from ``DataCollatorForPreference``
     (right-padded). The attention is SDPA per pair segment whatever ``attn_implementation`` the model has. With a
     split micro-batch under DDP, all but the last line's backward run in ``no_sync``; DeepSpeed and FSDP are refused
-    with ``packed_batch_tokens``.
+    with ``packed_batch_tokens``. TRL 1.x's ``compute_loss`` reads the per-token log-probs through one
+    ``model(..., fused_lm_head=True)`` call (and one on ``self.ref_model`` with a live reference); this is checked
+    at every step, and the tokens it asks for are checked against the packed ones.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class GivenOutputs:
     (in TRL's layout); any other call goes to the model."""
 
     def __init__(self, model, outputs: FusedCausalLMOutput):
-        self.model, self.outputs = model, outputs
+        self.model, self.outputs, self.calls = model, outputs, 0
 
     def __call__(self, *args, fused_lm_head=False, **kwargs):
         if not fused_lm_head:
@@ -58,7 +60,12 @@ class GivenOutputs:
         labels = kwargs.get("labels")
         if labels is None or not torch.equal(labels[:, 1:] != -100, self.outputs.label_mask):
             raise RuntimeError("TRL's loss asked for other tokens than the packed forward computed (TRL changed?)")
+        self.calls += 1
         return self.outputs
+
+    def check_used(self, what: str) -> None:
+        if self.calls != 1:
+            raise RuntimeError(f"TRL's loss read the {what} outputs {self.calls} times, expected once (TRL changed?)")
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -126,10 +133,16 @@ class PackedForward:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._install_heads()
         batch = self._pack(inputs)
-        policy = self._policy_outputs(model, batch)
-        reference = None if self.precompute_ref_logps else self._reference_outputs(batch)
+        policy = GivenOutputs(model, self._policy_outputs(model, batch))
+        reference = None
+        if not self.precompute_ref_logps:
+            reference = GivenOutputs(self.ref_model, self._reference_outputs(batch))
         with self._given_reference(reference):
-            return super().compute_loss(GivenOutputs(model, policy), inputs, return_outputs, num_items_in_batch)
+            result = super().compute_loss(policy, inputs, return_outputs, num_items_in_batch)
+        policy.check_used("policy's")
+        if reference is not None:
+            reference.check_used("reference's")
+        return result
 
     def training_step(self, model, inputs, *args, **kwargs):
         # Gradient checkpointing re-runs the layers during the backward pass: the packed attention must still be on.
@@ -142,7 +155,10 @@ class PackedForward:
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_adapter(), self.accelerator.autocast():
             stats = self._run_lines(model, batch, ())
-        return super().compute_ref_log_probs(GivenOutputs(model, _fused_output(batch, stats)), inputs)
+        given = GivenOutputs(model, _fused_output(batch, stats))
+        result = super().compute_ref_log_probs(given, inputs)
+        given.check_used("reference's")
+        return result
 
     # ------------------------------------------------------------------------------------------------ the forward
 
@@ -204,13 +220,13 @@ class PackedForward:
         return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
 
     @contextlib.contextmanager
-    def _given_reference(self, outputs):
+    def _given_reference(self, given: GivenOutputs | None):
         """TRL's loss reads the live reference's outputs from ``self.ref_model``: hand it the packed ones."""
-        if outputs is None:
+        if given is None:
             yield
             return
         saved = self.ref_model
-        self.ref_model = GivenOutputs(saved, outputs)
+        self.ref_model = given
         try:
             yield
         finally:
