@@ -29,6 +29,13 @@ def layout_tensor(layouts: list[list[tuple[int, int, int]]], device):
     return torch.tensor(rows, dtype=torch.long, device=device).unsqueeze(1)
 
 
+def unmodelled_sliding_window(text_config, max_length: int | None) -> int | None:
+    """The model's sliding window when it is shorter than ``max_length`` (``None`` length: any window), which the
+    packed attention does not model; ``None`` when there is no such window."""
+    window = getattr(text_config, "sliding_window", None) if getattr(text_config, "use_sliding_window", True) else None
+    return window if window is not None and (max_length is None or window < max_length) else None
+
+
 def prefix_attention(model):
     """Context manager: ``model``'s attention runs :func:`prefix_shared_attention` inside the block."""
     return attention_implementation(model, PREFIX_ATTENTION, prefix_shared_attention)

@@ -37,18 +37,29 @@ class PackedRow:
 
 
 def packed_row(pair_index: int, prompt, chosen, rejected, max_length, mode) -> PackedRow:
+    """One pair as the collator keeps it (``max_length``/``mode`` applied with :func:`kept_view`), packed."""
     vc = kept_view(len(prompt), len(chosen), max_length, mode)
     vr = kept_view(len(prompt), len(rejected), max_length, mode)
+    return pair_row(pair_index, prompt[vc.prompt_start :], chosen[vc.completion_start : vc.completion_end],
+                    prompt[vr.prompt_start :], rejected[vr.completion_start : vr.completion_end])
+
+
+def pair_row(pair_index: int, chosen_prompt, chosen, rejected_prompt, rejected) -> PackedRow:
+    """One pair packed from the tokens each side keeps after truncation (``*_prompt + side`` is the side's row).
+
+    Equal prompts are shared (one prefix, the sides after it); different ones (``keep_end`` cutting the two sides
+    differently) make two independent segments. A completion token at position 0 of its row gets no target.
+    """
     row = PackedRow()
-    sides = ((chosen, vc), (rejected, vr))
-    if vc.prompt_start == vr.prompt_start:  # both sides keep the same prompt slice: share it
-        prefix = prompt[vc.prompt_start :]
+    sides = (chosen, rejected)
+    if list(chosen_prompt) == list(rejected_prompt):  # both sides keep the same prompt slice: share it
+        prefix = list(chosen_prompt)
         n0 = len(prefix)
         row.ids += prefix
         row.pos += range(n0)
         row.seg += [0] * n0
-        for side, (completion, view) in enumerate(sides):
-            kept = completion[view.completion_start : view.completion_end]
+        for side, kept in enumerate(sides):
+            kept = list(kept)
             start = len(row.ids)
             row.ids += kept
             row.pos += range(n0, n0 + len(kept))
@@ -59,9 +70,8 @@ def packed_row(pair_index: int, prompt, chosen, rejected, max_length, mode) -> P
                 pred = (n0 - 1) if k == 0 else start + k - 1
                 row.targets.append((pred, label, pair_index, side))
     else:  # different prompt slices: two independent segments
-        for side, (completion, view) in enumerate(sides):
-            p = prompt[view.prompt_start :]
-            kept = completion[view.completion_start : view.completion_end]
+        for side, (p, kept) in enumerate(((chosen_prompt, chosen), (rejected_prompt, rejected))):
+            p, kept = list(p), list(kept)
             start = len(row.ids)
             row.ids += p + kept
             row.pos += range(len(p) + len(kept))
@@ -83,7 +93,6 @@ def plain_rows(pair_index: int, prompt, chosen, rejected, max_length, mode) -> l
         row.targets = [(len(p) + k - 1, label, pair_index, side) for k, label in enumerate(kept) if len(p) + k > 0]
         rows.append(row)
     return rows
-
 
 
 def pack_line(rows: list[PackedRow]) -> tuple[PackedRow, list[tuple[int, int, int]]]:

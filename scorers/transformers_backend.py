@@ -15,29 +15,15 @@ from __future__ import annotations
 
 import logging
 
-from .attention import layout_tensor, prefix_attention
+from .attention import layout_tensor, prefix_attention, unmodelled_sliding_window
 from .backend import LogProbBackend, token_columns
 from .columns import TRUNCATION_MODES
 from .errors import ConfigError, check_choice
 from .onednn import LINEAR_KERNELS, checked_onednn_swaps, linear_kernel, onednn_linear_available
+from .packed_head import lm_head_scaling, lm_head_tile
 from .packing import PackedRow, length_batches, pack_line, packed_row, plain_rows, token_batches
 
 logger = logging.getLogger(__name__)
-
-_LM_HEAD_CHUNK = 2048  # positions per LM-head tile: bounds the (positions x vocab) logits buffer
-# On CPU a tile's fp32 logits stay under glibc malloc's 32 MiB mmap ceiling, so their memory is reused from the heap
-# instead of being mapped and page-faulted afresh for every tile.
-_CPU_LM_HEAD_TILE_BYTES = 30 << 20
-
-
-def lm_head_tile(vocab_size: int, device) -> int:
-    """Positions per LM-head tile: 2048 on accelerators; on CPU as many as fit 30 MiB of fp32 logits (64-2048)."""
-    import torch
-
-    if torch.device(device).type != "cpu":
-        return _LM_HEAD_CHUNK
-    return max(64, min(_LM_HEAD_CHUNK, _CPU_LM_HEAD_TILE_BYTES // (4 * vocab_size)))
-
 
 class TransformersBackend(LogProbBackend):
     """Exact DPOTrainer reference log-probs with a transformers causal LM.
@@ -87,12 +73,11 @@ class TransformersBackend(LogProbBackend):
         self.max_length, self.truncation_mode = max_length, truncation_mode
         self.batch_tokens, self.packed, self.progress = batch_tokens, packed, progress
         cfg = model.config.get_text_config()
-        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-        if packed and window is not None and (max_length is None or window < max_length):
+        window = unmodelled_sliding_window(cfg, max_length)
+        if packed and window is not None:
             raise ConfigError(
                 f"packed scoring does not model the sliding window ({window}) of this model; use packed=False")
-        self._logit_scale = getattr(cfg, "logit_scale", None) or 1.0
-        self._softcap = getattr(cfg, "final_logit_softcapping", None)
+        self._logit_scale, self._softcap = lm_head_scaling(cfg)
         import torch
 
         onednn_ok = (self.dtype == "float32" and torch.device(self.device).type == "cpu" and onednn_linear_available())

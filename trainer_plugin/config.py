@@ -34,6 +34,16 @@ class StepwiseConfig:
     steps: int | None = field(
         default=None, metadata={"help": "Train only the first N chunks (default: all of them)."}
     )
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Train with the packed, prefix-shared forward (each prompt computed once, no padding, LM "
+                  "head only at completion positions; TRL's loss and metrics unchanged); false: TRL's own forward."},
+    )
+    packed_batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Packing: at most this many tokens per forward; a micro-batch (per_device_train_batch_size "
+                  "pairs) with more is split, same gradient, one extra forward. Default: one forward per micro-batch."},
+    )
     score_batch_tokens: int = field(
         default=4096, metadata={"help": "Token budget per forward of the reference scoring passes."}
     )
@@ -72,6 +82,8 @@ class StepwiseConfig:
         check_choice("dtype", self.dtype, DTYPES)
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.packed_batch_tokens is not None and self.packed_batch_tokens < 1:
+            raise ConfigError(f"packed_batch_tokens must be >= 1, got {self.packed_batch_tokens}")
         if self.score_batch_tokens < 1:
             raise ConfigError(f"score_batch_tokens must be >= 1, got {self.score_batch_tokens}")
         if self.lora_r < 1:

@@ -111,7 +111,7 @@ def train_stepwise(
                         "reference_source": ref.source, "ref_refresh_seconds": time.perf_counter() - started,
                         "reference": _reference_stats(config, score, policy, ref, eval_dataset)}
 
-        trainer = _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run)
+        trainer = _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run, config)
         check_saves_whole(trainer)
         record["rows_trained"] = len(trainer.train_dataset)
         if record["rows_trained"] != len(chunks[t - 1]) and procs.is_main:
@@ -205,9 +205,10 @@ def _reference_stats(config, score, policy, ref, eval_dataset) -> dict:
     return stats
 
 
-def _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run):
-    """Step t's ``DPOTrainer``: policy and reference both M(t-1), a fresh optimizer and schedule."""
-    from .trainer import StepwiseDPOTrainer
+def _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run, config):
+    """Step t's ``DPOTrainer``: policy and reference both M(t-1), a fresh optimizer and schedule; the packed
+    forward unless ``config.packing`` is off."""
+    from .trainer import PackedStepwiseDPOTrainer, StepwiseDPOTrainer
 
     step_args = copy.deepcopy(args)
     step_args.output_dir = str(run.step_dir(t))
@@ -215,7 +216,9 @@ def _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks
     if getattr(args, "data_seed", None) is not None:
         step_args.data_seed = args.data_seed + t - 1
     step_args.precompute_ref_log_probs = mode.precompute
-    trainer = StepwiseDPOTrainer(
+    packed = {"packed_batch_tokens": config.packed_batch_tokens} if config.packing else {}
+    trainer = (PackedStepwiseDPOTrainer if config.packing else StepwiseDPOTrainer)(
+        **packed,
         model=policy,
         ref_model=ref.model,
         args=step_args,

@@ -1,4 +1,5 @@
-"""``StepwiseDPOTrainer``: TRL's ``DPOTrainer`` that keeps reference log-probs it is given and tags its logs.
+"""``StepwiseDPOTrainer``: TRL's ``DPOTrainer`` that keeps reference log-probs it is given and tags its logs;
+``PackedStepwiseDPOTrainer``: the same with the packed, prefix-shared forward (:mod:`trainer_plugin.packed`).
 
 Given ``ref_chosen_logps``/``ref_rejected_logps`` columns with ``precompute_ref_log_probs=True`` (the
 ``precomputed`` reference mode), TRL would recompute them with its own reference; this trainer keeps them, and
@@ -11,6 +12,8 @@ from trl import DPOTrainer
 
 from scorers.columns import TRL_REF_CHOSEN, TRL_REF_REJECTED
 from scorers.compat import KeepGivenRefLogps, skip_trl_ref_weight_hash
+
+from .packed import PackedForward
 
 
 def has_ref_columns(dataset) -> bool:
@@ -37,3 +40,7 @@ class StepwiseDPOTrainer(KeepGivenRefLogps, DPOTrainer):
         if self.stepwise_step is not None:
             logs = {**logs, "stepwise/step": self.stepwise_step}
         return super().log(logs, start_time)
+
+
+class PackedStepwiseDPOTrainer(PackedForward, StepwiseDPOTrainer):
+    """``StepwiseDPOTrainer`` with the packed forward (``packed_batch_tokens``: see :class:`PackedForward`)."""
