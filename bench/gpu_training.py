@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from gpu_vllm import gpu_matmul_peak  # noqa: E402 - bench/ is this script's own folder
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,26 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.packed_batch_tokens is not None and a.packed_batch_tokens < 1:
         p.error("--packed-batch-tokens must be >= 1")
     return a
-
-
-def gpu_matmul_peak(dtype, n: int = 8192, seconds: float = 3.0) -> float:
-    """TFLOP/s of an n x n @ n x n matmul loop on the current GPU."""
-    import torch
-
-    a, b = torch.randn(n, n, dtype=dtype, device="cuda"), torch.randn(n, n, dtype=dtype, device="cuda")
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    k, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(10):
-            a @ b
-        k += 10
-        torch.cuda.synchronize()
-    tflops = 2 * n**3 * k / (time.perf_counter() - t0) / 1e12
-    del a, b
-    torch.cuda.empty_cache()
-    return tflops
 
 
 def matmul_params(model_path: str) -> tuple[int, int]:
