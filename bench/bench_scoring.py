@@ -122,17 +122,22 @@ def matmul_peak(dtype: str, kernel: str = "torch", seconds: float = 3.0) -> floa
     return 2 * 1024 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
 
 
-def model_params() -> tuple[int, int]:
-    """(matmul parameters of the transformer body, of the output projection) of the bundled model."""
-    import json as _json
+def matmul_params(model_path) -> tuple[int, int]:
+    """(matmul parameters of the transformer body, of the LM head) of a decoder, from its config.json."""
+    c = json.loads((Path(model_path) / "config.json").read_text())
+    c = c.get("text_config", c)
+    h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or h // heads
+    kv = head_dim * c.get("num_key_value_heads", heads)
+    return layers * (h * heads * head_dim * 2 + h * kv * 2 + 3 * h * i), h * c["vocab_size"]
 
+
+def model_params() -> tuple[int, int]:
+    """(matmul parameters of the transformer body, of the LM head) of the bundled model."""
     from scorers.models import bundled_model_path
 
-    c = _json.loads((bundled_model_path() / "config.json").read_text())
-    h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    kv = h // c["num_attention_heads"] * c.get("num_key_value_heads", c["num_attention_heads"])
-    body = L * (h * h * 2 + h * kv * 2 + 3 * h * i)
-    return body, h * c["vocab_size"]
+    return matmul_params(bundled_model_path())
 
 
 def run_child(role: str, args, extra: list[str]) -> dict:

@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gpu_vllm import gpu_matmul_peak  # noqa: E402 - bench/ is this script's own folder
+from bench_scoring import matmul_params  # noqa: E402 - bench/ is this script's own folder
+from gpu_vllm import gpu_matmul_peak  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,17 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.packed_batch_tokens is not None and a.packed_batch_tokens < 1:
         p.error("--packed-batch-tokens must be >= 1")
     return a
-
-
-def matmul_params(model_path: str) -> tuple[int, int]:
-    """(matmul parameters of the transformer body, of the LM head) from config.json."""
-    c = json.loads((Path(model_path) / "config.json").read_text())
-    c = c.get("text_config", c)
-    h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    heads = c["num_attention_heads"]
-    head_dim = c.get("head_dim") or h // heads
-    kv = head_dim * c.get("num_key_value_heads", heads)
-    return layers * (h * heads * head_dim * 2 + h * kv * 2 + 3 * h * i), h * c["vocab_size"]
 
 
 def load_rows(model: str, pairs: int, max_length: int) -> list[dict]:

@@ -21,6 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_scoring import matmul_params  # noqa: E402 - bench/ is this script's own folder
+
 
 def gpu_matmul_peak(dtype, n: int = 8192, seconds: float = 3.0) -> float:
     """TFLOP/s of an n x n @ n x n matmul loop on the current GPU."""
@@ -44,14 +46,7 @@ def gpu_matmul_peak(dtype, n: int = 8192, seconds: float = 3.0) -> float:
 
 def flops_per_token(model_path: str) -> float:
     """Matmul FLOPs per token of a decoder (body + LM head), from its config.json (attention scores excluded)."""
-    c = json.loads((Path(model_path) / "config.json").read_text())
-    c = c.get("text_config", c)
-    h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    heads = c["num_attention_heads"]
-    head_dim = c.get("head_dim") or h // heads
-    kv = head_dim * c.get("num_key_value_heads", heads)
-    body = L * (h * heads * head_dim * 2 + h * kv * 2 + 3 * h * i)
-    return 2.0 * (body + h * c["vocab_size"])
+    return 2.0 * sum(matmul_params(model_path))
 
 
 def load_rows(model: str, max_length: int, repeat: int):

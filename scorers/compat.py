@@ -23,6 +23,12 @@ UPSTREAM_NAMES = (
     ("transformers", "AttentionInterface.register"),
     ("transformers.integrations.sdpa_attention", "sdpa_attention_forward"),
     ("transformers", "PretrainedConfig._attn_implementation"),
+    # TRL internals the packed training step (trainer_plugin.packed, scorers.packed_head) builds on
+    ("trl.kernels", "ChunkedLogProbFunction"),
+    ("trl.trainer.utils", "FusedCausalLMOutput"),
+    ("trl.trainer.utils", "use_adapter"),
+    ("trl.models.utils", "disable_gradient_checkpointing"),
+    ("trl.trainer.dpo_trainer", "DPOTrainer.compute_ref_log_probs"),
 )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scorers.attention import layout_tensor
 from scorers.errors import UserError
 from scorers.packing import PackedRow, pack_line, pair_row, token_batches
 
@@ -103,7 +104,7 @@ def pack_collated(input_ids, attention_mask, completion_mask, batch_tokens: int 
         lines.append(PackedLine(
             input_ids=as_long(line.ids).unsqueeze(0),
             position_ids=as_long(line.pos).unsqueeze(0),
-            layout=torch.tensor([layout], dtype=torch.long).unsqueeze(1),
+            layout=layout_tensor([layout], "cpu"),
             predictors=as_long([t[0] for t in line.targets]),
             labels=as_long([t[1] for t in line.targets]),
             flat_index=as_long(flat),

@@ -263,7 +263,7 @@ class BlockConverter:
             if not self.own_output:
                 src = extras.get(self.source_column)
             elif block.table is not None:
-                src = _take(block.table.column(SOURCE), positions, block.num_rows).combine_chunks()
+                src = _one_array(_take(block.table.column(SOURCE), positions, block.num_rows))
             else:
                 src = pa.array([_text_or_none(_row(block, p).get(SOURCE)) for p in positions.tolist()], pa.string())
             if src is None:
