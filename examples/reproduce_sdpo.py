@@ -1,33 +1,32 @@
-"""Does the curriculum help? The sDPO paper's comparisons (Kim et al. 2024, Tables 2-3, Figure 2), replicated.
+"""Does the curriculum help? The sDPO paper's comparisons (Kim et al. 2024), with cross-fitting and paired statistics.
 
-M0 = the bundled SmolLM2-135M-Instruct; data = the bundled orca_dpo_pairs and LLaMA-Factory dpo_en_demo, one source
-each. The pairs are split once, by ``split_seed``, into training pairs and held-out pairs that no arm trains on.
-Every arm trains the same training pairs with the same ``DPOConfig`` (epochs, learning rate, β, batch); only how
-the pairs are cut into steps differs (the ``arms`` of the config):
+M0 = the bundled SmolLM2-135M-Instruct; data = three real sources: the bundled orca_dpo_pairs and LLaMA-Factory
+dpo_en_demo, and HH-RLHF harmless (``../shared/data``). A fixed sample of pairs per source is cut into ``folds``
+folds, stratified by source; for every fold k, every arm trains a model on a fixed subsample of the *other* folds'
+pairs (the same pairs for every arm) and is evaluated on fold k. So every sampled pair is held out exactly once per
+repetition, and every arm is judged on the same rows: the comparisons are paired by row. A repetition is a new fold
+assignment (its seed, also the training seed). The arms (fixed in the config, listed in ``examples/RESULTS.md``)
+differ only in how the same training pairs are cut into steps and which reference each step uses.
 
-* ``dpo``: all pairs at once: a 1-chunk stepwise run, i.e. exactly one ``DPOTrainer`` with reference M0;
-* ``sdpo_by_source``: one step per source, sources ordered by M0's reward accuracy (the paper's §3.2);
-* ``sdpo_easy_to_hard_2`` / ``_3``: by each pair's M0 margin ``ref_margin``, easiest first, 2 and 3 steps;
-* ``sdpo_random_2``: a random partition (the paper's ablation; a new one per seed);
-* ``sdpo_hard_to_easy_2``: the reverse curriculum (a control).
+Per held-out row the harness keeps the summed log-probs of chosen and rejected under M0 and under every arm's final
+model; γ_ref (mean margin) of every intermediate M(t) on a fixed probe of each fold; and TruthfulQA MC1/MC2
+(:mod:`partitioner.truthfulqa`) of M0 and every final model, the questions cross-fitted over the folds the same way.
+The per-row tables go to ``rows_dir`` (``examples/results/`` for the committed run); ``--report`` rebuilds every
+number and plot of RESULTS.md from them (``reproduce_report.py``), without training.
 
-Held-out metrics of every M(t) of every arm and seed (:func:`held_out_metrics`); results per (arm, seed) in
-``OUTPUT/results/ARM/seed_S.json``, the summary in ``OUTPUT/summary.md`` / ``summary.json`` and two plots.
-
-Usage (from the repository root; every run under the heavy-job lock on a shared machine)::
+Usage (from the repository root; under the heavy-job lock on a shared machine)::
 
     python examples/reproduce_sdpo.py --config examples/configs/reproduce.yaml          # the full run
     python examples/reproduce_sdpo.py --config examples/configs/reproduce.yaml --quick  # a few minutes
     python examples/reproduce_sdpo.py --config examples/configs/reproduce.yaml --report # RESULTS.md + plots
 
-Resumable: a rerun of the same command skips the finished (arm, seed) results and resumes an unfinished stepwise
-run after its last completed step (``train_stepwise``'s own resume). Only public APIs of the package are used.
+Resumable: a rerun of the same command skips finished (repetition, fold, arm) results and resumes an unfinished
+stepwise run after its last completed step. Only public APIs of the package are used.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
@@ -44,67 +43,72 @@ import numpy as np
 from partitioner.io import read_json, write_json
 from partitioner.run import BUNDLED_DATA
 from scorers.errors import ConfigError, UserError
-from scorers.stats import margin_stats
 
 logger = logging.getLogger("reproduce_sdpo")
 
 HERE = Path(__file__).resolve().parent
+SHARED_DATA = HERE.parents[1] / "shared" / "data"
 DEFAULT_CONFIG = HERE / "configs" / "reproduce.yaml"
-BUNDLED_SOURCES = {"orca": str(BUNDLED_DATA / "orca_dpo_pairs.jsonl"),
-                   "llamafactory_en": str(BUNDLED_DATA / "llamafactory_dpo_en_demo.json")}
-DEFAULT_ARMS = {
-    "dpo": {"order": "random", "chunks": 1},
-    "sdpo_by_source": {"order": "by_source"},
-    "sdpo_easy_to_hard_2": {"order": "easy_to_hard", "chunks": 2, "signal": "ref_margin"},
-    "sdpo_easy_to_hard_3": {"order": "easy_to_hard", "chunks": 3, "signal": "ref_margin"},
-    "sdpo_random_2": {"order": "random", "chunks": 2, "reseed": True},
-    "sdpo_hard_to_easy_2": {"order": "hard_to_easy", "chunks": 2, "signal": "ref_margin"},
-}
+DEFAULT_SOURCES = {"orca": str(BUNDLED_DATA / "orca_dpo_pairs.jsonl"),
+                   "llamafactory_en": str(BUNDLED_DATA / "llamafactory_dpo_en_demo.json"),
+                   "hh_harmless": str(SHARED_DATA / "hh_rlhf_harmless" / "test.jsonl.gz")}
+DEFAULT_TRUTHFULQA = str(SHARED_DATA / "truthfulqa" / "TruthfulQA.csv")
 SIGNALS = ["ref_margin", "ref_margin_per_token"]
-# Settings that change no number: a rerun may change them (more seeds or arms, keeping the models or not).
-NOT_IDENTITY = ("output_dir", "seeds", "arms", "keep_models", "quick")
+# Settings that change no number: a rerun may change them (more repetitions or arms, keeping the models or not).
+NOT_IDENTITY = ("output_dir", "rows_dir", "repetitions", "arms", "keep_models", "quick")
 
 
 @dataclass
 class ReproConfig:
     """The replication's settings (``examples/configs/reproduce.yaml``); the same for every arm."""
 
-    output_dir: str = field(default="out/reproduce", metadata={"help": "Results folder (resumable)."})
+    output_dir: str = field(default="out/reproduce", metadata={"help": "Work folder (resumable)."})
+    rows_dir: str | None = field(default=None, metadata={
+        "help": "Folder of the per-row result tables (default OUTPUT_DIR/rows); --report reads them."})
     model: str = field(default="bundled", metadata={"help": "M0: path, hub id or 'bundled' (SmolLM2-135M)."})
     sources: dict | None = field(default=None, metadata={
-        "help": "{source name: data file}; default: the bundled orca_dpo_pairs and dpo_en_demo."})
+        "help": "{source name: data file}; default: bundled orca_dpo_pairs and dpo_en_demo, shared HH harmless."})
     max_length: int = field(default=256, metadata={"help": "DPOConfig.max_length of scoring, training, evaluation."})
     max_prompt_tokens: int = field(default=128, metadata={
         "help": "Only pairs whose prompt has at most this many tokens are used (room for the completions)."})
-    train_per_source: int | None = field(default=36, metadata={
-        "help": "Training pairs drawn from each source; null: every pair of the source that is not held out."})
-    held_out_per_source: int = field(default=32, metadata={"help": "Held-out pairs drawn from each source."})
-    split_seed: int = field(default=0, metadata={"help": "Seed of the train/held-out split (made once)."})
-    seeds: list = field(default_factory=lambda: [0, 1, 2], metadata={
-        "help": "Training seeds: data order within chunks, the random partition, any random init."})
-    arms: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_ARMS), metadata={
-        "help": "{arm: PartitionConfig options}; 'reseed: true' draws the partition with the run's seed."})
+    sample_per_source: dict = field(default_factory=dict, metadata={
+        "help": "{source: pairs in the cross-fitted sample}; a source not named: every eligible pair."})
+    sample_seed: int = field(default=0, metadata={"help": "Seed of the sample (drawn once)."})
+    folds: int = field(default=2, metadata={"help": "K: folds of the sample, stratified by source."})
+    repetitions: list = field(default_factory=lambda: [0], metadata={
+        "help": "One seed per repetition: its fold assignment, training subsamples and training seed."})
+    train_per_source: int = field(default=40, metadata={
+        "help": "Training pairs per source of each fold's models, drawn from the other folds (same for all arms)."})
+    gamma_probe_per_fold: int = field(default=96, metadata={
+        "help": "Held-out rows of each fold on which γ_ref of every intermediate M(t) is measured."})
+    truthfulqa: str | None = field(default=DEFAULT_TRUTHFULQA, metadata={"help": "TruthfulQA.csv; null: skip."})
+    truthfulqa_questions: int | None = field(default=None, metadata={
+        "help": "A fixed random subset of this many questions (truthfulqa_seed); null: all 817."})
+    truthfulqa_seed: int = field(default=0, metadata={"help": "Seed of the TruthfulQA subset."})
+    arms: dict = field(default_factory=dict, metadata={
+        "help": "{arm: PartitionConfig options}; 'reseed: true' draws the partition with the repetition's seed; "
+                "'stepwise: {...}' StepwiseConfig options of this arm only."})
     training: dict = field(default_factory=dict, metadata={"help": "DPOConfig options shared by every arm."})
     stepwise: dict = field(default_factory=lambda: {"ref_mode": "precomputed"}, metadata={
         "help": "StepwiseConfig options shared by every arm."})
-    eval_batch_tokens: int = field(default=4096, metadata={"help": "Token budget per held-out scoring forward."})
-    device: str | None = field(default=None, metadata={"help": "Device of the held-out evaluation (cpu default)."})
-    driver_held_out: bool = field(default=False, metadata={
-        "help": "Also give the held-out pairs to train_stepwise, which then logs γ_ref of every M(t) in "
-                "steps.json (the harness evaluates every M(t) itself; this duplicates T+1 scoring passes)."})
+    eval_batch_tokens: int = field(default=4096, metadata={"help": "Token budget per evaluation forward."})
+    device: str | None = field(default=None, metadata={"help": "Device of scoring and evaluation (cpu default)."})
     keep_models: bool = field(default=False, metadata={
-        "help": "Keep every M(t)'s weights after its (arm, seed) result is written (540 MB each for SmolLM2)."})
+        "help": "Keep every M(t)'s weights after its result is written (540 MB each for SmolLM2)."})
     quick: dict = field(default_factory=dict, metadata={"help": "Overrides applied by --quick."})
 
     def __post_init__(self):
-        self.sources = dict(self.sources or BUNDLED_SOURCES)
+        self.sources = dict(self.sources or DEFAULT_SOURCES)
         if self.max_length < 8 or not 0 < self.max_prompt_tokens < self.max_length:
             raise ConfigError(f"need 8 <= max_length and 0 < max_prompt_tokens < max_length, got {self.max_length}, "
                               f"{self.max_prompt_tokens}")
-        if (self.train_per_source is not None and self.train_per_source < 1) or self.held_out_per_source < 1:
-            raise ConfigError("train_per_source and held_out_per_source must be >= 1")
-        if not self.seeds or not self.arms:
-            raise ConfigError("give at least one seed and one arm")
+        if self.folds < 2 or self.train_per_source < 1 or self.gamma_probe_per_fold < 1:
+            raise ConfigError("need folds >= 2, train_per_source >= 1 and gamma_probe_per_fold >= 1")
+        if not self.repetitions or not self.arms:
+            raise ConfigError("give at least one repetition and one arm")
+        unknown = set(self.sample_per_source) - set(self.sources)
+        if unknown:
+            raise ConfigError(f"sample_per_source names unknown source(s) {', '.join(sorted(unknown))}")
         for key in ("output_dir", "max_length", "seed"):
             if key in self.training:
                 raise ConfigError(f"training.{key} is set by the harness; use the top-level option instead")
@@ -127,104 +131,90 @@ class ReproConfig:
     def identity(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
 
+    @property
+    def beta(self) -> float:
+        return float(self.training.get("beta", 0.1))
 
-# --------------------------------------------------------------------------------------------- held-out metrics
-def held_out_metrics(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, beta: float) -> dict:
-    """Held-out metrics of a model M from its summed log-probs, against the reference M0 (per pair arrays).
-
-    * ``preference_accuracy``: share of pairs with log M(chosen) > log M(rejected) (summed over the completion);
-      ``preference_accuracy_per_token`` the same on per-token means; ``gamma`` the mean margin (γ of M as a
-      reference, the paper's Figure-2 quantity, via ``scorers.stats.margin_stats``);
-    * ``reward_accuracy`` / ``reward_margin``: TRL's ``rewards/accuracies`` and ``rewards/margins`` with
-      rewards β·(log M − log M0), i.e. the DPO implicit reward of M against M0;
-    * ``dpo_loss``: TRL's sigmoid DPO loss against M0, mean over pairs (log 2 at M = M0);
-    * ``drift_chosen`` (``_per_token``): mean log-ratio log M − log M0 on the chosen responses.
-    """
-    c, r, c0, r0 = (np.asarray(x, dtype=np.float64) for x in (chosen, rejected, ref_chosen, ref_rejected))
-    ct, rt = (np.maximum(np.asarray(x, dtype=np.float64), 1.0) for x in (chosen_tokens, rejected_tokens))
-    stats = margin_stats(c, r)
-    chosen_rewards, rejected_rewards = beta * (c - c0), beta * (r - r0)
-    delta = chosen_rewards - rejected_rewards
-    return {
-        "pairs": stats["pairs"],
-        "preference_accuracy": stats["reward_accuracy"],
-        "preference_accuracy_per_token": float((c / ct > r / rt).mean()),
-        "gamma": stats["mean_margin"],
-        "reward_accuracy": float((chosen_rewards > rejected_rewards).mean()),
-        "reward_margin": float(delta.mean()),
-        "dpo_loss": float(np.logaddexp(0.0, -delta).mean()),  # -log sigmoid(delta), stable
-        "drift_chosen": float((c - c0).mean()),
-        "drift_chosen_per_token": float(((c - c0) / ct).mean()),
-    }
+    @property
+    def truncation_mode(self) -> str:
+        return self.training.get("truncation_mode", "keep_start")
 
 
 # ------------------------------------------------------------------------------------------------- data set-up
-def make_split(cfg: ReproConfig, tokenizer) -> dict:
-    """Per source: ``held_out_per_source`` held-out and ``train_per_source`` training row ids, drawn by
-    ``split_seed`` among the pairs whose prompt fits ``max_prompt_tokens`` (ordered by row id first, so the split
-    depends on the pairs, not on the file order). Held-out ids are drawn first: more or fewer training pairs never
-    change the held-out set."""
+def draw_sample(cfg: ReproConfig, tokenizer) -> tuple[dict, object]:
+    """``({source: sorted sampled row ids}, loaded rows)``: per source ``sample_per_source`` pairs (or all) among
+    those whose prompt fits ``max_prompt_tokens``, drawn by ``sample_seed`` from the row ids in sorted order."""
     from partitioner import TokenizeConfig, load_preferences, tokenize_preferences
 
-    loaded = load_preferences(cfg.sources, drop_duplicates=True)  # a duplicate could land in both splits
-    kept, _ = tokenize_preferences(loaded, tokenizer, TokenizeConfig(cfg.max_length, cfg.training.get(
-        "truncation_mode", "keep_start")))
+    loaded = load_preferences(cfg.sources, drop_duplicates=True)  # a duplicate could be trained on and held out
+    kept, _ = tokenize_preferences(loaded, tokenizer, TokenizeConfig(cfg.max_length, cfg.truncation_mode))
     prompt_len = np.array([len(p) for p in kept["prompt_ids"]])
-    split: dict = {"split_seed": cfg.split_seed, "held_out": {}, "train": {}, "candidates": {}}
+    sample = {}
     for src in sorted(cfg.sources):
         ids = sorted(rid for rid, s, n in zip(kept["row_id"], kept["source"], prompt_len)
                      if s == src and n <= cfg.max_prompt_tokens)
-        need = cfg.held_out_per_source + (cfg.train_per_source or 1)
-        if len(ids) < need:
+        want = cfg.sample_per_source.get(src, len(ids))
+        if len(ids) < want:
             raise ConfigError(f"source {src!r} has {len(ids)} pairs with a prompt of at most {cfg.max_prompt_tokens} "
-                              f"tokens; {need} needed (held_out_per_source + train_per_source)")
-        perm = [ids[i] for i in np.random.default_rng(cfg.split_seed).permutation(len(ids))]
-        split["held_out"][src] = perm[: cfg.held_out_per_source]
-        split["train"][src] = perm[cfg.held_out_per_source:need if cfg.train_per_source else None]
-        split["candidates"][src] = len(ids)
-    split["_loaded"] = loaded  # not written: the rows, for scoring
-    return split
+                              f"tokens; sample_per_source asks for {want}")
+        pick = np.random.default_rng(cfg.sample_seed).permutation(len(ids))[:want]
+        sample[src] = sorted(ids[i] for i in pick)
+    return sample, loaded
 
 
-def prepare(cfg: ReproConfig, out: Path) -> dict:
-    """The split (``split.json``, made once) and M0's scores of the training and held-out pairs (resumable)."""
+def assign_folds(sample: dict, folds: int, rep: int) -> dict:
+    """``{row_id: fold}``: within each source a seeded permutation dealt round-robin (folds differ by <= 1 row)."""
+    fold = {}
+    for i, src in enumerate(sorted(sample)):
+        rng = np.random.default_rng([rep, i])
+        for pos, j in enumerate(rng.permutation(len(sample[src]))):
+            fold[sample[src][j]] = pos % folds
+    return fold
+
+
+def training_ids(sample: dict, fold_of: dict, k: int, per_source: int, rep: int) -> list[str]:
+    """Fold k's training pairs: ``per_source`` per source from the other folds (seeded; the same for every arm)."""
+    out = []
+    for i, src in enumerate(sorted(sample)):
+        pool = [rid for rid in sample[src] if fold_of[rid] != k]
+        if len(pool) < per_source:
+            raise ConfigError(f"source {src!r} has {len(pool)} pairs outside fold {k}; train_per_source is "
+                              f"{per_source}")
+        pick = np.random.default_rng([rep, k, i, 7]).permutation(len(pool))[:per_source]
+        out += sorted(pool[j] for j in pick)
+    return out
+
+
+def question_folds(n_questions: int, folds: int, rep: int) -> list[int]:
+    """Fold of each TruthfulQA question in a repetition (a seeded permutation dealt round-robin)."""
+    fold = [0] * n_questions
+    for pos, j in enumerate(np.random.default_rng([rep, 1000]).permutation(n_questions)):
+        fold[j] = pos % folds
+    return fold
+
+
+def truthfulqa_questions(cfg: ReproConfig) -> list[dict]:
+    from partitioner.truthfulqa import load_truthfulqa
+
+    if not cfg.truthfulqa:
+        return []
+    questions = load_truthfulqa(cfg.truthfulqa)
+    if cfg.truthfulqa_questions is not None and cfg.truthfulqa_questions < len(questions):
+        pick = np.random.default_rng(cfg.truthfulqa_seed).permutation(len(questions))[: cfg.truthfulqa_questions]
+        questions = [questions[i] for i in sorted(pick)]
+    return questions
+
+
+def score_rows(cfg: ReproConfig, rows, folder: Path):
+    """M0's scores of ``rows`` (a resumable scored folder), read back as a dataset."""
     from partitioner import ScoringConfig, read_scored, score_preferences
-    from scorers.models import load_tokenizer
 
-    started = time.perf_counter()
-    split = make_split(cfg, load_tokenizer(cfg.model))
-    loaded = split.pop("_loaded")
-    split_file = out / "split.json"
-    if split_file.exists() and read_json(split_file, "split") != split:
-        raise UserError(f"{split_file} holds another split; use a new output_dir")
-    write_json(split_file, split)
-    index = {rid: i for i, rid in enumerate(loaded["row_id"])}
     scoring = ScoringConfig(model=cfg.model, max_length=cfg.max_length, signals=SIGNALS, progress=False,
-                            truncation_mode=cfg.training.get("truncation_mode", "keep_start"), device=cfg.device)
-    data = {}
-    for part in ("train", "held_out"):
-        rows = loaded.select([index[rid] for src in sorted(split[part]) for rid in split[part][src]])
-        data[part] = read_scored(score_preferences(rows, out / "scored" / part, scoring))[0]
-    logger.info("split: %s training and %s held-out pairs per source (%s candidates); M0 scored in %.0fs",
-                cfg.train_per_source, cfg.held_out_per_source, split["candidates"], time.perf_counter() - started)
-    data["setup_seconds"] = time.perf_counter() - started
-    return data
+                            truncation_mode=cfg.truncation_mode, device=cfg.device)
+    return read_scored(score_preferences(rows, folder, scoring))[0]
 
 
-def arm_partition(cfg: ReproConfig, out: Path, arm: str, seed: int) -> Path:
-    """The arm's partition of the training pairs (made once: a stepwise run is tied to its partition)."""
-    from partitioner import PartitionConfig, partition_preferences
-
-    spec = dict(cfg.arms[arm])
-    reseed, fixed_seed = spec.pop("reseed", False), spec.pop("seed", 0)
-    folder = out / "partitions" / (f"{arm}-seed{seed}" if reseed else arm)
-    if not (folder / "manifest.json").exists():
-        partition_preferences(out / "scored" / "train", folder,
-                              PartitionConfig(**spec, seed=seed if reseed else fixed_seed), progress=False)
-    return folder
-
-
-# ------------------------------------------------------------------------------------------------- one arm/seed
+# ------------------------------------------------------------------------------------------------- one model
 def dpo_args(cfg: ReproConfig, output_dir: Path, seed: int):
     from trl import DPOConfig
 
@@ -234,61 +224,120 @@ def dpo_args(cfg: ReproConfig, output_dir: Path, seed: int):
                         "seed": seed})
 
 
-def evaluate_step(cfg: ReproConfig, run_dir: Path, t: int, held) -> dict:
-    """Held-out metrics of M(t) (cached in ``run_dir/held_out_step_t.json``)."""
-    cache = run_dir / f"held_out_step_{t}.json"
-    if cache.exists():
-        return read_json(cache, "held-out metrics")
+def model_scores(cfg: ReproConfig, model, rows) -> dict:
+    """Summed log-probs of chosen and rejected under ``model`` (fp32, on ``cfg.device``), per row of ``rows``."""
     from trainer_plugin.reference import score_pairs
+
+    chosen, rejected = score_pairs(model, rows, max_length=cfg.max_length, batch_tokens=cfg.eval_batch_tokens,
+                                   truncation_mode=cfg.truncation_mode)
+    return {"chosen_logps": [float(x) for x in chosen], "rejected_logps": [float(x) for x in rejected]}
+
+
+def load_model(cfg: ReproConfig, run_dir: Path, t: int):
     from trainer_plugin.run_folder import load_step_model
 
     model = load_step_model(run_dir, t, cfg.model, dtype="float32")  # every model evaluated in fp32, as M0 was
-    if cfg.device:
-        model.to(cfg.device)
-    chosen, rejected = score_pairs(model, held, max_length=cfg.max_length, batch_tokens=cfg.eval_batch_tokens,
-                                   truncation_mode=cfg.training.get("truncation_mode", "keep_start"))
-    metrics = m0_relative(held, chosen, rejected, cfg.training.get("beta", 0.1))
-    write_json(cache, metrics)
-    return metrics
+    return model.to(cfg.device) if cfg.device else model
 
 
-def m0_relative(held, chosen, rejected, beta: float) -> dict:
-    return held_out_metrics(chosen, rejected, held["chosen_logps"], held["rejected_logps"], held["chosen_tokens"],
-                            held["rejected_tokens"], beta)
+def arm_partition(cfg: ReproConfig, out: Path, scored_train: Path, rep: int, k: int, arm: str) -> Path:
+    """The arm's partition of fold k's training pairs (made once: a stepwise run is tied to its partition)."""
+    from partitioner import PartitionConfig, partition_preferences
+
+    spec = {key: v for key, v in cfg.arms[arm].items() if key != "stepwise"}
+    reseed, fixed_seed = spec.pop("reseed", False), spec.pop("seed", 0)
+    folder = out / "partitions" / f"rep{rep}" / f"fold{k}" / arm
+    if not (folder / "manifest.json").exists():
+        partition_preferences(scored_train, folder, PartitionConfig(**spec, seed=rep if reseed else fixed_seed),
+                              progress=False)
+    return folder
 
 
-def run_arm(cfg: ReproConfig, out: Path, arm: str, seed: int, data: dict, command: str) -> dict:
-    """Train (or resume) one arm with one seed, evaluate every M(t) on the held-out pairs; returns its result."""
+def run_model(cfg: ReproConfig, out: Path, rep: int, k: int, arm: str, data: dict, command: str) -> dict:
+    """Train (or resume) one arm on fold k's training pairs, then evaluate it on fold k; returns its result."""
+    from partitioner.truthfulqa import score_truthfulqa
     from trainer_plugin.config import StepwiseConfig
     from trainer_plugin.driver import train_stepwise
 
-    part = arm_partition(cfg, out, arm, seed)
-    run_dir = out / "runs" / arm / f"seed_{seed}"
-    held = data["held_out"]
+    part = arm_partition(cfg, out, data["scored_train"][k], rep, k, arm)
+    run_dir = out / "runs" / f"rep{rep}" / f"fold{k}" / arm
     started = time.perf_counter()
-    records = train_stepwise(part, cfg.model, args=dpo_args(cfg, run_dir, seed), config=StepwiseConfig(**cfg.stepwise),
-                             eval_dataset=held if cfg.driver_held_out else None)
+    stepwise = StepwiseConfig(**{**cfg.stepwise, **cfg.arms[arm].get("stepwise", {})})
+    records = train_stepwise(part, cfg.model, args=dpo_args(cfg, run_dir, rep), config=stepwise)
     trained = time.perf_counter()
-    beta = cfg.training.get("beta", 0.1)
-    models = [m0_relative(held, held["chosen_logps"], held["rejected_logps"], beta)]
-    models += [evaluate_step(cfg, run_dir, t, held) for t in range(1, len(records) + 1)]
+    held, probe = data["held"][k], data["probe"][k]
+    probe_scores = []
+    for t in range(1, len(records)):  # intermediate models: the probe only; the final model: the whole fold
+        probe_scores.append(model_scores(cfg, load_model(cfg, run_dir, t), probe))
+    final = load_model(cfg, run_dir, len(records))
+    scores = model_scores(cfg, final, held)
+    evaluated = time.perf_counter()
+    questions = [q for q, f in zip(data["questions"], data["question_folds"]) if f == k]
+    tqa = [{key: r[key] for key in ("index", "mc1", "mc2")} for r in score_truthfulqa(
+        final, questions, tokenizer=data["tokenizer"], batch_tokens=cfg.eval_batch_tokens)] if questions else []
+    del final
+    done = time.perf_counter()
     return {
-        "arm": arm, "seed": seed, "spec": cfg.arms[arm], "partition": str(part.relative_to(out)),
+        "repetition": rep, "fold": k, "arm": arm, "spec": cfg.arms[arm], "partition": str(part.relative_to(out)),
         "chunks": [r["rows"] for r in records], "optimizer_steps": [r.get("optimizer_steps") for r in records],
         "train_loss": [r.get("train_loss") for r in records],
-        "reference_chunk": [(r.get("reference") or {}).get("chunk") for r in records],
-        "driver_held_out": [(r.get("reference") or {}).get("held_out") for r in records],
-        "models": models,  # M0, M1, ..., M(T) on the held-out pairs
-        "final": models[-1],
-        "train_seconds": trained - started, "eval_seconds": time.perf_counter() - trained,
-        "command": command, "machine": machine(cfg),
+        "reference_source": [r.get("reference_source") for r in records],
+        "row_id": list(held["row_id"]), **scores,
+        "probe_row_id": list(probe["row_id"]), "probe_scores": probe_scores,
+        "truthfulqa": tqa,
+        "train_pairs": sum(r["rows"] for r in records), "eval_rows": len(held) + len(probe) * (len(records) - 1),
+        "train_seconds": trained - started, "eval_seconds": evaluated - trained, "truthfulqa_seconds": done - evaluated,
+        "command": command,
     }
 
 
-def drop_models(run_dir: Path) -> None:
-    """Remove the M(t) weights of a finished (arm, seed); the records and metrics stay."""
-    for weights in run_dir.glob("step_*/*.safetensors"):
-        weights.unlink()
+# ----------------------------------------------------------------------------------------------------- the run
+def prepare(cfg: ReproConfig, out: Path) -> dict:
+    """The sample, M0's scores and TruthfulQA answers (once), and every repetition's folds and training sets."""
+    from partitioner.truthfulqa import score_truthfulqa
+    from scorers.models import load_tokenizer
+
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model)
+    sample, loaded = draw_sample(cfg, tokenizer)
+    sample_file = out / "sample.json"
+    if sample_file.exists() and read_json(sample_file, "sample") != sample:
+        raise UserError(f"{sample_file} holds another sample; use a new output_dir")
+    write_json(sample_file, sample)
+    index = {rid: i for i, rid in enumerate(loaded["row_id"])}
+    ordered = [rid for src in sorted(sample) for rid in sample[src]]
+    m0 = score_rows(cfg, loaded.select([index[r] for r in ordered]), out / "scored" / "sample")
+    scored_seconds = time.perf_counter() - started
+    questions = truthfulqa_questions(cfg)
+    m0_tqa_file = out / "m0_truthfulqa.json"
+    if questions and not m0_tqa_file.exists():
+        t0 = time.perf_counter()
+        answers = [{key: r[key] for key in ("index", "mc1", "mc2")} for r in score_truthfulqa(
+            cfg.model, questions, tokenizer=tokenizer, batch_tokens=cfg.eval_batch_tokens, device=cfg.device)]
+        write_json(m0_tqa_file, {"answers": answers, "seconds": time.perf_counter() - t0})
+    return {"tokenizer": tokenizer, "sample": sample, "loaded": loaded, "index": index, "m0": m0,
+            "m0_truthfulqa": read_json(m0_tqa_file, "M0 TruthfulQA")["answers"] if questions else [],
+            "questions": questions, "m0_scoring_seconds": scored_seconds}
+
+
+def prepare_repetition(cfg: ReproConfig, out: Path, rep: int, data: dict) -> dict:
+    fold_of = assign_folds(data["sample"], cfg.folds, rep)
+    m0 = data["m0"]
+    m0_index = {rid: i for i, rid in enumerate(m0["row_id"])}
+    rep_data = {"fold_of": fold_of, "held": {}, "probe": {}, "scored_train": {}, "questions": data["questions"],
+                "question_folds": question_folds(len(data["questions"]), cfg.folds, rep),
+                "tokenizer": data["tokenizer"]}
+    for k in range(cfg.folds):
+        held_ids = [rid for rid in m0["row_id"] if fold_of[rid] == k]
+        rep_data["held"][k] = m0.select([m0_index[r] for r in held_ids])
+        probe = np.random.default_rng([rep, k, 99]).permutation(len(held_ids))[: cfg.gamma_probe_per_fold]
+        rep_data["probe"][k] = rep_data["held"][k].select(sorted(int(i) for i in probe))
+        train = training_ids(data["sample"], fold_of, k, cfg.train_per_source, rep)
+        folder = out / "scored" / f"rep{rep}_fold{k}_train"
+        rows = data["loaded"].select([data["index"][r] for r in train])
+        score_rows(cfg, rows, folder)
+        rep_data["scored_train"][k] = folder
+    return rep_data
 
 
 def machine(cfg: ReproConfig) -> dict:
@@ -302,49 +351,53 @@ def machine(cfg: ReproConfig) -> dict:
         names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                  if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    return {"platform": platform.platform(), "processor": cpu,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__}
+    return {"platform": platform.platform(), "processor": cpu, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
 
 
-# ----------------------------------------------------------------------------------------------------- the run
+def drop_models(run_dir: Path) -> None:
+    """Remove the M(t) weights of a finished model; the records stay."""
+    for weights in run_dir.glob("step_*/*.safetensors"):
+        weights.unlink()
+
+
 def run(cfg: ReproConfig, command: str = "reproduce_sdpo.run(config) from Python") -> Path:
-    """The whole replication into ``cfg.output_dir`` (resumable); returns the folder. Ends with the summary.
-
-    ``command`` is recorded with the results (the command line, when run as a script).
-    """
-    from reproduce_report import write_summary
+    """The whole replication into ``cfg.output_dir`` (resumable), then its per-row tables into ``rows_dir``."""
+    from reproduce_report import export_rows
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "config.json"
-    if config_file.exists() and read_json(config_file, "config")["identity"] != json.loads(json.dumps(cfg.identity())):
+    identity = json.loads(json.dumps(cfg.identity()))
+    if config_file.exists() and read_json(config_file, "config")["identity"] != identity:
         raise UserError(f"{out} holds results of another configuration ({config_file}); use a new output_dir")
-    write_json(config_file, {"identity": cfg.identity(), "seeds": cfg.seeds, "arms": cfg.arms})
+    write_json(config_file, {"identity": identity, "repetitions": cfg.repetitions, "arms": cfg.arms})
     invocation = {"command": command, "started": time.time()}
     data = prepare(cfg, out)
-    todo = [(seed, arm) for seed in cfg.seeds for arm in cfg.arms]
-    for i, (seed, arm) in enumerate(todo, 1):
-        result_file = out / "results" / arm / f"seed_{seed}.json"
+    todo = [(rep, k, arm) for rep in cfg.repetitions for k in range(cfg.folds) for arm in cfg.arms]
+    rep_data: dict = {}
+    for i, (rep, k, arm) in enumerate(todo, 1):
+        result_file = out / "results" / f"rep{rep}" / f"fold{k}" / f"{arm}.json"
         if result_file.exists():
             if read_json(result_file, "result")["spec"] != cfg.arms[arm]:
                 raise UserError(f"{result_file} was made with another definition of arm {arm!r}")
-            logger.info("[%d/%d] %s seed %d: done before, skipped", i, len(todo), arm, seed)
             continue
-        logger.info("[%d/%d] %s seed %d: training", i, len(todo), arm, seed)
-        result = run_arm(cfg, out, arm, seed, data, command)
+        if rep not in rep_data:
+            rep_data = {rep: prepare_repetition(cfg, out, rep, data)}
+        logger.info("[%d/%d] repetition %d fold %d %s: training", i, len(todo), rep, k, arm)
+        result = run_model(cfg, out, rep, k, arm, rep_data[rep], command)
+        result["machine"] = machine(cfg)
         write_json(result_file, result)
         if not cfg.keep_models:
-            drop_models(out / "runs" / arm / f"seed_{seed}")
-        f = result["final"]
-        logger.info("[%d/%d] %s seed %d: %.0fs train + %.0fs eval; held-out preference accuracy %.3f, γ %.2f -> "
-                    "%.2f", i, len(todo), arm, seed, result["train_seconds"], result["eval_seconds"],
-                    f["preference_accuracy"], result["models"][0]["gamma"], f["gamma"])
-    invocation.update(finished=time.time(), setup_seconds=data["setup_seconds"])
+            drop_models(out / "runs" / f"rep{rep}" / f"fold{k}" / arm)
+        logger.info("[%d/%d] repetition %d fold %d %s: %.0fs train (%d pairs) + %.0fs eval (%d rows) + %.0fs "
+                    "TruthfulQA", i, len(todo), rep, k, arm, result["train_seconds"], result["train_pairs"],
+                    result["eval_seconds"], result["eval_rows"], result["truthfulqa_seconds"])
+    invocation.update(finished=time.time(), m0_scoring_seconds=data["m0_scoring_seconds"])
     with open(out / "invocations.jsonl", "a", encoding="utf-8") as log:
         log.write(json.dumps(invocation) + "\n")
-    write_summary(out)
+    export_rows(out, Path(cfg.rows_dir or out / "rows"), cfg, data, machine(cfg))
     return out
 
 
@@ -353,17 +406,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s).")
     p.add_argument("--quick", action="store_true", help="Apply the config's quick: overrides (a few minutes).")
-    p.add_argument("--output-dir", help="Results folder (overrides the config's).")
-    p.add_argument("--seeds", help="Comma-separated seeds (overrides the config's).")
+    p.add_argument("--output-dir", help="Work folder (overrides the config's).")
+    p.add_argument("--rows-dir", help="Per-row tables folder (overrides the config's).")
+    p.add_argument("--repetitions", help="Comma-separated repetition seeds (overrides the config's).")
     p.add_argument("--arms", help="Comma-separated arm names, a subset of the config's.")
     p.add_argument("--report", nargs="?", const=str(HERE / "RESULTS.md"), metavar="RESULTS_MD",
-                   help="Do not train: write the summary of the results folder, its tables into RESULTS_MD "
-                        "(default examples/RESULTS.md) and its plots beside it.")
+                   help="Do not train: rebuild the tables and plots of RESULTS_MD (default examples/RESULTS.md) from "
+                        "the per-row tables in rows_dir.")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = ReproConfig.from_yaml(a.config, quick=a.quick, output_dir=a.output_dir,
-                                    seeds=[int(s) for s in a.seeds.split(",")] if a.seeds else None)
+        cfg = ReproConfig.from_yaml(a.config, quick=a.quick, output_dir=a.output_dir, rows_dir=a.rows_dir,
+                                    repetitions=[int(s) for s in a.repetitions.split(",")] if a.repetitions else None)
         if a.arms:
             missing = set(a.arms.split(",")) - set(cfg.arms)
             if missing:
@@ -372,7 +426,7 @@ def main(argv=None) -> int:
         if a.report:
             from reproduce_report import write_report
 
-            write_report(Path(cfg.output_dir), Path(a.report))
+            write_report(Path(cfg.rows_dir or Path(cfg.output_dir) / "rows"), Path(a.report))
         else:
             run(cfg, command=shlex.join(["python", *sys.argv]))
     except UserError as e:

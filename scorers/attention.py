@@ -36,9 +36,13 @@ def unmodelled_sliding_window(text_config, max_length: int | None) -> int | None
     return window if window is not None and (max_length is None or window < max_length) else None
 
 
-def prefix_attention(model):
-    """Context manager: ``model``'s attention runs :func:`prefix_shared_attention` inside the block."""
-    return attention_implementation(model, PREFIX_ATTENTION, prefix_shared_attention)
+def prefix_attention(model, shared_kv=None):
+    """Context manager: ``model``'s attention runs :func:`prefix_shared_attention` inside the block (every row
+    also seeing ``shared_kv``, per layer, when given)."""
+    if shared_kv is None:
+        return attention_implementation(model, PREFIX_ATTENTION, prefix_shared_attention)
+    return attention_implementation(model, PREFIX_ATTENTION + "_shared",
+                                    functools.partial(prefix_shared_attention, shared_kv=shared_kv))
 
 
 def is_layout(mask) -> bool:
@@ -47,7 +51,8 @@ def is_layout(mask) -> bool:
     return isinstance(mask, torch.Tensor) and mask.dtype == torch.int64 and mask.dim() == 4 and mask.shape[-1] == 3
 
 
-def prefix_shared_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def prefix_shared_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_kv=None,
+                            **kwargs):
     """Attention of packed ``prefix + side1 + side2`` rows, without materialising a full block mask.
 
     ``attention_mask`` is the row layout, an int64 tensor ``(batch, 1, pairs, 3)`` of segment lengths
@@ -55,6 +60,10 @@ def prefix_shared_attention(module, query, key, value, attention_mask, scaling=N
     is plain causal attention (SDPA's causal kernel); ``side2`` attends to the prefix and causally to itself, never
     to ``side1``. Positions past the three segments (padding) get zeros. Any other mask is handed to transformers'
     SDPA attention unchanged.
+
+    ``shared_kv``: per layer (``module.layer_idx``) the keys and values ``(1, kv_heads, n_shared, head_dim)`` of a
+    prefix that every position of every row sees before its own segments (a few-shot preamble computed once, see
+    :mod:`scorers.choices`); the rows' positions then continue after it.
     """
     import torch
     import torch.nn.functional as F
@@ -62,33 +71,44 @@ def prefix_shared_attention(module, query, key, value, attention_mask, scaling=N
     if not is_layout(attention_mask):
         return sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     gqa = {"enable_gqa": query.shape[1] != key.shape[1]}  # K/V stay at their own head count: no repeat_kv copies
+    shared_k, shared_v = shared_kv[module.layer_idx] if shared_kv is not None else (None, None)
+    n_shared = 0 if shared_k is None else shared_k.shape[2]
     out = torch.zeros_like(query)  # (batch, heads, length, head_dim)
     for b, segments in enumerate(attention_mask[:, 0].tolist()):
         o = 0  # several pairs may share a row, one after the other
         for n0, n1, n2 in segments:
             a = o + n0 + n1
-            if a > o:
+            if a > o and not n_shared:
                 out[b, :, o:a] = F.scaled_dot_product_attention(
                     query[b : b + 1, :, o:a], key[b : b + 1, :, o:a], value[b : b + 1, :, o:a], is_causal=True,
                     scale=scaling, **gqa,
                 )[0]
+            elif a > o:
+                out[b, :, o:a] = F.scaled_dot_product_attention(
+                    query[b : b + 1, :, o:a], torch.cat([shared_k, key[b : b + 1, :, o:a]], dim=2),
+                    torch.cat([shared_v, value[b : b + 1, :, o:a]], dim=2),
+                    attn_mask=_shared_then_causal(n_shared, a - o, query.device), scale=scaling, **gqa,
+                )[0]
             if n2:
-                k2 = torch.cat([key[b : b + 1, :, o : o + n0], key[b : b + 1, :, a : a + n2]], dim=2)
-                v2 = torch.cat([value[b : b + 1, :, o : o + n0], value[b : b + 1, :, a : a + n2]], dim=2)
+                keys = [key[b : b + 1, :, o : o + n0], key[b : b + 1, :, a : a + n2]]
+                values = [value[b : b + 1, :, o : o + n0], value[b : b + 1, :, a : a + n2]]
+                if n_shared:
+                    keys, values = [shared_k, *keys], [shared_v, *values]
                 out[b, :, a : a + n2] = F.scaled_dot_product_attention(
-                    query[b : b + 1, :, a : a + n2], k2, v2, attn_mask=_side2_mask(n0, n2, query.device),
-                    scale=scaling, **gqa,
+                    query[b : b + 1, :, a : a + n2], torch.cat(keys, dim=2), torch.cat(values, dim=2),
+                    attn_mask=_shared_then_causal(n_shared + n0, n2, query.device), scale=scaling, **gqa,
                 )[0]
             o = a + n2
     return out.transpose(1, 2).contiguous(), None
 
 
-@functools.lru_cache(maxsize=32)
-def _side2_mask(n0: int, n2: int, device):
-    """(n2, n0 + n2) boolean mask: every prefix key, then causal over the side's own keys (cached across layers)."""
+@functools.lru_cache(maxsize=64)
+def _shared_then_causal(n_shared: int, n: int, device):
+    """(n, n_shared + n) boolean mask: every one of the ``n_shared`` keys before the segment (a shared prefix),
+    then causal over the segment's own keys (cached across layers)."""
     import torch
 
-    mask = torch.ones(n2, n0 + n2, dtype=torch.bool, device=device)
-    mask[:, n0:] = torch.ones(n2, n2, dtype=torch.bool, device=device).tril()
+    mask = torch.ones(n, n_shared + n, dtype=torch.bool, device=device)
+    mask[:, n_shared:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     return mask
 

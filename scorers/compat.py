@@ -129,6 +129,12 @@ def attention_implementation(model, name: str, function):
         config._attn_implementation = previous
 
 
+def cache_key_values(cache) -> list:
+    """Per layer ``(keys, values)`` of a transformers ``DynamicCache`` (``past_key_values`` of a forward with
+    ``use_cache=True``): the keys after the rotary embedding, as every attention function receives them."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
 def drop_gguf_quantizer(model) -> None:
     """Forget that ``model`` was loaded (and dequantized) from a GGUF file, so ``save_pretrained`` writes plain
     fp32 safetensors instead of refusing or re-quantizing."""

@@ -92,6 +92,13 @@ class TransformersBackend(LogProbBackend):
         self.tokens_computed = 0  # model positions run (padding excluded), for FLOP accounting
         self.padding_computed = 0
 
+    # Positions of packed rows start here (a subclass that keeps a shared prefix's keys and values moves them).
+    _pos_offset = 0
+
+    def _packed_attention(self):
+        """The attention of packed rows inside our forwards (a subclass may add shared keys and values)."""
+        return prefix_attention(self.model)
+
     def close(self) -> None:
         self.model = None
 
@@ -167,10 +174,10 @@ class TransformersBackend(LogProbBackend):
         self.padding_computed += b * width - sum(len(r.ids) for r in batch_rows)
         ids, pos, seg = ids.to(self.device), pos.to(self.device), seg.to(self.device)
         if self.packed:
-            kwargs = {"attention_mask": layout_tensor([layout], self.device), "position_ids": pos}
+            kwargs = {"attention_mask": layout_tensor([layout], self.device), "position_ids": pos + self._pos_offset}
         else:
             kwargs = {"attention_mask": (seg >= 0).long()}
-        with prefix_attention(self.model) if self.packed else contextlib.nullcontext():
+        with self._packed_attention() if self.packed else contextlib.nullcontext():
             hidden = self.model.base_model(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
         targets = [t + (i,) for i, r in enumerate(batch_rows) for t in r.targets]
         if not targets:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-ARMS = ["dpo", "sdpo_by_source", "sdpo_easy_to_hard_2", "sdpo_easy_to_hard_3", "sdpo_random_2",
-        "sdpo_hard_to_easy_2"]
+ARMS = ["dpo", "chunked_fixed_ref", "sdpo_by_source", "sdpo_easy_to_hard_2_per_token", "sdpo_easy_to_hard_2",
+        "sdpo_random_2", "sdpo_hard_to_easy_2"]
 
 
 @pytest.fixture()
@@ -40,12 +40,12 @@ def _short_pairs(shared_data, tokenizer, n: int, max_length: int):
     return kept.select(short[:n])
 
 
-def test_held_out_metrics_are_trls_eval_metrics(examples, tiny_model_dir, shared_data, smollm2_tokenizer, tmp_path):
-    """rewards/accuracies, rewards/margins and the loss of DPOTrainer.evaluate (ref = M0) equal the harness's."""
+def test_row_metrics_are_trls_eval_metrics(examples, tiny_model_dir, shared_data, smollm2_tokenizer, tmp_path):
+    """The report's per-row reward accuracy and DPO loss, averaged, equal DPOTrainer.evaluate's (ref = M0)."""
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from reproduce_sdpo import held_out_metrics
+    from reproduce_report import pair_metrics
     from scorers.models import load_causal_lm
     from trainer_plugin.reference import score_pairs
 
@@ -57,21 +57,41 @@ def test_held_out_metrics_are_trls_eval_metrics(examples, tiny_model_dir, shared
             p.add_(0.05 * torch.randn_like(p))
     c0, r0 = score_pairs(m0, pairs, max_length=128)
     c, r = score_pairs(model, pairs, max_length=128)
-    ours = held_out_metrics(c, r, c0, r0, [len(x) for x in pairs["chosen_ids"]],
-                            [len(x) for x in pairs["rejected_ids"]], beta=0.1)
+    tokens = ([len(x) for x in pairs["chosen_ids"]], [len(x) for x in pairs["rejected_ids"]])
+    ours = pair_metrics(c, r, c0, r0, *tokens, beta=0.1)
     args = DPOConfig(output_dir=str(tmp_path), per_device_eval_batch_size=len(pairs), max_length=128, beta=0.1,
                      bf16=False, use_cpu=True, report_to=[], gradient_checkpointing=False, disable_tqdm=True)
     canonical = pairs.select_columns(["prompt", "chosen", "rejected"])
     trl_eval = DPOTrainer(model=model, ref_model=m0, args=args, train_dataset=canonical, eval_dataset=canonical,
                           processing_class=smollm2_tokenizer).evaluate()
-    assert 0 < ours["reward_accuracy"] < 1 and ours["reward_margin"] != 0  # a real comparison, not a tie
-    assert trl_eval["eval_rewards/accuracies"] == pytest.approx(ours["reward_accuracy"], abs=1e-6)
-    assert trl_eval["eval_rewards/margins"] == pytest.approx(ours["reward_margin"], abs=2e-3)
-    assert trl_eval["eval_loss"] == pytest.approx(ours["dpo_loss"], abs=2e-3)
-    assert ours["preference_accuracy"] == pytest.approx(sum(a > b for a, b in zip(c, r)) / len(c))
-    assert ours["drift_chosen"] == pytest.approx(sum(a - b for a, b in zip(c, c0)) / len(c))
-    m0_only = held_out_metrics(c0, r0, c0, r0, [1] * len(c0), [1] * len(c0), beta=0.1)
-    assert m0_only["reward_accuracy"] == 0 and m0_only["dpo_loss"] == pytest.approx(math.log(2))
+    assert 0 < ours["reward_accuracy"].mean() < 1  # a real comparison, not a tie
+    assert trl_eval["eval_rewards/accuracies"] == pytest.approx(ours["reward_accuracy"].mean(), abs=1e-6)
+    assert trl_eval["eval_loss"] == pytest.approx(ours["dpo_loss"].mean(), abs=2e-3)
+    assert ours["margin_per_token"][0] == pytest.approx(c[0] / tokens[0][0] - r[0] / tokens[1][0])
+    m0_only = pair_metrics(c0, r0, c0, r0, *tokens, beta=0.1)
+    assert m0_only["reward_accuracy"].sum() == 0 and m0_only["dpo_loss"].mean() == pytest.approx(math.log(2))
+
+
+def test_paired_statistics():
+    """Bootstrap interval around a known mean, McNemar's exact p on a known table, Holm's step-down."""
+    import numpy as np
+
+    from partitioner.paired_stats import holm, mcnemar, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    d = rng.normal(0.5, 1.0, size=2000)
+    b = paired_bootstrap([d], levels=(0.95, 0.999))
+    lo, hi = b["intervals"][0.95]
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 / np.sqrt(2000), rel=0.1)
+    assert b["intervals"][0.999][0] < lo and b["p_value"] == pytest.approx(1e-4)
+    two = paired_bootstrap([d[:1000], d[1000:] - 1.0])  # repetitions resampled too: a wider interval
+    assert two["mean"] == pytest.approx(d.mean() - 0.5)
+    a = np.array([1] * 10 + [0] * 2 + [1] * 50)
+    c = np.array([0] * 10 + [1] * 2 + [1] * 50)
+    m = mcnemar(a, c)
+    assert (m["a_only"], m["b_only"]) == (10, 2) and m["p_value"] == pytest.approx(0.03857, abs=1e-4)
+    assert mcnemar(a, a)["p_value"] == 1.0
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
 def test_bad_settings_are_one_line_errors(examples, tmp_path, capsys):
@@ -83,16 +103,19 @@ def test_bad_settings_are_one_line_errors(examples, tmp_path, capsys):
     assert "unknown option(s) batch" in capsys.readouterr().err
     assert main(["--arms", "dpo,nope", "--output-dir", str(tmp_path / "o")]) == 2
     assert "unknown arm(s) nope" in capsys.readouterr().err
-    bad.write_text("training: {seed: 3}\n")
+    bad.write_text("training: {seed: 3}\narms: {dpo: {order: random, chunks: 1}}\n")
     assert main(["--config", str(bad)]) == 2
     assert "training.seed is set by the harness" in capsys.readouterr().err
+    bad.write_text("folds: 1\narms: {dpo: {order: random, chunks: 1}}\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "folds >= 2" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(["--report", str(tmp_path / "R.md"), "--output-dir", str(tmp_path / "empty")]) == 2
+    assert main(["--report", str(tmp_path / "R.md"), "--rows-dir", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("reproduce_sdpo: error:") and len(err.strip().splitlines()) == 1
 
 
-def _run(cmd, repo_root, timeout=600) -> str:
+def _run(cmd, repo_root, timeout=900) -> str:
     proc = subprocess.run(cmd, cwd=repo_root, env=script_env(repo_root), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -101,8 +124,11 @@ def _run(cmd, repo_root, timeout=600) -> str:
 
 @pytest.mark.slow
 def test_quick_mode_killed_resumes_and_reports(repo_root, tmp_path):
-    """--quick on SmolLM2: killed inside a stepwise run; the rerun keeps the finished (arm, seed) results, resumes
-    the stepwise run after its last complete step and finishes the rest; --report fills a RESULTS.md."""
+    """--quick on SmolLM2, cross-fitted: killed inside a stepwise run once its step 1 is complete; the rerun keeps the
+    finished results, resumes that run after step 1 and finishes the rest; every sampled pair is held out exactly
+    once, never trained on by its own fold's models; --report fills a RESULTS.md from the per-row tables."""
+    import gzip
+
     out = tmp_path / "quick"
     cmd = [sys.executable, str(repo_root / "examples" / "reproduce_sdpo.py"), "--quick", "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=repo_root, env=script_env(repo_root), stdout=subprocess.PIPE,
@@ -110,56 +136,56 @@ def test_quick_mode_killed_resumes_and_reports(repo_root, tmp_path):
     in_arm, killed, first = False, False, []
     for line in proc.stdout:
         first.append(line)
-        in_arm = in_arm or "sdpo_easy_to_hard_3 seed 0: training" in line
-        if in_arm and "stepwise step 2/3" in line:  # step 1 of the 3-step arm is complete
-            time.sleep(2)
+        in_arm = in_arm or "fold 0 sdpo_by_source: training" in line
+        if in_arm and "stepwise step 2/3" in line:  # logged once step 1 of the 3-step arm is complete
             os.killpg(proc.pid, signal.SIGKILL)
             killed = True
             break
     proc.wait(timeout=60)
     assert killed, "".join(first)[-3000:]
-    run_dir = out / "runs" / "sdpo_easy_to_hard_3" / "seed_0"
+    run_dir = out / "runs" / "rep0" / "fold0" / "sdpo_by_source"
     step1 = (run_dir / "step_1" / "_COMPLETE").stat().st_mtime_ns
-    assert sorted(p.parent.name for p in (out / "results").glob("*/seed_0.json")) == sorted(ARMS[:3])
+    finished = {p: p.read_bytes() for p in (out / "results").glob("rep0/fold0/*.json")}
+    assert sorted(p.stem for p in finished) == sorted(ARMS[:2])
 
-    finished = {p: p.read_bytes() for p in (out / "results").glob("*/seed_0.json")}
     second = _run(cmd, repo_root)
     assert {p: p.read_bytes() for p in finished} == finished
-    for arm in ARMS[:3]:
-        assert f"{arm} seed 0: done before, skipped" in second
-    assert "stepwise step 1/3" not in second and "stepwise step 2/3" in second  # resumed after step 1
-    assert (run_dir / "step_1" / "_COMPLETE").stat().st_mtime_ns == step1
+    assert "fold 0 dpo: training" not in second and "fold 0 sdpo_by_source: training" in second
+    assert (run_dir / "step_1" / "_COMPLETE").stat().st_mtime_ns == step1  # step 1 kept, not retrained
+    resumed = second.split("fold 0 sdpo_by_source: training")[1].split("fold 0 sdpo_easy_to_hard_2_per_token")[0]
+    assert "stepwise step 1/3" not in resumed and "stepwise step 2/3" in resumed
 
-    split = json.loads((out / "split.json").read_text())
-    train = {r for ids in split["train"].values() for r in ids}
-    held = {r for ids in split["held_out"].values() for r in ids}
-    assert len(train) == 8 and len(held) == 8 and not train & held
+    sample = json.loads((out / "sample.json").read_text())
+    sampled = {r for ids in sample.values() for r in ids}
+    assert len(sampled) == 24 and {s: len(v) for s, v in sample.items()} == {
+        "hh_harmless": 8, "llamafactory_en": 8, "orca": 8}
     from partitioner import load_partition
 
-    results = {}
+    held = {}
+    for k in (0, 1):
+        train = None
+        for arm in ARMS:
+            r = json.loads((out / "results" / "rep0" / f"fold{k}" / f"{arm}.json").read_text())
+            rows = {rid for chunk in load_partition(out / r["partition"]) for rid in chunk["row_id"]}
+            assert train is None or rows == train  # every arm trains the same pairs
+            train = rows
+            assert not rows & set(r["row_id"])  # never a pair of its own fold
+            held.setdefault(arm, []).extend(r["row_id"])
+            assert len(r["probe_scores"]) == len(r["chunks"]) - 1 and len(r["truthfulqa"]) == 3
+            assert not list((out / "runs" / "rep0" / f"fold{k}" / arm).glob("step_*/*.safetensors"))
+        assert len(train) == 6
     for arm in ARMS:
-        r = json.loads((out / "results" / arm / "seed_0.json").read_text())
-        results[arm] = r
-        rows = {rid for chunk in load_partition(out / r["partition"]) for rid in chunk["row_id"]}
-        assert rows == train  # every arm trains the same pairs, never a held-out one
-        assert len(r["models"]) == len(r["chunks"]) + 1 and sum(r["chunks"]) == 8
-        m0, final = r["models"][0], r["final"]
-        assert m0["reward_accuracy"] == 0 and m0["dpo_loss"] == pytest.approx(math.log(2))
-        assert abs(final["gamma"] - m0["gamma"]) > 1e-3  # M(T) is not M0
-        for key in ("preference_accuracy", "preference_accuracy_per_token", "reward_accuracy"):
-            assert 0 <= final[key] <= 1
-        # quick mode also has the driver log γ_ref of M(t-1): the harness's own evaluation agrees with it
-        for t, logged in enumerate(r["driver_held_out"]):
-            assert r["models"][t]["gamma"] == pytest.approx(logged["mean_margin"], abs=1e-3)
-        assert not list((out / "runs" / arm / "seed_0").glob("step_*/*.safetensors"))  # weights dropped
-    assert [len(results[a]["chunks"]) for a in ARMS] == [1, 2, 2, 3, 2, 2]
-    assert results["sdpo_by_source"]["chunks"] == [4, 4]
+        assert sorted(held[arm]) == sorted(sampled)  # each pair held out exactly once
+    fixed = json.loads((out / "results" / "rep0" / "fold0" / "chunked_fixed_ref.json").read_text())
+    stepwise = json.loads((out / "results" / "rep0" / "fold0" / "sdpo_by_source.json").read_text())
+    assert fixed["chunks"] == stepwise["chunks"] == [2, 2, 2]
+    assert all("M0" in s for s in fixed["reference_source"])
+    assert stepwise["reference_source"][1:] == ["scored with M(1)", "scored with M(2)"]
 
-    summary = (out / "summary.md").read_text()
-    assert all(f"| {arm} |" in summary for arm in ARMS) and "M0 (no training)" in summary
-    for png in ("gamma_ref.png", "held_out_accuracy.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
+    rows_dir = out / "rows"
+    with gzip.open(rows_dir / "arms.csv.gz", "rt") as f:
+        assert sum(1 for _ in f) == 1 + 24 * len(ARMS)
+    tables = {p.name: p.read_bytes() for p in rows_dir.glob("*.csv.gz")}
     report = tmp_path / "report" / "RESULTS.md"
     report.parent.mkdir()
     template = (repo_root / "examples" / "RESULTS.md").read_text()
@@ -168,8 +194,10 @@ def test_quick_mode_killed_resumes_and_reports(repo_root, tmp_path):
     text = report.read_text()
     assert text.split("<!-- BEGIN")[0] == template.split("<!-- BEGIN")[0]
     assert text.split("<!-- END generated -->")[1] == template.split("<!-- END generated -->")[1]
-    assert "| sdpo_easy_to_hard_3 | 3 (" in text and "reproduce_gamma_ref.png" in text
-    assert (report.parent / "reproduce_held_out_accuracy.png").stat().st_size > 0
+    assert "| sdpo_by_source − chunked_fixed_ref | implicit-reward accuracy vs M0 |" in text
+    assert "| sdpo_by_source | 3 (2, 2, 2) |" in text and "TruthfulQA MC2" in text
+    assert (report.parent / "reproduce_differences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.name: p.read_bytes() for p in rows_dir.glob("*.csv.gz")} == tables  # --report only reads them
 
 
 @pytest.mark.slow

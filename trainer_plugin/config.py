@@ -8,6 +8,7 @@ from scorers.columns import DTYPES
 from scorers.errors import ConfigError, UserError, check_choice
 
 REF_MODES = ("live", "precomputed", "peft")
+REF_REFRESHES = ("step", "never")
 
 
 class StepwiseInputError(UserError):
@@ -29,6 +30,13 @@ class StepwiseConfig:
         metadata={"help": "Reference of step t = M(t-1): 'live' (frozen copy), 'precomputed' (scored before the "
                   "step, no reference in memory) or 'peft' (LoRA on the merged previous steps).",
                   "choices": REF_MODES},
+    )
+    ref_refresh: str = field(
+        default="step",
+        metadata={"help": "When the reference moves: 'step' (sDPO: the reference of step t is M(t-1)) or 'never' "
+                  "(every step keeps M0 as its reference: chunked DPO with fresh optimizers, the control that "
+                  "separates sDPO's reference refresh from chunking and optimizer resets).",
+                  "choices": REF_REFRESHES},
     )
     dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in.", "choices": DTYPES})
     steps: int | None = field(
@@ -79,6 +87,10 @@ class StepwiseConfig:
 
     def __post_init__(self):
         check_choice("ref_mode", self.ref_mode, REF_MODES)
+        check_choice("ref_refresh", self.ref_refresh, REF_REFRESHES)
+        if self.ref_refresh == "never" and self.ref_mode == "peft":
+            raise ConfigError("ref_refresh 'never' needs ref_mode 'live' or 'precomputed' (in 'peft' mode the "
+                              "reference is the merged previous steps)")
         check_choice("dtype", self.dtype, DTYPES)
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")

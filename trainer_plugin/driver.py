@@ -90,7 +90,15 @@ def train_stepwise(
                            batch_tokens=config.score_batch_tokens)
 
     score = procs.split_scoring(score_rows)  # each row scored once, on one process; every process gets all rows
-    mode = _reference_mode(config, score, _can_reuse_scores(manifest, model_path, args, config), peft_config)
+    fixed_m0 = None
+    if config.ref_refresh == "never":  # the control arm: M0 stays the reference at every step
+        def fixed_m0():
+            if model_path is None:
+                raise StepwiseInputError("ref_refresh 'never' resumed after step 1 needs the model as a path (M0 "
+                                         "is reloaded from it)")
+            return _on_device(_load_saved_policy_m0(model_path, config.dtype), args, config)
+    mode = _reference_mode(config, score, _can_reuse_scores(manifest, model_path, args, config), peft_config,
+                           fixed_m0)
     with procs.main_first():  # the main process checks and cleans the folder before the others read it
         run = RunFolder(args.output_dir, _identity(config, partition_dir, chunks, manifest, args),
                         dataclasses.asdict(config), write=procs.is_main)
@@ -104,7 +112,7 @@ def train_stepwise(
     for t in range(k + 1, n_steps + 1):
         if procs.is_main:
             logger.info("stepwise step %d/%d: %d pairs, reference = M(%d) (%s)", t, n_steps, len(chunks[t - 1]),
-                        t - 1, mode.name)
+                        t - 1 if config.ref_refresh == "step" else 0, mode.name)
         started = time.perf_counter()
         ref = mode.reference(t, policy, chunks[t - 1])  # the reference of step t is M(t-1): the policy as it is now
         record: dict = {"step": t, "chunk": t - 1, "rows": len(chunks[t - 1]), "ref_mode": mode.name,
@@ -171,9 +179,15 @@ def _reload_base(model, mode):
     return None  # 'live' / 'precomputed' then load step_t from disk alone
 
 
-def _reference_mode(config: StepwiseConfig, score, reuse_scores: bool, peft_config):
+def _load_saved_policy_m0(model_path, dtype: str):
+    from scorers.models import load_causal_lm
+
+    return load_causal_lm(str(model_path), dtype=dtype)
+
+
+def _reference_mode(config: StepwiseConfig, score, reuse_scores: bool, peft_config, fixed_m0=None):
     if config.ref_mode == "precomputed":
-        return PrecomputedReference(score, reuse_scores)
+        return PrecomputedReference(score, reuse_scores, fixed_m0)
     if config.ref_mode == "peft":
         if peft_config is None:
             from peft import LoraConfig
@@ -181,13 +195,14 @@ def _reference_mode(config: StepwiseConfig, score, reuse_scores: bool, peft_conf
             peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                      target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
         return PeftReference(peft_config)
-    return LiveReference()
+    return LiveReference(fixed_m0)
 
 
 def _identity(config, partition_dir, chunks, manifest, args) -> dict:
     """What identifies a run: a rerun into the same folder must match it."""
     return {
         "ref_mode": config.ref_mode,
+        **({"ref_refresh": config.ref_refresh} if config.ref_refresh != "step" else {}),
         "partition": str(Path(partition_dir).resolve()) if isinstance(partition_dir, (str, os.PathLike)) else None,
         "chunks": [len(c) for c in chunks],
         "manifest_created_at": (manifest or {}).get("created_at"),

@@ -34,6 +34,7 @@ COMMANDS = {
     "verify": ("partitioner.cli.verify", "check a partition's checksums, row accounting and schema"),
     "train": ("trainer_plugin.cli", "stepwise DPO over a partition's chunks with TRL"),
     "run": ("partitioner.cli.run", "the whole job: load, score, partition (defaults: bundled data and model)"),
+    "truthfulqa": ("partitioner.cli.truthfulqa", "TruthfulQA MC1/MC2 of a model, as lm-eval-harness scores it"),
 }
 MAX_ERROR_CHARS = 300
 # The operating system's answers about a path the user gave: shown as one line, not as a bug.

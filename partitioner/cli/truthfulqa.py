@@ -1,0 +1,56 @@
+"""``sdpo truthfulqa --model M --csv TruthfulQA.csv``: TruthfulQA MC1 / MC2 of a model, as lm-eval-harness scores it
+(:mod:`partitioner.truthfulqa`); per-question results to ``--output`` (JSON lines)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scorers.columns import DTYPES
+from scorers.errors import ConfigError
+
+
+@dataclass
+class TruthfulQACommand:
+    model: str = field(default="bundled", metadata={"help": "The model: a local folder, a hub id or 'bundled'."})
+    csv: str | None = field(default=None, metadata={"help": "TruthfulQA.csv (817 questions)."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N questions."})
+    output: str | None = field(default=None, metadata={
+        "help": "Write one JSON line per question (index, mc1, mc2, log-likelihood of every choice) here."})
+    dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in.", "choices": DTYPES})
+    device: str | None = field(default=None, metadata={"help": "Where to run (default cpu)."})
+    batch_tokens: int = field(default=4096, metadata={"help": "Token budget per forward."})
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.batch_tokens < 1:
+            raise ConfigError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
+
+
+def add_arguments(options) -> None:
+    options.add_dataclass(TruthfulQACommand, "TruthfulQA")
+
+
+def run(values: dict) -> int:
+    from scorers.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    from ..io import atomic_write
+    from ..truthfulqa import load_truthfulqa, score_truthfulqa
+    from .options import build
+
+    cmd = build(TruthfulQACommand, values)
+    if not cmd.csv:
+        raise ConfigError("give the TruthfulQA CSV with --csv (TruthfulQA.csv: Question, Best Answer, Correct "
+                          "Answers, Incorrect Answers)")
+    questions = load_truthfulqa(cmd.csv, limit=cmd.limit)
+    path = resolve_model_path(cmd.model)
+    model = load_causal_lm(path, dtype=cmd.dtype, device=cmd.device)
+    results = score_truthfulqa(model, questions, tokenizer=load_tokenizer(path), batch_tokens=cmd.batch_tokens)
+    if cmd.output:
+        atomic_write(Path(cmd.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+    n = len(results)
+    print(f"TruthfulQA on {n} question(s), model {path}: MC1 {sum(r['mc1'] for r in results) / n:.4f}, "
+          f"MC2 {sum(r['mc2'] for r in results) / n:.4f}")
+    return 0
