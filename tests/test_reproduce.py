@@ -219,9 +219,9 @@ def test_notebook_executes_at_ci_size(repo_root, tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
-    assert "arms ['dpo', 'sdpo_easy_to_hard_3']" in text and "final M(T)" in text
+    assert "arms ['dpo', 'sdpo_by_source']" in text and "p (Holm)" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # the partition plot and the two results plots
-    assert len(list((tmp_path / "nb" / "results").glob("*/seed_0.json"))) == 2
+    assert len(list((tmp_path / "nb" / "results").glob("rep0/fold*/*.json"))) == 4
 
 
 def test_trl_with_callback_script(repo_root, tiny_model_dir, tmp_path):
