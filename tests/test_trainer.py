@@ -159,6 +159,44 @@ def test_precomputed_reference_equals_m1_scores(partition2, tiny_model_dir, smol
     assert m0_scores["row_id"] != ours["row_id"]  # step 1 scored chunk 1
 
 
+def test_ref_refresh_never_keeps_m0_as_every_steps_reference(partition2, tiny_model_dir, tmp_path):
+    """ref_refresh='never' (the chunked-DPO control): live mode hands TRL M0 at step 2, precomputed mode gives it
+    M0's log-probs of chunk 2, equal to TRL's own precompute with M0; the policy still moves on (M2 != M1)."""
+    from partitioner.io import read_arrow_stream
+    from partitioner.partition.folder import load_partition
+    from trainer_plugin.config import StepwiseConfig
+    from trainer_plugin.driver import train_stepwise
+    from trainer_plugin.reference import score_pairs
+
+    seen = {}
+
+    def hook(t, trainer):
+        seen[t] = _state(trainer.accelerator.unwrap_model(trainer.ref_model))
+
+    live = tmp_path / "live"
+    records = train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(live), trainer_hook=hook,
+                             config=StepwiseConfig(ref_mode="live", ref_refresh="never"))
+    m0 = _state(_load(tiny_model_dir))
+    _assert_same(seen[1], m0)
+    _assert_same(seen[2], m0)  # not M1
+    assert _differs(_state(_load(live / "step_2")), _state(_load(live / "step_1")))
+    assert records[1]["reference_source"] == "frozen copy of M0 (never refreshed)"
+    assert json.loads((live / "run.json").read_text())["ref_refresh"] == "never"
+
+    pre = tmp_path / "pre"
+    records = train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(pre),
+                             config=StepwiseConfig(ref_mode="precomputed", ref_refresh="never"))
+    ours = read_arrow_stream(pre / "step_2" / "reference_logps.arrow").to_pydict()
+    c0, r0 = score_pairs(_load(tiny_model_dir), load_partition(partition2)[1], max_length=MAX_LENGTH)
+    torch.testing.assert_close(torch.tensor(ours["ref_chosen_logps"]), torch.tensor(c0), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(ours["ref_rejected_logps"]), torch.tensor(r0), rtol=1e-6, atol=1e-4)
+    assert records[1]["reference_source"] == "scored with M0 (never refreshed)"
+    from scorers.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ref_refresh 'never' needs"):
+        StepwiseConfig(ref_mode="peft", ref_refresh="never")
+
+
 def test_peft_reference_of_step2_is_merged_m1(partition2, tiny_model_dir, tmp_path):
     from peft import PeftModel
 
