@@ -205,6 +205,10 @@ FILE_CASES = {
     "json_array_broken_structure": ("d.json", b'[{"prompt": "a"} {"prompt": "b"}]', "invalid JSON"),
     "unsupported_compressed_suffix": ("d.txt.gz", gzip.compress(b"x"), "unsupported file type"),
     "only_unknown_objects": ("d.jsonl", _lines([{"question": "q", "answer": "a"}] * 3), "no known preference format"),
+    # binary content under a text extension: never reaches Arrow's CSV parser (whose errors quote the bytes)
+    "png_as_csv": ("d.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8, "binary content"),
+    "random_bytes_as_csv": ("d.csv", bytes((i * 97 + 13) % 256 for i in range(4000)), "binary content"),
+    "gzip_of_binary_csv": ("d.csv.gz", gzip.compress(b"\x00\x01\x02" * 500), "binary content"),
 }
 
 
@@ -215,6 +219,61 @@ def test_file_cases_are_one_line_errors(case, tmp_path, capsys):
     code, err = _sdpo(capsys, "inspect", tmp_path / name)
     assert code == 2
     _one_error_line(err, fragment)
+
+
+def test_damaged_saved_dataset_is_one_line(tmp_path, capsys):
+    """A save_to_disk folder whose state.json parses but lacks its keys (datasets raises KeyError)."""
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "state.json").write_text("{}")
+    (folder / "dataset_info.json").write_text("{}")
+    code, err = _sdpo(capsys, "inspect", folder)
+    assert code == 2
+    _one_error_line(err, "damaged saved dataset")
+
+
+def _fifo_with_writer(path, data: bytes):
+    """A FIFO at ``path`` and a thread that writes ``data`` into it and closes it (its reader sees EOF)."""
+    import threading
+
+    os.mkfifo(path)
+
+    def write():
+        with open(path, "wb") as f:
+            f.write(data)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    return writer
+
+
+@pytest.mark.parametrize("name,data", [
+    ("pairs.jsonl", _lines(GOOD)),  # a FIFO with a data suffix
+    ("pipe", _lines(GOOD)),  # no suffix: the format told from the first bytes (`<(cat x.jsonl)`)
+    ("pipe_gz", gzip.compress(_lines(GOOD))),  # `<(cat x.jsonl.gz)`
+    ("pipe_json", json.dumps(GOOD).encode()),
+    ("pipe_csv", _csv("prompt,chosen,rejected", [f'"q{i}","a{i}","b{i}"' for i in range(20)])),
+])
+def test_read_once_inputs_are_read_once(name, data, tmp_path):
+    """A FIFO can be opened once: the loader spools it to its work folder (one read to EOF), then detects and
+    reads the copy; it never blocks on a second open."""
+    writer = _fifo_with_writer(tmp_path / name, data)
+    ds, report = load_preferences_with_rejects([str(tmp_path / name)], work_dir=tmp_path / "work")
+    writer.join(timeout=60)
+    assert not writer.is_alive() and len(ds) == report.rows_in == 20 and report.rows_rejected == 0
+    assert set(ds["source"]) == {name.split(".")[0]}
+
+
+def test_process_substitution_on_the_command_line(repo_root, shared_data, tmp_path):
+    """`sdpo inspect <(zcat data.jsonl.gz)` and a compressed stream without a name, as a shell user pipes them."""
+    hh = shared_data / "hh_rlhf_harmless" / "test.jsonl.gz"
+    sdpo_bin = [sys.executable, "-m", "partitioner.cli.main"]
+    cmd = (f"{' '.join(sdpo_bin)} inspect hh=<(zcat {hh} | head -50) && "
+           f"{' '.join(sdpo_bin)} inspect <(head -c 100000000 {hh})")
+    proc = subprocess.run(["bash", "-c", cmd], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hh                       hh                            50      50" in proc.stdout
+    assert "2312" in proc.stdout
 
 
 def test_permission_denied_is_one_line(tmp_path):

@@ -14,6 +14,7 @@ import glob as _glob
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,10 @@ def _saved_dataset(path: Path, split: str) -> Source:
         except (FileNotFoundError, ValueError, OSError, pa.ArrowException) as e:
             raise PreferenceDataError(f"{path}: not a readable saved dataset ({str(e).splitlines()[0][:150]})") \
                 from None
+        except (KeyError, TypeError, AttributeError, IndexError) as e:  # a state.json / dataset_info.json that
+            # parses but lacks what datasets reads from it
+            raise PreferenceDataError(f"{path}: damaged saved dataset (its state.json or dataset_info.json lacks "
+                                      f"{type(e).__name__} {str(e)[:100]})") from None
         return table_blocks(_dataset_of(obj, split, str(path)))
 
     return Source(path.name, str(path), opener)
@@ -268,13 +273,81 @@ def _path_sources(s: str, name: str | None, split: str, work_dir) -> list[Source
         return [file_source(name or _stem(f), f, work_dir) for f in files]
     if exists:
         try:
-            os.stat(p)
+            mode = os.stat(p).st_mode
         except OSError as e:
             raise _os_error(p, e) from None
+        if not stat.S_ISREG(mode):  # a pipe, FIFO or device (`<(zcat x.gz)`, /dev/stdin): it can be read only once
+            spooled = spool_stream(p, work_dir)
+            src = file_source(name or (_stem(p) if is_data_file(p) else p.name), spooled, work_dir)
+            return [Source(src.name, str(p), src.open)]
         return [file_source(name or _stem(p), p, work_dir)]
     if _HUB_NAME.match(s) and not is_data_file(Path(s)):
         return [_hub_source(name or s.split("/")[-1], s, split)]
     raise PreferenceDataError(f"no such file or folder: {s}")
+
+
+_MAGIC = ((b"\x1f\x8b", ".gz"), (b"BZh", ".bz2"), (b"\xfd7zXZ\x00", ".xz"), (b"\x28\xb5\x2f\xfd", ".zst"))
+
+
+def _sniff_suffix(head: bytes) -> str:
+    """The file name suffix of a stream without one, from its first bytes (compression, then data format)."""
+    import lzma
+    import zlib
+
+    for magic, suffix in _MAGIC:
+        if head.startswith(magic):
+            inner = b""
+            try:
+                if suffix == ".gz":
+                    inner = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 1 << 16)
+                elif suffix == ".xz":
+                    inner = lzma.LZMADecompressor().decompress(head, 1 << 16)
+                elif suffix == ".bz2":
+                    import bz2
+
+                    inner = bz2.BZ2Decompressor().decompress(head, 1 << 16)
+            except (zlib.error, lzma.LZMAError, OSError, EOFError):
+                inner = b""
+            if not inner:
+                raise PreferenceDataError(f"a {suffix} stream whose data format cannot be told from its start; "
+                                          "name the file with its data suffix (e.g. .jsonl.gz)")
+            return _sniff_suffix(inner) + suffix
+    if head.startswith(b"PAR1"):
+        return ".parquet"
+    if head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):
+        return ".arrow"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"["):
+        return ".json"
+    if text.startswith(b"{"):
+        import json
+
+        first = text.split(b"\n", 1)[0]
+        try:
+            json.loads(first)
+            return ".jsonl"  # a whole object on the first line: JSON lines
+        except ValueError:
+            return ".json"
+    return ".csv"
+
+
+def spool_stream(path: Path, work_dir: Callable[[], Path]) -> Path:
+    """Copy a stream that can be read only once (a pipe, FIFO or device) into the work folder, reading it to its
+    end exactly once; the copy keeps the stream's data suffix, or gets one from its first bytes."""
+    folder = work_dir()
+    target = folder / f"spooled-{len(list(folder.glob('spooled-*')))}"
+    try:
+        with open(path, "rb") as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+    except OSError as e:
+        raise _os_error(path, e) from None
+    suffixes = "".join(path.suffixes[-2:]) if is_data_file(path) else None
+    if suffixes is None:
+        with open(target, "rb") as f:
+            suffixes = _sniff_suffix(f.read(1 << 16))
+    named = target.with_name(target.name + suffixes)
+    target.rename(named)
+    return named
 
 
 def _stem(path: Path) -> str:

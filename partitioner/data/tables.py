@@ -100,12 +100,29 @@ def parquet_blocks(path: Path) -> Iterator[Block]:
 
 
 # --------------------------------------------------------------------------------------------- CSV
+def looks_binary(head: bytes) -> bool:
+    """Whether the first bytes of a text file are not text: a NUL byte, or invalid UTF-8 (a character cut at the
+    end of ``head`` is not held against it)."""
+    if b"\x00" in head:
+        return True
+    for cut in range(4):  # up to 3 bytes of a multi-byte character may be cut off at the end
+        try:
+            head[: len(head) - cut].decode("utf-8")
+            return False
+        except UnicodeDecodeError as e:
+            if e.start < len(head) - 4:
+                return True
+    return True
+
+
 def _csv_header(stream_factory, path: Path) -> list[str]:
     import csv
     import io
 
     with stream_factory() as s:
         head = s.read(1 << 20)
+    if looks_binary(head):
+        raise PreferenceDataError(f"{path}: binary content (NUL bytes or invalid UTF-8 at the start), not a CSV file")
     text = head.decode("utf-8-sig", errors="replace")
     try:
         names = next(csv.reader(io.StringIO(text)), None)
