@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scorers.columns import DTYPES
+from scorers.errors import check_ranges
 
 from .partition.config import CHUNKINGS, ORDERS
 
@@ -34,17 +35,20 @@ class RunConfig:
     model: str = field(default="bundled", metadata={
         "help": "Reference model M0: path, hub id or 'bundled' (SmolLM2-135M-Instruct)."})
     dtype: str = field(default="float32", metadata={"help": "float32 (TRL-exact) or bfloat16.", "choices": DTYPES})
-    max_length: int = field(default=1024, metadata={"help": "DPOConfig.max_length."})
+    max_length: int = field(default=1024, metadata={"min": 1, "help": "DPOConfig.max_length."})
     signals: list[str] = field(default_factory=lambda: ["ref_margin", "ref_margin_per_token", "length_gap"],
                                metadata={"help": "Difficulty signals to compute (comma-separated)."})
     difficulty_signal: str | None = field(default=None, metadata={"help": "Signal used as `difficulty`."})
-    limit: int | None = field(default=None, metadata={"help": "Score only the first N loaded rows."})
+    limit: int | None = field(default=None, metadata={"min": 1, "help": "Score only the first N loaded rows."})
     order: str = field(default="by_source", metadata={"help": "Curriculum order.", "choices": ORDERS})
     chunking: str = field(default="auto", metadata={"help": "How to cut the order.", "choices": CHUNKINGS})
-    chunks: int = field(default=3, metadata={"help": "Equal chunks for the score orders."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random order and signal."})
+    chunks: int = field(default=3, metadata={"min": 1, "help": "Equal chunks for the score orders."})
+    seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the random order and signal."})
     overwrite: bool = field(default=False, metadata={"help": "Start scoring over if the settings changed."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def run_job(inputs, config: RunConfig | None = None, load_options: dict | None = None) -> dict:

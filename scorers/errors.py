@@ -18,6 +18,21 @@ class MissingDependencyError(UserError):
     """An optional dependency is not installed; the message gives the install command."""
 
 
+def check_ranges(config) -> None:
+    """Raise :class:`ConfigError` for a field of the dataclass ``config`` outside the ``"min"`` / ``"max"`` its
+    ``field(metadata=...)`` declares (``None`` values pass: they mean "not set")."""
+    import dataclasses
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{f.name} must be {bounds}, got {value!r}")
+
+
 def check_choice(name: str, value, choices) -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``choices`` (one line, listing them)."""
     if value not in choices:

@@ -456,6 +456,29 @@ def test_bad_config_values_are_one_line_errors(case, tmp_path, capsys):
     _one_error_line(err, fragment)
 
 
+@pytest.mark.parametrize("command,flag,value,fragment", [
+    ("partition", "--seed", "-1", "seed must be >= 0"),
+    ("partition", "--chunks", "0", "chunks must be >= 1"),
+    ("partition", "--batch-rows", "0", "batch_rows must be >= 1"),
+    ("score", "--batch-tokens", "0", "batch_tokens must be >= 1"),
+    ("score", "--max-length", "1", "max_length must be >= 2"),
+    ("score", "--seed", "-5", "seed must be >= 0"),
+    ("inspect", "--limit-per-source", "0", "limit_per_source must be >= 1"),
+    ("train", "--lora-dropout", "1.5", "lora_dropout must be in [0, 1]"),
+    ("train", "--score-batch-tokens", "0", "score_batch_tokens must be >= 1"),
+])
+def test_out_of_range_option_values_are_one_line_errors(command, flag, value, fragment, tmp_path, capsys):
+    """Every declared range (``field(metadata={"min": ...})``) is checked where the option is declared, before any
+    work: one line, exit 2, never numpy's or torch's traceback."""
+    (tmp_path / "d.jsonl").write_bytes(_lines(GOOD))
+    args = {"partition": [tmp_path / "d.jsonl", "-o", tmp_path / "p", "--order", "random"],
+            "score": [tmp_path / "d.jsonl", "-o", tmp_path / "s"], "inspect": [tmp_path / "d.jsonl"],
+            "train": [tmp_path / "nothing", "--output-dir", tmp_path / "r"]}[command]
+    code, err = _sdpo(capsys, command, *args, flag, value)
+    assert code == 2
+    _one_error_line(err, fragment)
+
+
 @pytest.mark.parametrize("word,kept", [('"false"', 21), ("no", 21), ("'0'", 21), ("true", 20), ('"yes"', 20)])
 def test_yaml_boolean_words(word, kept, tmp_path, capsys):
     (tmp_path / "d.jsonl").write_bytes(_lines([*GOOD, GOOD[3]]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scorers.columns import DTYPES
-from scorers.errors import ConfigError, UserError, check_choice
+from scorers.errors import ConfigError, UserError, check_choice, check_ranges
 
 REF_MODES = ("live", "precomputed", "peft")
 REF_REFRESHES = ("step", "never")
@@ -40,7 +40,7 @@ class StepwiseConfig:
     )
     dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in.", "choices": DTYPES})
     steps: int | None = field(
-        default=None, metadata={"help": "Train only the first N chunks (default: all of them)."}
+        default=None, metadata={"min": 1, "help": "Train only the first N chunks (default: all of them)."}
     )
     packing: bool = field(
         default=True,
@@ -49,11 +49,11 @@ class StepwiseConfig:
     )
     packed_batch_tokens: int | None = field(
         default=None,
-        metadata={"help": "Packing: at most this many tokens per forward; a micro-batch (per_device_train_batch_size "
+        metadata={"min": 1, "help": "Packing: at most this many tokens per forward; a micro-batch (per_device_train_batch_size "
                   "pairs) with more is split, same gradient, one extra forward. Default: one forward per micro-batch."},
     )
     score_batch_tokens: int = field(
-        default=4096, metadata={"help": "Token budget per forward of the reference scoring passes."}
+        default=4096, metadata={"min": 1, "help": "Token budget per forward of the reference scoring passes."}
     )
     reference_stats: bool = field(
         default=True,
@@ -78,25 +78,18 @@ class StepwiseConfig:
         metadata={"help": "Adaptive curriculum: after step t re-score the remaining chunks with M(t) and re-order "
                   "them easy→hard (chunk sizes kept); the new order is recorded in run.json."},
     )
-    lora_r: int = field(default=16, metadata={"help": "'peft' mode: LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "'peft' mode: LoRA alpha."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "'peft' mode: LoRA dropout."})
+    lora_r: int = field(default=16, metadata={"min": 1, "help": "'peft' mode: LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"min": 1, "help": "'peft' mode: LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"min": 0, "max": 1, "help": "'peft' mode: LoRA dropout."})
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "'peft' mode: module names to adapt (default: all linear except lm_head)."}
     )
 
     def __post_init__(self):
+        check_ranges(self)
         check_choice("ref_mode", self.ref_mode, REF_MODES)
         check_choice("ref_refresh", self.ref_refresh, REF_REFRESHES)
         if self.ref_refresh == "never" and self.ref_mode == "peft":
             raise ConfigError("ref_refresh 'never' needs ref_mode 'live' or 'precomputed' (in 'peft' mode the "
                               "reference is the merged previous steps)")
         check_choice("dtype", self.dtype, DTYPES)
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.packed_batch_tokens is not None and self.packed_batch_tokens < 1:
-            raise ConfigError(f"packed_batch_tokens must be >= 1, got {self.packed_batch_tokens}")
-        if self.score_batch_tokens < 1:
-            raise ConfigError(f"score_batch_tokens must be >= 1, got {self.score_batch_tokens}")
-        if self.lora_r < 1:
-            raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")

@@ -35,6 +35,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from scorers.columns import ROW_ID, SOURCE
+from scorers.errors import check_ranges
 
 from ..io import atomic_file
 from .convert import BlockConverter, table_rows
@@ -121,7 +122,10 @@ class LoadConfig:
     source_column: str | None = field(default=None, metadata={"help": "Take each row's source tag from this column."})
     split: str = field(default="train", metadata={"help": "Split of a DatasetDict folder or a Hub dataset."})
     drop_duplicates: bool = field(default=False, metadata={"help": "Reject exact duplicate pairs."})
-    limit_per_source: int | None = field(default=None, metadata={"help": "Read only the first N rows of each input."})
+    limit_per_source: int | None = field(default=None, metadata={"min": 1, "help": "Read only the first N rows of each input."})
+
+    def __post_init__(self):
+        check_ranges(self)
 
     def as_kwargs(self) -> dict:
         """The keyword arguments of :func:`load_preferences`."""

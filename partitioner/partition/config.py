@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scorers.errors import check_ranges
+
 from .folder import PartitionError
 
 ORDERS = ("easy_to_hard", "hard_to_easy", "random", "by_source", "column")
@@ -52,13 +54,13 @@ class PartitionConfig:
     )
     column: str | None = field(default=None, metadata={"help": "Numeric column for order='column'."})
     ascending: bool = field(default=True, metadata={"help": "order='column': ascending (True) or descending."})
-    seed: int = field(default=0, metadata={"help": "Seed of order='random' and shuffle_within."})
+    seed: int = field(default=0, metadata={"min": 0, "help": "Seed of order='random' and shuffle_within."})
     chunking: str = field(
         default="auto",
         metadata={"help": f"One of {', '.join(CHUNKINGS)}; 'auto' picks from the options given "
                   "(fractions/thresholds/quantiles, 'source' for by_source, else 'equal')."},
     )
-    chunks: int = field(default=3, metadata={"help": "Number of equal chunks (chunking='equal')."})
+    chunks: int = field(default=3, metadata={"min": 1, "help": "Number of equal chunks (chunking='equal')."})
     fractions: list[float] | None = field(default=None, metadata={"help": "Chunk shares, e.g. 0.2,0.3,0.5 (sum 1)."})
     thresholds: list[float] | None = field(
         default=None, metadata={"help": "Cut points on the order key (increasing along the order)."}
@@ -67,15 +69,16 @@ class PartitionConfig:
         default=None, metadata={"help": "Cut points as quantiles of the order key, e.g. 0.25,0.5,0.75."}
     )
     min_chunk_size: int = field(
-        default=1, metadata={"help": "Chunks smaller than this are merged into the previous chunk (next for the first)."}
+        default=1, metadata={"min": 0, "help": "Chunks smaller than this are merged into the previous chunk (next for the first)."}
     )
     shuffle_within: bool = field(default=False, metadata={"help": "Seeded shuffle of the rows inside each chunk."})
     parquet: bool = field(default=False, metadata={"help": "Also write chunk-NNN.parquet copies."})
     fsync: bool = field(default=True, metadata={"help": "fsync shards before the manifest (survives power loss)."})
-    batch_rows: int = field(default=8192, metadata={"help": "Rows per output record batch (bounds memory)."})
+    batch_rows: int = field(default=8192, metadata={"min": 1, "help": "Rows per output record batch (bounds memory)."})
     overwrite: bool = field(default=True, metadata={"help": "Replace a previous partition in the output folder."})
 
     def __post_init__(self):
+        check_ranges(self)
         if self.order not in ORDERS:
             raise PartitionConfigError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
         if self.chunking not in CHUNKINGS:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from scorers.columns import BACKENDS, DIFFICULTY, DTYPES, TRUNCATION_MODES
-from scorers.errors import ConfigError, check_choice
+from scorers.errors import ConfigError, check_choice, check_ranges
 from scorers.onednn import LINEAR_KERNELS
 from scorers.signals import parse_signals
 
@@ -33,7 +33,7 @@ class ScoringConfig:
     model: str = field(default="bundled", metadata={"help": "Reference model: local path, hub id or 'bundled'."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer path; default: the model's."})
     dtype: str = field(default="float32", metadata={"help": "float32 (TRL-exact), bfloat16 or float16."})
-    max_length: int | None = field(default=1024, metadata={"help": "DPOConfig.max_length."})
+    max_length: int | None = field(default=1024, metadata={"min": 2, "help": "DPOConfig.max_length."})
     truncation_mode: str = field(default="keep_start", metadata={"help": "DPOConfig.truncation_mode."})
     signals: list[str] = field(
         default_factory=lambda: ["ref_margin", "ref_margin_per_token"],
@@ -41,16 +41,16 @@ class ScoringConfig:
                           "difficulty unless difficulty_signal names another."},
     )
     difficulty_signal: str | None = field(default=None, metadata={"help": "Signal written as `difficulty`."})
-    batch_tokens: int = field(default=4096, metadata={"help": "Token budget per forward pass."})
-    rows_per_part: int = field(default=256, metadata={"help": "Rows per output part (the resume unit)."})
+    batch_tokens: int = field(default=4096, metadata={"min": 1, "help": "Token budget per forward pass."})
+    rows_per_part: int = field(default=256, metadata={"min": 1, "help": "Rows per output part (the resume unit)."})
     packed: bool = field(default=True, metadata={"help": "Compute each prompt once (prefix-shared packed rows)."})
-    beta: float = field(default=0.1, metadata={"help": "beta of the implicit_reward signal."})
+    beta: float = field(default=0.1, metadata={"min": 0, "help": "beta of the implicit_reward signal."})
     policy_model: str | None = field(default=None, metadata={"help": "pi of implicit_reward (vs. the reference)."})
     reward_model: str | None = field(default=None, metadata={"help": "Sequence-classification reward model."})
     rating_columns: list[str] = field(
         default_factory=lambda: ["score_chosen", "score_rejected"], metadata={"help": "Columns of rating_gap."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the random signal."})
+    seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the random signal."})
     linear_kernel: str = field(default="auto", metadata={
         "help": "transformers backend: fp32 GEMM of the linear layers on CPU: auto (oneDNN where this torch has it), "
                 "onednn or torch (torch's default, MKL)."})
@@ -70,6 +70,7 @@ class ScoringConfig:
     progress: bool = field(default=True, metadata=_not_guarded("Show progress bars."))
 
     def __post_init__(self):
+        check_ranges(self)
         if isinstance(self.signals, str):
             self.signals = [s.strip() for s in self.signals.split(",") if s.strip()]
         if isinstance(self.rating_columns, str):
@@ -83,10 +84,6 @@ class ScoringConfig:
         check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         check_choice("linear_kernel", self.linear_kernel, LINEAR_KERNELS)
         check_choice("backend", self.backend, BACKENDS)
-        if self.rows_per_part < 1 or self.batch_tokens < 1:
-            raise ConfigError("rows_per_part and batch_tokens must be >= 1")
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if "implicit_reward" in self.signals and not self.policy_model:

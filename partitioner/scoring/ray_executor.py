@@ -39,7 +39,7 @@ import os
 import signal as _signal
 from dataclasses import dataclass, field, replace
 
-from scorers.errors import ConfigError, MissingDependencyError
+from scorers.errors import ConfigError, MissingDependencyError, check_ranges
 
 from .folder import ScoringError
 from .part_scorer import PartScorer
@@ -76,12 +76,12 @@ class RayConfig:
         metadata={"help": "Ray cluster address (e.g. 'ray://head:10001' or 'head:6379'); default: the Ray already "
                           "initialized in this process, else ray.init() (RAY_ADDRESS, a local cluster, or a new one)."},
     )
-    concurrency: int = field(default=1, metadata={"help": "Actors in the pool (each holds one copy of the model)."})
-    num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per actor (torch threads follow it)."})
-    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per actor; > 0 scores on cuda."})
+    concurrency: int = field(default=1, metadata={"min": 1, "help": "Actors in the pool (each holds one copy of the model)."})
+    num_cpus: float = field(default=1.0, metadata={"min": 0, "help": "CPUs reserved per actor (torch threads follow it)."})
+    num_gpus: float = field(default=0.0, metadata={"min": 0, "help": "GPUs per actor; > 0 scores on cuda."})
     batch_rows: int | None = field(
         default=None,
-        metadata={"help": "Rows per actor call; default one whole part (same forward batches as the local job)."},
+        metadata={"min": 1, "help": "Rows per actor call; default one whole part (same forward batches as the local job)."},
     )
     max_restarts: int | None = field(
         default=None, metadata={"help": "Actor restarts after a crash; default Ray Data's (-1: unlimited)."}
@@ -94,12 +94,7 @@ class RayConfig:
     )
 
     def __post_init__(self):
-        if self.concurrency < 1:
-            raise ConfigError(f"ray concurrency must be >= 1, got {self.concurrency}")
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ConfigError("ray num_cpus and num_gpus must be >= 0")
-        if self.batch_rows is not None and self.batch_rows < 1:
-            raise ConfigError(f"ray batch_rows must be >= 1, got {self.batch_rows}")
+        check_ranges(self)
         for name in ("max_restarts", "max_task_retries"):
             v = getattr(self, name)
             if v is not None and v < -1:
