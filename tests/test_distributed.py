@@ -193,6 +193,32 @@ def test_precomputed_reference_scored_once_and_gathered_in_order(stepwise_runs):
 
 
 @pytest.mark.slow
+def test_rows_dropped_by_tokenization_keep_processes_aligned(shared_data, tiny_model_dir, tmp_path):
+    """Real HH-RLHF pairs, not tokenized in the partition, 5 of 12 with a prompt that fills max_length 128: under 2
+    processes `sdpo train` tokenizes before splitting the scoring passes, so both reference modes train both steps
+    with the one-process run's rows and optimizer steps (the split used to see each process drop its own rows)."""
+    from partitioner import PartitionConfig, load_preferences, partition_preferences
+
+    rows = load_preferences([shared_data / "hh_rlhf_harmless" / "test.jsonl.gz"], limit_per_source=12)
+    part = partition_preferences(rows, tmp_path / "part", PartitionConfig(order="random", chunks=2, seed=1),
+                                 progress=False)
+    records = {}
+    for processes, per_device in ((1, 2), (2, 1)):
+        folder = tmp_path / f"p{processes}"
+        job = {"job": "cli", "watch": [str(folder / "runs"), str(part)], "runs": [
+            [mode, train_argv(part, tiny_model_dir, folder / "runs" / mode, per_device, mode)]
+            for mode in ("live", "precomputed")]}
+        done, reports = launch(job, folder, processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+        for mode in ("live", "precomputed"):
+            steps = json.loads((folder / "runs" / mode / "steps.json").read_text())["steps"]
+            records[processes, mode] = [(s["rows"], s["rows_trained"], s["optimizer_steps"]) for s in steps]
+    for mode in ("live", "precomputed"):
+        assert records[1, mode] == records[2, mode]
+        assert sum(r[1] for r in records[1, mode]) == 7  # the 5 long prompts dropped, as DPOTrainer drops them
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_of_one_process_group(stepwise_runs, partitions, tiny_model_dir, tmp_path):
     part = partitions[2]
     out = tmp_path / "runs" / "live"

@@ -84,12 +84,16 @@ def train_stepwise(
         with procs.main_first():  # tokenizing may write a datasets cache file beside the held-out file
             eval_dataset = ensure_tokens(eval_dataset, tokenizer, args.max_length, args.truncation_mode)
 
-    def score_rows(m, dataset):  # M's summed log-probs of chosen and rejected, as DPOTrainer's reference computes them
-        return score_pairs(m, ensure_tokens(dataset, tokenizer, args.max_length, args.truncation_mode),
-                           max_length=args.max_length, truncation_mode=args.truncation_mode,
+    def score_rows(m, tokenized):  # M's summed log-probs of chosen and rejected, as DPOTrainer's reference has them
+        return score_pairs(m, tokenized, max_length=args.max_length, truncation_mode=args.truncation_mode,
                            batch_tokens=config.score_batch_tokens)
 
-    score = procs.split_scoring(score_rows)  # each row scored once, on one process; every process gets all rows
+    split_score = procs.split_scoring(score_rows)  # each row scored once, on one process; every process gets all
+
+    def score(m, dataset):
+        # Tokenize (dropping, as DPOTrainer does, pairs whose prompt fills max_length) before the rows are split:
+        # every process then splits the same kept rows, and the gathered scores stay aligned with them.
+        return split_score(m, ensure_tokens(dataset, tokenizer, args.max_length, args.truncation_mode))
     fixed_m0 = None
     if config.ref_refresh == "never":  # the control arm: M0 stays the reference at every step
         def fixed_m0():
