@@ -77,6 +77,10 @@ def train_stepwise(
     tokenizer = tokenizer or load_tokenizer(str(model_path) if model_path is not None else model.config._name_or_path)
     if config.check_tokenizer:
         check_tokenizer(tokenizer, chunks, manifest)
+    # Chunks of an unscored partition are tokenized here, once, as DPOTrainer would (dropping pairs whose prompt
+    # fills max_length): the reference scores, the rows each process scores and the rows TRL trains stay aligned.
+    with procs.main_first():
+        chunks = [ensure_tokens(c, tokenizer, args.max_length, args.truncation_mode) for c in chunks]
     n_steps = len(chunks) if config.steps is None else min(config.steps, len(chunks))
     if eval_dataset is None and config.held_out:
         eval_dataset = load_held_out(config.held_out)

@@ -103,7 +103,8 @@ def ensure_tokens(dataset, tokenizer, max_length, truncation_mode):
         return dataset
     kept, rejects = tokenize_preferences(dataset, tokenizer, TokenizeConfig(max_length, truncation_mode))
     if rejects:
-        logger.warning("held-out set: %d pair(s) rejected by tokenization (prompt fills max_length)", len(rejects))
+        logger.warning("%d pair(s) rejected by tokenization (prompt fills max_length), as DPOTrainer drops them",
+                       len(rejects))
     return kept
 
 
