@@ -8,6 +8,16 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+try:  # fuzz tests (tests/test_fuzz.py): a fixed number of examples in CI, more with --hypothesis-profile=long
+    from hypothesis import HealthCheck, settings
+
+    _SLOW_OK = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+    settings.register_profile("ci", max_examples=40, **_SLOW_OK)
+    settings.register_profile("long", max_examples=1000, **_SLOW_OK)
+    settings.load_profile("ci")
+except ImportError:
+    pass
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

@@ -209,6 +209,9 @@ FILE_CASES = {
     "png_as_csv": ("d.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8, "binary content"),
     "random_bytes_as_csv": ("d.csv", bytes((i * 97 + 13) % 256 for i in range(4000)), "binary content"),
     "gzip_of_binary_csv": ("d.csv.gz", gzip.compress(b"\x00\x01\x02" * 500), "binary content"),
+    # found by tests/test_fuzz.py: Arrow's JSON parser built a list-of-nulls column that failed its own checks
+    "lists_of_nulls": ("d.jsonl", b'{"prompt": [], "chosen": [], "rejected": [null, null]}\n',
+                       "no known preference format"),
 }
 
 

@@ -202,10 +202,11 @@ def arrow_block(data: bytes, start: int) -> Block | None:
         if changed:  # strings that looked like dates: read again as the text they are
             table = pj.read_json(pa.BufferReader(data), read_options=options, parse_options=pj.ParseOptions(
                 explicit_schema=pa.schema(schema)))
+        table.validate(full=True)  # Arrow's parser can build arrays that fail their own checks (lists of nulls)
+        if any(_has_big_float(c.combine_chunks()) for c in table.columns):
+            return None
     except (pa.ArrowException, ValueError, UnicodeError, OverflowError):
-        return None
-    if any(_has_big_float(c.combine_chunks()) for c in table.columns):
-        return None
+        return None  # the exact row-by-row path reads it instead
     # In JSON text every character JSON escapes is written with a backslash: none in the source, none in the rows.
     return Block(start, table=table, utf8_checked=True, may_escape=b"\\" in data)
 

@@ -1,0 +1,144 @@
+"""Fuzzing as a habit (hypothesis): arbitrary bytes under every extension and codec, arbitrary JSON values in every
+field of every layout, arbitrary values for every option of every command's config dataclasses. Each must end in a
+counted reject (rows in = kept + rejected) or a one-line ``UserError``, never another exception.
+
+Examples per test: the ``ci`` profile (default, 40; registered in ``conftest.py``);
+``pytest --hypothesis-profile=long tests/test_fuzz.py`` runs 1,000. Every example is bounded by the input sizes drawn (a few KB), and the whole test by ``pytest-timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import dataclasses
+import gzip
+import json
+import lzma
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from partitioner.data.loading import load_preferences_with_rejects
+from scorers.errors import UserError
+
+EXTENSIONS = [".jsonl", ".json", ".csv", ".parquet", ".arrow"]
+
+
+def _zst(data: bytes) -> bytes:
+    out = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(out, "zstd") as f:
+        f.write(data)
+    return out.getvalue().to_pybytes()
+
+
+CODECS = {"": lambda b: b, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress, ".zst": _zst}
+
+
+def _load(name: str, content: bytes):
+    """Load one file; returns the report, or None for a one-line UserError. Anything else propagates (a bug)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(content)
+        try:
+            ds, report = load_preferences_with_rejects([str(path)], work_dir=Path(tmp) / "work")
+        except UserError as e:
+            assert "\n" not in str(e).strip() and len(str(e)) < 2000
+            return None
+        assert report.rows_in == report.rows_kept + report.rows_rejected == len(ds) + report.rows_rejected
+        return report
+
+
+@pytest.mark.timeout(600)
+@given(data=st.binary(max_size=3000), ext=st.sampled_from(EXTENSIONS), codec=st.sampled_from(list(CODECS)))
+def test_arbitrary_bytes_under_every_extension_and_codec(data, ext, codec):
+    _load(f"d{ext}{codec}", CODECS[codec](data))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"]) | JSON_VALUES,
+                                 "content": st.text(max_size=20) | JSON_VALUES})
+# One row of each layout the loader detects, every field drawn as any JSON value or as the layout's own kind.
+LAYOUT_ROWS = {
+    "standard": st.fixed_dictionaries({"prompt": st.text(max_size=20) | JSON_VALUES,
+                                       "chosen": st.text(max_size=20) | JSON_VALUES,
+                                       "rejected": st.text(max_size=20) | JSON_VALUES}),
+    "conversational": st.fixed_dictionaries({"prompt": st.lists(MESSAGE, max_size=2) | JSON_VALUES,
+                                             "chosen": st.lists(MESSAGE, max_size=2) | JSON_VALUES,
+                                             "rejected": st.lists(MESSAGE, max_size=2) | JSON_VALUES}),
+    "implicit": st.fixed_dictionaries({"chosen": st.text(max_size=30) | JSON_VALUES,
+                                       "rejected": st.text(max_size=30) | JSON_VALUES}),
+    "openai": st.fixed_dictionaries({"input": st.fixed_dictionaries({"messages": st.lists(MESSAGE, max_size=2)})
+                                     | JSON_VALUES,
+                                     "preferred_output": st.lists(MESSAGE, max_size=1) | JSON_VALUES,
+                                     "non_preferred_output": st.lists(MESSAGE, max_size=1) | JSON_VALUES}),
+    "sharegpt": st.fixed_dictionaries({
+        "conversations": st.lists(st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system"])
+                                                         | JSON_VALUES, "value": st.text(max_size=20) | JSON_VALUES}),
+                                  max_size=2) | JSON_VALUES,
+        "chosen": st.fixed_dictionaries({"from": st.just("gpt"), "value": st.text(max_size=20)}) | JSON_VALUES,
+        "rejected": st.fixed_dictionaries({"from": st.just("gpt"), "value": st.text(max_size=20)}) | JSON_VALUES}),
+    "messages": st.fixed_dictionaries({"chosen_messages": st.lists(MESSAGE, max_size=2) | JSON_VALUES,
+                                       "rejected_messages": st.lists(MESSAGE, max_size=2) | JSON_VALUES}),
+    "hh": st.fixed_dictionaries({"chosen": st.text(max_size=10).map(lambda t: f"\n\nHuman: {t}\n\nAssistant: a")
+                                 | JSON_VALUES, "rejected": st.text(max_size=10) | JSON_VALUES}),
+}
+
+
+@pytest.mark.timeout(600)
+@given(layout=st.sampled_from(sorted(LAYOUT_ROWS)), data=st.data(), ext=st.sampled_from([".jsonl", ".json"]))
+def test_arbitrary_json_values_in_every_field_of_every_layout(layout, data, ext):
+    rows = data.draw(st.lists(LAYOUT_ROWS[layout], min_size=1, max_size=6))
+    try:
+        text = "".join(json.dumps(r) + "\n" for r in rows) if ext == ".jsonl" else json.dumps(rows)
+    except ValueError:
+        return  # not JSON-serialisable (NaN is written as NaN: Python's json does; Arrow's parser may refuse)
+    report = _load(f"d{ext}", text.encode("utf-8", errors="surrogatepass"))
+    if report is not None:
+        assert report.rows_in == len(rows)
+
+
+def _config_classes():
+    from partitioner.cli.truthfulqa import TruthfulQACommand
+    from partitioner.data.loading import LoadConfig
+    from partitioner.partition.config import PartitionConfig
+    from partitioner.run import RunConfig
+    from partitioner.scoring.config import ScoringConfig
+    from partitioner.scoring.ray_executor import RayConfig
+    from trainer_plugin.config import StepwiseConfig
+
+    return [LoadConfig, ScoringConfig, PartitionConfig, RunConfig, RayConfig, StepwiseConfig, TruthfulQACommand]
+
+
+CLASSES = _config_classes()
+OPTION_VALUES = (st.none() | st.booleans() | st.integers(min_value=-10**20, max_value=10**20)
+                 | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
+                 | st.lists(st.text(max_size=5) | st.integers(), max_size=3)
+                 | st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=2))
+
+
+@pytest.mark.timeout(600)
+@given(cls=st.sampled_from(CLASSES), data=st.data())
+def test_arbitrary_values_for_every_option(cls, data):
+    """Each field of each config dataclass, set from flag text or a YAML value of any kind, through the same
+    converters the command line uses: a config, or a one-line UserError."""
+    from partitioner.cli.options import Options, build
+
+    options = Options(argparse.ArgumentParser())
+    options.add_dataclass(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name in options.converters]
+    chosen = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True))
+    values = {}
+    try:
+        for name in chosen:
+            raw = data.draw(OPTION_VALUES | OPTION_VALUES.map(str))  # a YAML value, or flag text
+            values[name] = options.converters[name](raw)
+        build(cls, values)
+    except UserError as e:
+        assert str(e).strip() and "\n" not in str(e).strip()
