@@ -342,7 +342,8 @@ def run_facts(run: dict) -> str:
     ])
 
 
-def plot(summary: dict, rows_dir: Path) -> list[Path]:
+def plot(summary: dict, out_dir: Path) -> list[Path]:
+    """The two figures of the report, written into ``out_dir`` under the names of ``PLOTS``."""
     from matplotlib.figure import Figure
 
     arms = summary["arms"]
@@ -358,7 +359,7 @@ def plot(summary: dict, rows_dir: Path) -> list[Path]:
     ax.set_title("γ_ref of every M(t) on held-out probe rows (± 1.96 s.e.)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize="small")
-    paths = [rows_dir / "gamma_ref.png"]
+    paths = [out_dir / PLOTS["gamma_ref.png"]]
     fig.savefig(paths[0], dpi=110)
 
     shown = [m for m in METRICS if m[0] in (PRIMARY, "mc2")]
@@ -374,10 +375,10 @@ def plot(summary: dict, rows_dir: Path) -> list[Path]:
             ax.plot(c["mean"] * scale, y, "o", color=color)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(cs)), [f"{c['a']} − {c['b']}" for c in cs], fontsize="small")
-        ax.set_title(f"{title}: paired difference (points)" if scale == 100 else title)
+        ax.set_title(f"{title} (points)" if scale == 100 else title, fontsize="medium")
         ax.invert_yaxis()
-    fig.suptitle("thick: 95% interval; thin: corrected interval; red: finding")
-    paths.append(rows_dir / "differences.png")
+    fig.suptitle("paired differences; thick: 95% interval, thin: corrected interval, red: finding")
+    paths.append(out_dir / PLOTS["differences.png"])
     fig.savefig(paths[1], dpi=110)
     return paths
 
@@ -386,13 +387,7 @@ def write_report(rows_dir: Path, results_md: Path) -> dict:
     """Tables and plots of ``rows_dir`` into the generated section of ``results_md`` (plots beside it)."""
     tables = load_tables(rows_dir)
     summary = summarize(tables)
-    write_json(rows_dir / "summary.json", {**summary, "comparisons": [
-        {**c, "ci95": list(c["ci95"]), "ci_corrected": list(c["ci_corrected"])} for c in summary["comparisons"]]})
-    plots = plot(summary, rows_dir)
-    for path in plots:
-        target = results_md.parent / PLOTS[path.name]
-        if path.resolve() != target.resolve():
-            target.write_bytes(path.read_bytes())
+    plot(summary, results_md.parent)
     body = report_markdown(tables, summary) + "\n" + "\n".join(
         f"![{name}]({target})" for name, target in PLOTS.items()) + "\n"
     text = results_md.read_text(encoding="utf-8") if results_md.exists() else f"{BEGIN}\n{END}\n"
