@@ -1,7 +1,8 @@
 """Every use of TRL's or transformers' private code, in one place, beside the version ranges it was written for.
 
-The rest of the project calls these functions and never touches an underscored upstream name itself. When an
-upstream release renames one of them, :func:`missing_upstream_names` lists it and
+The rest of the project calls these functions and never touches an underscored upstream name itself (nor TRL's
+internal helpers and trainer state listed below); ``tests/test_compat_boundary.py`` finds any that does, from the
+code. When an upstream release renames one of them, :func:`missing_upstream_names` lists it and
 ``tests/test_compat.py`` fails loudly, naming it, instead of a run failing somewhere in the middle.
 
 ``SUPPORTED`` must equal the ranges in ``pyproject.toml`` (checked by the same test).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from typing import NamedTuple
 
 SUPPORTED = {"transformers": ">=5.0,<5.20", "trl": ">=1.16,<2"}
 
@@ -30,6 +32,11 @@ UPSTREAM_NAMES = (
     ("trl.models.utils", "disable_gradient_checkpointing"),
     ("trl.trainer.dpo_trainer", "DPOTrainer.compute_ref_log_probs"),
 )
+
+# Upstream attributes without an underscore that are not public API either: DPOTrainer's instance state (set in its
+# ``__init__``, read through :func:`dpo_trainer_flags`) and a model's ``hf_quantizer`` (:func:`drop_gguf_quantizer`).
+# ``ref_model`` is public, but TRL's ``compute_loss`` reading it is not (:func:`trl_reference_replaced`).
+INTERNAL_ATTRIBUTES = ("precompute_ref_logps", "use_weighting", "aux_loss_enabled", "hf_quantizer")
 
 
 def missing_upstream_names() -> list[str]:
@@ -99,7 +106,72 @@ def drop_trl_forward_patch(model) -> None:
     vars(model).pop("forward", None)
 
 
+class DPOTrainerFlags(NamedTuple):
+    precompute_ref_logps: bool  # reference log-probs precomputed (args.precompute_ref_log_probs)
+    use_weighting: bool  # WPO weights (args.use_weighting): the loss needs log_sum_sq_probs
+    aux_loss_enabled: bool  # the MoE router auxiliary loss is added
+
+
+def dpo_trainer_flags(trainer) -> DPOTrainerFlags:
+    """What a TRL 1.x ``DPOTrainer`` decided in its ``__init__`` (its instance attributes of the same names)."""
+    return DPOTrainerFlags(trainer.precompute_ref_logps, trainer.use_weighting, trainer.aux_loss_enabled)
+
+
+@contextlib.contextmanager
+def trl_reference_replaced(trainer, stand_in):
+    """Inside the block, ``trainer.ref_model`` is ``stand_in``: TRL 1.x's ``compute_loss`` calls
+    ``self.ref_model(..., fused_lm_head=True)`` for a live reference's log-probs."""
+    saved = trainer.ref_model
+    trainer.ref_model = stand_in
+    try:
+        yield
+    finally:
+        trainer.ref_model = saved
+
+
+def fused_lm_output(**fields):
+    """``trl.trainer.utils.FusedCausalLMOutput(**fields)``: what a model called with ``fused_lm_head=True`` returns
+    to TRL's loss (``label_mask``, ``log_probs`` and the optional per-token statistics)."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    return FusedCausalLMOutput(**fields)
+
+
+def trl_disable_gradient_checkpointing(model, gradient_checkpointing_kwargs):
+    """``trl.models.utils.disable_gradient_checkpointing``: the context TRL runs its reference forwards in."""
+    from trl.models.utils import disable_gradient_checkpointing
+
+    return disable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
+
+
+def trl_use_adapter(model, adapter_name):
+    """``trl.trainer.utils.use_adapter``: the PEFT adapter ``adapter_name`` active inside the block (``None``: the
+    adapters disabled), as TRL computes a PEFT reference."""
+    from trl.trainer.utils import use_adapter
+
+    return use_adapter(model, adapter_name=adapter_name)
+
+
+def trl_chunked_log_probs(hidden, weight, bias, labels, temperature, vocab_chunk, softcap, logit_scale, outputs):
+    """``trl.kernels.ChunkedLogProbFunction.apply``: TRL's fused LM-head kernel (per-token log-probs and the
+    statistics named in ``outputs``, the logits computed a vocabulary chunk at a time)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    return ChunkedLogProbFunction.apply(hidden, weight, bias, labels, temperature, vocab_chunk, softcap, logit_scale,
+                                        outputs)
+
+
 # ----------------------------------------------------------------------------------------------- transformers
+
+
+def model_name_or_path(config, *default):
+    """``config._name_or_path`` of a transformers config (where it was loaded from); ``default`` as ``getattr``'s."""
+    return getattr(config, "_name_or_path", *default)
+
+
+def set_model_name_or_path(config, value) -> None:
+    """Set ``config._name_or_path`` (what ``save_pretrained`` records and ``model_name_or_path`` reads)."""
+    config._name_or_path = value
 
 
 def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
@@ -141,3 +213,24 @@ def drop_gguf_quantizer(model) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+
+
+def has_indices_mapping(dataset) -> bool:
+    """Whether a ``datasets.Dataset`` reads its rows through an indices mapping (after ``select``/``shuffle``...;
+    its private ``_indices``) instead of being its Arrow table as it is."""
+    return getattr(dataset, "_indices", None) is not None
+
+
+# ----------------------------------------------------------------------------------------------- torch
+
+
+def onednn_linear_pointwise():
+    """torch's private oneDNN linear op ``torch.ops.mkldnn._linear_pointwise`` (what torch.compile's CPU backend
+    emits; its ``.binary`` overload fuses a binary post-op). Raises ``AttributeError``/``RuntimeError`` where the
+    torch build lacks it."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise

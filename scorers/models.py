@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from .columns import DTYPES
-from .compat import drop_gguf_quantizer
+from .compat import drop_gguf_quantizer, set_model_name_or_path
 from .errors import MissingDependencyError, UserError
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def bundled_model_path(gguf_file: str | os.PathLike | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     drop_gguf_quantizer(model)
-    model.config._name_or_path = str(target)
+    set_model_name_or_path(model.config, str(target))
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)

@@ -18,15 +18,15 @@ import functools
 import logging
 import types
 
+from .compat import onednn_linear_pointwise
+
 logger = logging.getLogger(__name__)
 
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 
 
 def linear_forward(self, x):
-    import torch
-
-    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+    return onednn_linear_pointwise()(x, self.weight, self.bias, "none", [], "")
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,7 +40,7 @@ def onednn_linear_available() -> bool:
     try:
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(*shape, generator=gen) for shape in ((3, 5, 64), (40, 64), (40,)))
-        out = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        out = onednn_linear_pointwise()(x, w, b, "none", [], "")
     except (AttributeError, RuntimeError, NotImplementedError) as e:
         logger.debug("oneDNN linear unavailable: %s", e)
         return False
@@ -50,19 +50,15 @@ def onednn_linear_available() -> bool:
 def _fused_gate_up(mlp, x):
     """``silu(gate_proj(x)) * up_proj(x)`` with the SiLU and the product as oneDNN GEMM post-ops, instead of two
     extra passes over the (tokens x intermediate) activations."""
-    import torch
-
-    op = torch.ops.mkldnn._linear_pointwise
+    op = onednn_linear_pointwise()
     gate = op(x, mlp.gate_proj.weight, mlp.gate_proj.bias, "swish", [], "")
     return op.binary(x, gate, mlp.up_proj.weight, mlp.up_proj.bias, "mul")
 
 
 def gated_mlp_forward(self, x):
     """``down(silu(gate(x)) * up(x))`` through oneDNN (:func:`_fused_gate_up`, then ``down_proj``)."""
-    import torch
-
-    return torch.ops.mkldnn._linear_pointwise(_fused_gate_up(self, x), self.down_proj.weight, self.down_proj.bias,
-                                              "none", [], "")
+    return onednn_linear_pointwise()(_fused_gate_up(self, x), self.down_proj.weight, self.down_proj.bias, "none", [],
+                                     "")
 
 
 def _swappable_linear(m) -> bool:
@@ -97,13 +93,11 @@ _DECODER_LAYER_PARTS = {"input_layernorm", "self_attn", "post_attention_layernor
 def decoder_layer_forward(self, hidden_states, **kwargs):
     """A pre-norm decoder layer (Llama, Mistral, Qwen2/3...) whose gated SiLU MLP also takes the residual add as a
     GEMM post-op of ``down_proj``; attention runs through the layer's own attention module."""
-    import torch
-
     attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
     hidden_states = attn.add_(hidden_states)
     down = self.mlp.down_proj
     hidden = _fused_gate_up(self.mlp, self.post_attention_layernorm(hidden_states))
-    return torch.ops.mkldnn._linear_pointwise.binary(hidden, hidden_states, down.weight, down.bias, "add")
+    return onednn_linear_pointwise().binary(hidden, hidden_states, down.weight, down.bias, "add")
 
 
 def _onednn_swaps(model, layers: bool = True) -> list:

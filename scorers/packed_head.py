@@ -23,6 +23,7 @@ import functools
 import types
 
 from .attention import prefix_attention
+from .compat import trl_chunked_log_probs
 
 TOKEN_STATS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 OPTIONAL_STATS = TOKEN_STATS[1:]
@@ -100,7 +101,6 @@ def token_stats(hidden, weight, bias, labels, outputs: tuple[str, ...], logit_sc
     kernel's temporaries stay small; elsewhere in one call with TRL's vocabulary chunk.
     """
     import torch
-    from trl.kernels import ChunkedLogProbFunction
 
     n, vocab = hidden.shape[0], weight.shape[0]
     if hidden.device.type == "cpu":
@@ -108,8 +108,8 @@ def token_stats(hidden, weight, bias, labels, outputs: tuple[str, ...], logit_sc
     else:
         tokens, vocab_chunk = max(n, 1), _ACCELERATOR_VOCAB_CHUNK
     parts = [
-        ChunkedLogProbFunction.apply(hidden[s : s + tokens], weight, bias, labels[s : s + tokens], 1.0, vocab_chunk,
-                                     softcap, logit_scale, outputs)
+        trl_chunked_log_probs(hidden[s : s + tokens], weight, bias, labels[s : s + tokens], 1.0, vocab_chunk, softcap,
+                              logit_scale, outputs)
         for s in range(0, max(n, 1), tokens)  # one call even for no tokens: the output stays connected to the graph
     ]
     if len(parts) == 1:

@@ -18,6 +18,7 @@ import logging
 from .attention import layout_tensor, prefix_attention, unmodelled_sliding_window
 from .backend import LogProbBackend, token_columns
 from .columns import TRUNCATION_MODES
+from .compat import model_name_or_path
 from .errors import ConfigError, check_choice
 from .onednn import LINEAR_KERNELS, checked_onednn_swaps, linear_kernel, onednn_linear_available
 from .packed_head import lm_head_scaling, lm_head_tile
@@ -64,7 +65,7 @@ class TransformersBackend(LogProbBackend):
         check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
         if batch_tokens < 1:
             raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
-        self.model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+        self.model_name = model if isinstance(model, str) else model_name_or_path(model.config, "")
         if isinstance(model, str):
             model = load_causal_lm(model, dtype=dtype, device=device)
         self.model = model.eval()

@@ -126,25 +126,6 @@ def test_modules_stay_small():
     assert not big, f"modules over {MAX_LINES} lines: {big}"
 
 
-def test_private_upstream_names_only_in_compat():
-    """TRL's and transformers' private names are used in scorers/compat.py only."""
-    offenders = []
-    for module, path in MODULES.items():
-        if module == "scorers.compat":
-            continue
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("trl", "transformers"):
-                private = [a.name for a in node.names if a.name.startswith("_")]
-                if private or any(p.startswith("_") for p in (node.module or "").split(".")):
-                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module} {private}")
-            if isinstance(node, ast.Attribute) and node.attr in ("_attn_implementation", "_global_mapping",
-                                                                  "_get_train_sampler", "_precompute_ref_logps",
-                                                                  "_parse_dataclass_field", "hf_quantizer"):
-                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
-    assert not offenders, "\n".join(offenders)
-
-
 @pytest.mark.parametrize("module", ["partitioner", "partitioner.cli.main", "partitioner.cli.verify",
                                     "partitioner.cli.stats", "partitioner.partition.folder"])
 def test_light_modules_import_no_heavy_package(module):

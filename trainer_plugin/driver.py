@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scorers.columns import ROW_ID
-from scorers.compat import drop_trl_forward_patch
+from scorers.compat import drop_trl_forward_patch, model_name_or_path
 from scorers.stats import margin_stats
 
 from .config import StepwiseConfig, StepwiseInputError
@@ -74,7 +74,7 @@ def train_stepwise(
     procs = processes_of(args)
     chunks, manifest = load_chunks(partition_dir)
     model_path = model if isinstance(model, (str, os.PathLike)) else None
-    tokenizer = tokenizer or load_tokenizer(str(model_path) if model_path is not None else model.config._name_or_path)
+    tokenizer = tokenizer or load_tokenizer(str(model_path) if model_path is not None else model_name_or_path(model.config))
     if config.check_tokenizer:
         check_tokenizer(tokenizer, chunks, manifest)
     # Chunks of an unscored partition are tokenized here, once, as DPOTrainer would (dropping pairs whose prompt

@@ -37,10 +37,10 @@ import inspect
 import torch
 from accelerate.utils import is_peft_model
 from trl import DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import FusedCausalLMOutput, use_adapter
 
 from scorers.attention import prefix_attention, unmodelled_sliding_window
+from scorers.compat import (dpo_trainer_flags, fused_lm_output, trl_disable_gradient_checkpointing,
+                            trl_reference_replaced, trl_use_adapter)
 from scorers.errors import ConfigError
 from scorers.packed_head import OPTIONAL_STATS, install_packed_head
 
@@ -49,9 +49,9 @@ from .packed_batch import PackedBatch, pack_collated
 
 class GivenOutputs:
     """Stands in for a model inside TRL's loss code: its fused-LM-head call returns the packed forward's outputs
-    (in TRL's layout); any other call goes to the model."""
+    (in TRL's layout, a ``FusedCausalLMOutput``); any other call goes to the model."""
 
-    def __init__(self, model, outputs: FusedCausalLMOutput):
+    def __init__(self, model, outputs):
         self.model, self.outputs, self.calls = model, outputs, 0
 
     def __call__(self, *args, fused_lm_head=False, **kwargs):
@@ -135,7 +135,7 @@ class PackedForward:
         batch = self._pack(inputs)
         policy = GivenOutputs(model, self._policy_outputs(model, batch))
         reference = None
-        if not self.precompute_ref_logps:
+        if not dpo_trainer_flags(self).precompute_ref_logps:
             reference = GivenOutputs(self.ref_model, self._reference_outputs(batch))
         with self._given_reference(reference):
             result = super().compute_loss(policy, inputs, return_outputs, num_items_in_batch)
@@ -152,7 +152,7 @@ class PackedForward:
     def compute_ref_log_probs(self, model, inputs):
         self._install_heads(model)
         batch = self._pack(inputs)
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+        with torch.no_grad(), trl_disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_adapter(), self.accelerator.autocast():
             stats = self._run_lines(model, batch, ())
         given = GivenOutputs(model, _fused_output(batch, stats))
@@ -168,9 +168,10 @@ class PackedForward:
 
     def _stat_names(self) -> tuple[str, ...]:
         # what TRL's own fused head computes for the policy: the metrics' entropy, mean logits, top-1; WPO weights
-        return tuple(n for n in OPTIONAL_STATS if n != "log_sum_sq_probs" or self.use_weighting)
+        use_weighting = dpo_trainer_flags(self).use_weighting
+        return tuple(n for n in OPTIONAL_STATS if n != "log_sum_sq_probs" or use_weighting)
 
-    def _policy_outputs(self, model, batch: PackedBatch) -> FusedCausalLMOutput:
+    def _policy_outputs(self, model, batch: PackedBatch):
         names = self._stat_names()
         if not (torch.is_grad_enabled() and len(batch.lines) > 1):
             return _fused_output(batch, self._run_lines(model, batch, names))
@@ -206,8 +207,8 @@ class PackedForward:
                 flat[k] = flat[k].index_copy(0, line.flat_index.to(values.device), values)
         return flat
 
-    def _reference_outputs(self, batch: PackedBatch) -> FusedCausalLMOutput:
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+    def _reference_outputs(self, batch: PackedBatch):
+        with torch.no_grad(), trl_disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_adapter():
             model = self.model if self.ref_model is None else self.ref_model
             return _fused_output(batch, self._run_lines(model, batch, ()))
@@ -217,20 +218,11 @@ class PackedForward:
         if self.ref_model is not None or not is_peft_model(self.model):
             return contextlib.nullcontext()
         unwrapped = self.accelerator.unwrap_model(self.model)
-        return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return trl_use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
 
-    @contextlib.contextmanager
     def _given_reference(self, given: GivenOutputs | None):
         """TRL's loss reads the live reference's outputs from ``self.ref_model``: hand it the packed ones."""
-        if given is None:
-            yield
-            return
-        saved = self.ref_model
-        self.ref_model = given
-        try:
-            yield
-        finally:
-            self.ref_model = saved
+        return contextlib.nullcontext() if given is None else trl_reference_replaced(self, given)
 
     # ----------------------------------------------------------------------------------------------- set-up
 
@@ -240,7 +232,7 @@ class PackedForward:
                 install_packed_head(causal_lm(m, self.accelerator))
 
     def _refuse_after_init(self) -> None:
-        if self.aux_loss_enabled:
+        if dpo_trainer_flags(self).aux_loss_enabled:
             raise ConfigError("the packed DPO forward does not compute the MoE router auxiliary loss; set "
                               "router_aux_loss_coef=0 or use packing=False")
         if is_peft_model(self.model) and self.model.active_peft_config.is_prompt_learning:
@@ -273,10 +265,10 @@ def _line_stats(model, line, names) -> tuple:
                  packed_predictors=line.predictors, packed_labels=line.labels, packed_outputs=names)
 
 
-def _fused_output(batch: PackedBatch, stats) -> FusedCausalLMOutput:
+def _fused_output(batch: PackedBatch, stats):
     fields = ("log_probs",) + OPTIONAL_STATS
     laid = {name: None if values is None else batch.to_trl_layout(values) for name, values in zip(fields, stats)}
-    return FusedCausalLMOutput(label_mask=batch.label_mask, **laid)
+    return fused_lm_output(label_mask=batch.label_mask, **laid)
 
 
 class PackedDPOTrainer(PackedForward, DPOTrainer):

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from scorers.columns import ROW_ID
+from scorers.compat import has_indices_mapping
 
 from ..data.rejects import REJECTS_FILE, read_rejects, rejects_table
 from ..io import sha256_file
@@ -116,7 +117,7 @@ def _table_of(data) -> pa.Table:
     """The Arrow table behind a ``datasets.Dataset`` (memory-mapped when the dataset is), or a ``pa.Table``."""
     if isinstance(data, pa.Table):
         return data
-    if getattr(data, "_indices", None) is not None:
+    if has_indices_mapping(data):
         data = data.flatten_indices()
     return data.data.table
 
@@ -125,7 +126,7 @@ def _mapped_dataset(data):
     """``_map_stream`` of the one Arrow stream file a ``datasets.Dataset`` is exactly (all its rows and columns, no
     selection), else None."""
     files = getattr(data, "cache_files", None)
-    if not files or len(files) != 1 or getattr(data, "_indices", None) is not None:
+    if not files or len(files) != 1 or has_indices_mapping(data):
         return None
     path = Path(files[0].get("filename", ""))
     try:
