@@ -9,6 +9,7 @@ at completion positions too, so the packed gain there is the shared prompt and t
 
     python bench/gpu_training.py --model bundled --max-length 1024 --batch 8 --steps 8
     python bench/gpu_training.py --model /path/to/7b --batch 4 --gradient-checkpointing --packed-batch-tokens 16384
+    python bench/gpu_training.py --packed-attention loop   # ours with the per-pair SDPA loop (before issue 24)
 
 Needs a CUDA GPU; ``--help`` and the argument checks run anywhere.
 """
@@ -44,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="alternating runs of each contender; the fastest is kept")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--packed-batch-tokens", type=int, default=None, help="PackedDPOTrainer's token budget")
+    p.add_argument("--packed-attention", default="auto", choices=("auto", "loop", "flex", "flex_eager"),
+                   help="ours: the packed layout's attention (SDPO_PACKED_ATTENTION; auto = compiled FlexAttention "
+                        "on CUDA, one kernel per layer; loop = per-pair SDPA, the path before issue 24)")
     p.add_argument("--child", choices=("trl", "ours"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if min(a.pairs, a.batch, a.repeats, a.max_length) < 1 or a.warmup < 0:
@@ -129,8 +133,9 @@ def child(a) -> dict:
 
 
 def spawn(which: str, argv: list[str]) -> dict:
+    attention = parse_args(argv).packed_attention
     proc = subprocess.run([sys.executable, __file__, *argv, "--child", which], capture_output=True, text=True,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+                          env={**os.environ, "TQDM_DISABLE": "1", "SDPO_PACKED_ATTENTION": attention})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{which} run failed:\n{proc.stderr[-3000:]}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 from .compat import attention_implementation, sdpa_attention
+from .flex_attention import chosen_kernel, flex_prefix_attention
 
 PREFIX_ATTENTION = "sdpo_prefix_shared"
 
@@ -36,13 +37,25 @@ def unmodelled_sliding_window(text_config, max_length: int | None) -> int | None
     return window if window is not None and (max_length is None or window < max_length) else None
 
 
-def prefix_attention(model, shared_kv=None):
-    """Context manager: ``model``'s attention runs :func:`prefix_shared_attention` inside the block (every row
-    also seeing ``shared_kv``, per layer, when given)."""
+def prefix_attention(model, shared_kv=None, kernel: str | None = None):
+    """Context manager: ``model``'s attention runs the packed layout inside the block (every row also seeing
+    ``shared_kv``, per layer, when given): :func:`prefix_shared_attention` (``loop``) or
+    :func:`scorers.flex_attention.flex_prefix_attention` (``flex``, ``flex_eager``), as
+    :func:`scorers.flex_attention.chosen_kernel` picks for the model's device (``kernel``: force one)."""
+    kind = chosen_kernel(_device_type(model), kernel)
+    if kind == "loop":
+        name, function = PREFIX_ATTENTION, prefix_shared_attention
+    else:
+        name = f"{PREFIX_ATTENTION}_{kind}"
+        function = functools.partial(flex_prefix_attention, compiled=kind == "flex")
     if shared_kv is None:
-        return attention_implementation(model, PREFIX_ATTENTION, prefix_shared_attention)
-    return attention_implementation(model, PREFIX_ATTENTION + "_shared",
-                                    functools.partial(prefix_shared_attention, shared_kv=shared_kv))
+        return attention_implementation(model, name, function)
+    return attention_implementation(model, name + "_shared", functools.partial(function, shared_kv=shared_kv))
+
+
+def _device_type(model) -> str:
+    param = next(iter(model.parameters()), None)
+    return "cpu" if param is None else param.device.type
 
 
 def is_layout(mask) -> bool:

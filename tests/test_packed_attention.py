@@ -1,0 +1,185 @@
+"""The packed layout's one-call attention (scorers.flex_attention) equals the per-pair SDPA loop
+(scorers.attention), the scorer's log-probs and TRL's; and a 16-pair forward runs one attention call per layer with
+no host sync (counted by torch.profiler and by counting the tensor read-backs), where the loop runs 32 and syncs.
+
+The compiled FlexAttention kernel (the default off CPU) is checked here once, against the loop, on a small line;
+eager flex (``flex_eager``) has the same mask and semantics and serves the model-level checks. With gradients on
+CPU (FlexAttention has no CPU backward) the same mask goes dense into one SDPA call.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from test_packed_trainer import conversational, m0  # noqa: F401  (fixtures)
+from test_scoring_backend import pairs, tiny_model  # noqa: F401  (fixtures)
+
+from scorers.attention import layout_tensor, prefix_attention, prefix_shared_attention
+from scorers.flex_attention import ENV, bucket_length, chosen_kernel, flex_prefix_attention
+
+
+class _Layer:
+    layer_idx = 0
+
+
+def _random_layouts(rng: random.Random, lines: int, pairs: int):
+    return [[(rng.choice([0, 1, 5, 9]), rng.randint(0, 7), rng.randint(0, 7)) for _ in range(rng.randint(1, pairs))]
+            for _ in range(lines)]
+
+
+def _qkv(layouts, heads=4, kv_heads=2, dim=8, extra=3, grad=False):
+    n = max(sum(map(sum, line)) for line in layouts) + extra  # positions past the layout: padding
+    g = torch.Generator().manual_seed(1)
+    shapes = ((len(layouts), heads, n, dim), (len(layouts), kv_heads, n, dim), (len(layouts), kv_heads, n, dim))
+    return [torch.randn(*s, generator=g).requires_grad_(grad) for s in shapes]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shared", [False, True])
+def test_one_call_equals_the_loop_with_and_without_gradients(seed, shared):
+    rng = random.Random(seed)
+    layouts = _random_layouts(rng, lines=rng.randint(1, 3), pairs=5)
+    lt = layout_tensor(layouts, "cpu")
+    shared_kv = [(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))] if shared else None
+    q, k, v = _qkv(layouts)
+    with torch.no_grad():
+        ref, _ = prefix_shared_attention(_Layer(), q, k, v, lt, scaling=0.3, shared_kv=shared_kv)
+        out, _ = flex_prefix_attention(_Layer(), q, k, v, lt, scaling=0.3, shared_kv=shared_kv, compiled=False)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    # with gradients: the dense-mask SDPA call; values and gradients of q, k, v equal the loop's
+    q, k, v = _qkv(layouts, grad=True)
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+    ref, _ = prefix_shared_attention(_Layer(), q, k, v, lt, scaling=0.3, shared_kv=shared_kv)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    out, _ = flex_prefix_attention(_Layer(), q, k, v, lt, scaling=0.3, shared_kv=shared_kv)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-5)
+
+
+def test_compiled_flex_on_a_padded_bucket_equals_the_loop():
+    """The compiled kernel (inductor's CPU template here), its line zero-padded to the 256 bucket."""
+    layouts = [[(5, 7, 3), (0, 4, 6), (10, 0, 2), (3, 3, 0)]]
+    q, k, v = _qkv(layouts)
+    lt = layout_tensor(layouts, "cpu")
+    with torch.no_grad():
+        ref, _ = prefix_shared_attention(_Layer(), q, k, v, lt)
+        out, _ = flex_prefix_attention(_Layer(), q, k, v, lt, compiled=True)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_buckets_and_the_kernel_choice(monkeypatch):
+    assert [bucket_length(n) for n in (1, 256, 257, 1000, 1024, 1025, 16384)] == [256, 256, 512, 1024, 1024, 2048,
+                                                                                   16384]
+    assert len({bucket_length(n) for n in range(1, 16385)}) == 7  # compiled shapes up to 16k tokens a line
+    monkeypatch.delenv(ENV, raising=False)
+    assert chosen_kernel("cpu") == "loop" and chosen_kernel("cuda") == "flex"
+    monkeypatch.setenv(ENV, "flex_eager")
+    assert chosen_kernel("cpu") == "flex_eager" and chosen_kernel("cuda", "loop") == "loop"
+    monkeypatch.setenv(ENV, "fast")
+    with pytest.raises(Exception, match="fast"):
+        chosen_kernel("cpu")
+
+
+# --------------------------------------------------------------------------------------------- at the model level
+
+
+def test_scorer_log_probs_equal_the_loop_and_trl(tiny_model_dir, tiny_model, smollm2_tokenizer, pairs, monkeypatch):
+    """16 real pairs (several truncated, keep_end: some laid as two segments), 3 lines: per-token log-probs of the
+    one-call path equal the loop's and TRL's collator + fused head's (the scorer tests' tolerance, 1e-3)."""
+    from test_scoring_backend import MAX_LENGTH, _tokenized, _trl_per_token
+
+    from scorers.transformers_backend import TransformersBackend
+
+    rows = _tokenized(pairs, smollm2_tokenizer, "keep_end")[0].to_list()
+    scores = {}
+    for kernel in ("loop", "flex_eager"):
+        monkeypatch.setenv(ENV, kernel)
+        scores[kernel] = TransformersBackend(tiny_model, max_length=MAX_LENGTH, truncation_mode="keep_end",
+                                             batch_tokens=1500, progress=False).score(rows, return_per_token=True)
+    for side in ("chosen", "rejected"):
+        np.testing.assert_allclose(scores["flex_eager"][f"{side}_logps"], scores["loop"][f"{side}_logps"], atol=1e-4)
+    for i, (c, r) in enumerate(_trl_per_token(str(tiny_model_dir), rows, "keep_end")):
+        for side, trl in (("chosen", c), ("rejected", r)):
+            ours = scores["flex_eager"][f"{side}_token_logps"][i]
+            assert len(ours) == len(trl) and np.abs(np.array(ours) - np.array(trl)).max(initial=0) < 1e-3
+
+
+def _forward_16_pairs(model, tokenizer, pairs, grad: bool):
+    """One packed forward of 16 real pairs in one line (the scorer's packing), profiled; returns the attention calls
+    per layer and the host syncs counted inside it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from scorers.packing import pack_line, packed_row
+    from test_scoring_backend import MAX_LENGTH, _tokenized
+
+    rows = _tokenized(pairs, tokenizer)[0].to_list()[:16]
+    assert len(rows) == 16
+    line, layout = pack_line([packed_row(i, r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], MAX_LENGTH,
+                                         "keep_start") for i, r in enumerate(rows)])
+    ids, pos = torch.tensor([line.ids]), torch.tensor([line.pos])
+    mask = layout_tensor([layout], "cpu")
+    syncs = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "item", "cpu")}
+
+    def counting(name):
+        def read_back(self, *a, **kw):
+            syncs.append(name)
+            return originals[name](self, *a, **kw)
+        return read_back
+
+    with torch.set_grad_enabled(grad), prefix_attention(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for name in originals:
+            setattr(torch.Tensor, name, counting(name))
+        try:
+            out = model.base_model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
+        finally:
+            for name, f in originals.items():
+                setattr(torch.Tensor, name, f)
+    assert out.last_hidden_state.shape[1] == len(line.ids)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    attention = sum(n for key, n in counts.items() if key in ("aten::scaled_dot_product_attention", "flex_attention"))
+    syncs += ["aten::_local_scalar_dense"] * counts.get("aten::_local_scalar_dense", 0)
+    return attention / model.config.num_hidden_layers, syncs
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_one_attention_call_per_layer_and_no_host_sync(tiny_model, smollm2_tokenizer, pairs, monkeypatch, grad):
+    model = tiny_model.train(grad)
+    try:
+        monkeypatch.setenv(ENV, "loop")
+        loop_calls, loop_syncs = _forward_16_pairs(model, smollm2_tokenizer, pairs, grad)
+        monkeypatch.setenv(ENV, "flex_eager")
+        calls, syncs = _forward_16_pairs(model, smollm2_tokenizer, pairs, grad)
+    finally:
+        model.eval()
+    assert loop_calls == 32 and len(loop_syncs) >= model.config.num_hidden_layers  # what the counts detect
+    assert calls == 1, calls
+    assert syncs == [], syncs
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_step_with_one_call_attention_gives_trls_losses_and_gradients(m0, conversational, tmp_path,
+                                                                               monkeypatch, checkpointing):
+    """One step of PackedDPOTrainer on 21 real pairs with the one-call attention (the policy with gradients: the
+    dense-mask SDPA call, CPU's; the reference: flex; the mask built once per line and found again by every layer
+    and by the checkpointed re-run): TRL's logged losses and metrics and TRL's gradients within
+    tests/test_packed_trainer.py's tolerances."""
+    from test_packed_trainer import assert_grads_match, assert_logs_match, dpo_args, train
+    from trl import DPOTrainer
+
+    from trainer_plugin.packed import PackedDPOTrainer
+
+    args = dict(max_steps=1, gradient_checkpointing=checkpointing)
+    _, trl_logs, trl_grads = train(DPOTrainer, m0, conversational, dpo_args(tmp_path, **args))
+    monkeypatch.setenv(ENV, "flex_eager")  # policy with gradients: dense-mask SDPA; reference: eager flex
+    _, logs, grads = train(PackedDPOTrainer, m0, conversational, dpo_args(tmp_path, **args))
+    assert_logs_match(trl_logs, logs)
+    assert_grads_match(trl_grads, grads)
