@@ -20,7 +20,8 @@ from .backend import LogProbBackend, token_columns
 from .columns import TRUNCATION_MODES
 from .compat import model_name_or_path
 from .errors import ConfigError, check_choice
-from .onednn import LINEAR_KERNELS, checked_onednn_swaps, linear_kernel, onednn_linear_available
+from .onednn import (LINEAR_KERNELS, checked_onednn_swaps, linear_kernel, onednn_faster_for,
+                     onednn_linear_available)
 from .packed_head import lm_head_scaling, lm_head_tile
 from .packing import PackedRow, length_batches, pack_line, packed_row, plain_rows, token_batches
 
@@ -38,7 +39,9 @@ class TransformersBackend(LogProbBackend):
         packed: prompt computed once per pair (block-causal mask); ``False`` for the plain two-row layout.
         device: where to run; default the model's device.
         linear_kernel: ``"auto"`` (default): oneDNN's fp32 GEMM for the linear layers when the model runs in fp32
-            on CPU and this torch build has it, else torch's own; ``"onednn"`` (error if unavailable) or ``"torch"``.
+            on CPU, this torch build has it and a short measurement of the model's GEMM shape on this host finds it
+            faster than torch's own (cached per process, :func:`scorers.onednn.onednn_is_faster`), else torch's
+            own; ``"onednn"`` (error if unavailable) or ``"torch"``.
         progress: show a tqdm bar (tokens/s).
 
     Raises:
@@ -84,7 +87,9 @@ class TransformersBackend(LogProbBackend):
         onednn_ok = (self.dtype == "float32" and torch.device(self.device).type == "cpu" and onednn_linear_available())
         if linear_kernel == "onednn" and not onednn_ok:
             raise ConfigError("linear_kernel='onednn' needs a float32 model on CPU and a torch build with oneDNN")
-        self._fast_linears = checked_onednn_swaps(model) if onednn_ok and linear_kernel != "torch" else []
+        # "auto": oneDNN only where a short measurement on this host finds its GEMM faster than torch's (MKL)
+        wanted = linear_kernel == "onednn" or (linear_kernel == "auto" and onednn_ok and onednn_faster_for(model))
+        self._fast_linears = checked_onednn_swaps(model) if onednn_ok and wanted else []
         if linear_kernel == "onednn" and not self._fast_linears:
             raise ConfigError("linear_kernel='onednn' changes this model's outputs (see the log); use 'torch'")
         self.linear_kernel = "onednn" if self._fast_linears else "torch"

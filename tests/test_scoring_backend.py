@@ -141,7 +141,7 @@ def test_token_batches_budget():
 def test_linear_kernels_agree_and_leave_the_model_as_it_was(tiny_model, smollm2_tokenizer, pairs):
     import torch
 
-    from scorers.onednn import onednn_linear_available
+    from scorers.onednn import onednn_faster_for, onednn_linear_available
 
     kept, _ = _tokenized(pairs, smollm2_tokenizer)
     rows = kept.to_list()
@@ -150,7 +150,7 @@ def test_linear_kernels_agree_and_leave_the_model_as_it_was(tiny_model, smollm2_
     assert default.linear_kernel == "torch"
     plain = default.score(rows)
     auto = TransformersBackend(tiny_model, **kw)
-    assert auto.linear_kernel == ("onednn" if onednn_linear_available() else "torch")
+    assert auto.linear_kernel == ("onednn" if onednn_linear_available() and onednn_faster_for(tiny_model) else "torch")
     if not onednn_linear_available():
         pytest.skip("this torch build has no oneDNN linear")
     fast = TransformersBackend(tiny_model, linear_kernel="onednn", **kw).score(rows)
@@ -164,6 +164,26 @@ def test_linear_kernels_agree_and_leave_the_model_as_it_was(tiny_model, smollm2_
     assert bf16.linear_kernel == "torch"
     with pytest.raises(ValueError, match="float32 model on CPU"):
         TransformersBackend(tiny_model_bf16, linear_kernel="onednn", **kw)
+
+
+@pytest.mark.parametrize("onednn_faster", [True, False])
+def test_auto_linear_kernel_follows_the_measurement(tiny_model, monkeypatch, onednn_faster):
+    """'auto' takes oneDNN where the host's measurement finds it faster (AMD Zen 4/5, MKL without AVX-512), torch's
+    own F.linear where MKL wins (AVX2-only hosts): both outcomes forced; 'onednn'/'torch' ignore the measurement."""
+    import scorers.transformers_backend as tb
+    from scorers.onednn import onednn_is_faster, onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    assert isinstance(onednn_is_faster(64, 128, tokens=64, seconds=0.01), bool)  # the real measurement runs
+    measured = []
+    monkeypatch.setattr(tb, "onednn_faster_for", lambda model: measured.append(model) or onednn_faster)
+    kw = dict(max_length=MAX_LENGTH, progress=False)
+    assert TransformersBackend(tiny_model, **kw).linear_kernel == ("onednn" if onednn_faster else "torch")
+    assert measured == [tiny_model]
+    assert TransformersBackend(tiny_model, linear_kernel="onednn", **kw).linear_kernel == "onednn"
+    assert TransformersBackend(tiny_model, linear_kernel="torch", **kw).linear_kernel == "torch"
+    assert len(measured) == 1
 
 
 def _bf16_copy(model):
