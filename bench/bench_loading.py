@@ -5,8 +5,8 @@ as the 200k-row / 230 MB file of the issue) under a temporary folder, plus gzipp
 in its own child process and reads that child's peak RSS (``VmHWM`` of ``/proc/self/status`` at its exit):
 
 * ``datasets``: ``load_dataset("json", data_files=FILE, split="train", cache_dir=<fresh>)`` (the anchor);
-* ``ours``: ``python -m partitioner.cli inspect FILE --json`` (the whole command: start-up, load, report);
-* ``partition``: ``python -m partitioner.cli partition FILE.jsonl.gz --order random --chunks 8 -o OUT`` (the whole
+* ``ours``: ``python -m sdpo_cli inspect FILE --json`` (the whole command: start-up, load, report);
+* ``partition``: ``python -m sdpo_cli partition FILE.jsonl.gz --order random --chunks 8 -o OUT`` (the whole
   offline job without a model) on the largest size.
 
 Goals (issue 12): ours <= 2x datasets' time, peak RSS < 1 GB, peak RSS flat (<= 1.2x) from the smallest to the
@@ -91,7 +91,7 @@ print(len(ds))
 
 
 def bench_inspect(path: Path, work: Path) -> dict:
-    ours = run_child(["-m", "partitioner.cli", "inspect", str(path), "--json"])
+    ours = run_child(["-m", "sdpo_cli", "inspect", str(path), "--json"])
     report = json.loads(ours["stdout"])
     script = work / "datasets_child.py"
     script.write_text(DATASETS_CHILD)
@@ -145,13 +145,13 @@ def main() -> None:
             print(json.dumps(r), flush=True)
         flat = []
         for n in sorted(args.flat_rows):
-            res = run_child(["-m", "partitioner.cli", "inspect", str(files[n]), "--json"])
+            res = run_child(["-m", "sdpo_cli", "inspect", str(files[n]), "--json"])
             flat.append({"rows": n, "ours_s": res["seconds"], "ours_rss_mb": res["peak_rss_mb"]})
             print(json.dumps(flat[-1]), flush=True)
         results["flat"] = flat
         results["rss_ratio_largest_smallest"] = round(flat[-1]["ours_rss_mb"] / flat[0]["ours_rss_mb"], 2)
         out = work / "partition"
-        res = run_child(["-m", "partitioner.cli", "partition", str(gz[largest]), "--order", "random",
+        res = run_child(["-m", "sdpo_cli", "partition", str(gz[largest]), "--order", "random",
                          "--chunks", "8", "-o", str(out), "--no-progress"])
         manifest = json.loads((out / "manifest.json").read_text())
         results["partition"] = {"rows": largest, "file": gz[largest].name, "seconds": res["seconds"],

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 LAUNCHERS = ("ddp", "fsdp", "zero3")
-CLI = [sys.executable, "-m", "partitioner.cli.main", "train"]
+CLI = [sys.executable, "-m", "sdpo_cli.main", "train"]
 
 
 def build_partition(out: Path, model: str, rows: int, chunks: int, max_length: int, global_batch: int) -> Path:
@@ -88,7 +88,7 @@ def driver_checks(args, part: Path, launchers: list[str], failures: list[str]) -
         for name, (launcher, processes, per_device) in runs.items():
             out = args.out / "driver" / f"{name}-{mode}"
             cmd = launcher_command(launcher, processes)
-            cmd += (["-m", "partitioner.cli.main", "train"] if launcher else CLI[1:]) + train_flags(
+            cmd += (["-m", "sdpo_cli.main", "train"] if launcher else CLI[1:]) + train_flags(
                 part, args.model, out, mode, per_device, args.max_length)
             rc, seconds = run(cmd, args.out / f"driver-{name}-{mode}.log")
             row = {"check": "driver", "launcher": name, "ref_mode": mode, "processes": processes, "rc": rc,

@@ -19,7 +19,7 @@ import copy
 import logging
 from pathlib import Path
 
-from partitioner import PartitionConfig, ScoringConfig, partition_preferences, score_preferences
+from partitioner import LoadConfig, PartitionConfig, ScoringConfig, partition_preferences, score_preferences
 from partitioner.run import BUNDLED_INPUTS
 
 
@@ -37,9 +37,9 @@ def main(argv=None) -> None:
     out = Path(a.output_dir)
 
     # 1. Score with M0 and cut the pairs easy -> hard (the partition keeps TRL's token columns).
-    scored = score_preferences(BUNDLED_INPUTS, out / "scored", ScoringConfig(
-        model=a.model, max_length=a.max_length, load_options={"limit_per_source": a.pairs_per_source,
-                                                              "drop_duplicates": True}, progress=False))
+    scored = score_preferences(BUNDLED_INPUTS, out / "scored",
+                               ScoringConfig(model=a.model, max_length=a.max_length, progress=False),
+                               load=LoadConfig(limit_per_source=a.pairs_per_source, drop_duplicates=True))
     partition = partition_preferences(scored, out / "partition",
                                       PartitionConfig(order="easy_to_hard", chunks=a.chunks), progress=False)
 

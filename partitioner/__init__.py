@@ -2,7 +2,8 @@
 
 Sub-packages: ``partitioner.data`` (formats, loading, rejects, TRL tokenization), ``partitioner.scoring`` (the
 resumable scoring job and its executors), ``partitioner.partition`` (ordering, chunking, shards, manifest,
-statistics), ``partitioner.cli`` (the ``sdpo`` command line); ``partitioner.run`` is the whole offline job.
+statistics); ``partitioner.run`` is the whole offline job and the one score-then-partition path. The ``sdpo``
+command line (``sdpo_cli``) is a separate package above this one.
 
 Public names are imported lazily, so ``import partitioner`` stays light (no datasets/torch at import time).
 """
@@ -33,6 +34,7 @@ _LAZY = {
     "plot_partition": "partition.stats",
     "RunConfig": "run",
     "run_job": "run",
+    "score_and_partition": "run",
 }
 
 __all__ = sorted(_LAZY)

@@ -8,17 +8,24 @@ accuracy on them).
 Output (``output_dir``): ``scored/`` (the scored folder), ``partition/`` (chunks + manifest), ``stats.json``
 (per-chunk statistics) and ``stats.png`` (their plot). Scoring is resumable: rerunning a killed job continues from
 its finished parts.
+
+:class:`RunConfig` is a composition: the job folder, and the loader's, scorer's and partitioner's own configs
+(:class:`LoadConfig`, :class:`ScoringConfig`, :class:`PartitionConfig`), so each option is declared once, in the
+component it configures. :func:`score_and_partition` is the one score-then-partition path, shared by ``sdpo run``
+and ``sdpo partition``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scorers.columns import DTYPES
-from scorers.errors import check_ranges
+from scorers.errors import section
 
-from .partition.config import CHUNKINGS, ORDERS
+from .data.loading import LoadConfig
+from .partition.config import SCORE_ORDERS, PartitionConfig
+from .scoring.config import ScoringConfig
 
 BUNDLED_DATA = Path(__file__).resolve().parent / "bundled"
 BUNDLED_INPUTS = [
@@ -29,29 +36,56 @@ BUNDLED_INPUTS = [
 
 @dataclass
 class RunConfig:
-    """Settings of the whole job (the scorer's and partitioner's most used options; defaults: the paper's setup)."""
+    """The whole job: its folder and the components' configs (defaults: the paper's by-source setup)."""
 
     output_dir: str = field(default="out/run", metadata={"help": "The job folder."})
-    model: str = field(default="bundled", metadata={
-        "help": "Reference model M0: path, hub id or 'bundled' (SmolLM2-135M-Instruct)."})
-    dtype: str = field(default="float32", metadata={"help": "float32 (TRL-exact) or bfloat16.", "choices": DTYPES})
-    max_length: int = field(default=1024, metadata={"min": 1, "help": "DPOConfig.max_length."})
-    signals: list[str] = field(default_factory=lambda: ["ref_margin", "ref_margin_per_token", "length_gap"],
-                               metadata={"help": "Difficulty signals to compute (comma-separated)."})
-    difficulty_signal: str | None = field(default=None, metadata={"help": "Signal used as `difficulty`."})
-    limit: int | None = field(default=None, metadata={"min": 1, "help": "Score only the first N loaded rows."})
-    order: str = field(default="by_source", metadata={"help": "Curriculum order.", "choices": ORDERS})
-    chunking: str = field(default="auto", metadata={"help": "How to cut the order.", "choices": CHUNKINGS})
-    chunks: int = field(default=3, metadata={"min": 1, "help": "Equal chunks for the score orders."})
-    seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the random order and signal."})
-    overwrite: bool = field(default=False, metadata={"help": "Start scoring over if the settings changed."})
-    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
-
-    def __post_init__(self):
-        check_ranges(self)
+    load: LoadConfig = section(LoadConfig)
+    scoring: ScoringConfig = section(ScoringConfig, signals=["ref_margin", "ref_margin_per_token", "length_gap"])
+    partition: PartitionConfig = section(PartitionConfig, order="by_source")
 
 
-def run_job(inputs, config: RunConfig | None = None, load_options: dict | None = None) -> dict:
+def score_and_partition(inputs, partition_dir, *, load: LoadConfig | None = None,
+                        scoring: ScoringConfig | None = None, partition: PartitionConfig | None = None,
+                        scored_dir=None, always_score: bool = False) -> dict:
+    """Partition ``inputs`` into ``partition_dir``, scoring them first where the order needs scores.
+
+    Args:
+        inputs: one scored folder (``sdpo score``; partitioned as it is), or the loader's inputs (files, globs,
+            ``name=path``, datasets, ...). Loader inputs are scored into ``scored_dir`` first when
+            ``partition.order`` is a score order (or ``always_score``); otherwise they are loaded and partitioned
+            directly, their loader rejects carried into the manifest.
+        load, scoring, partition: the components' configs (defaults: their defaults).
+        scored_dir: where loader inputs are scored (default: ``partition_dir`` + ``.scored``).
+
+    Returns:
+        ``{"scored": the scored folder or None, "partition": the partition folder}`` (Paths).
+
+    Raises:
+        UserError subclasses: see ``score_preferences`` and ``partition_preferences``.
+    """
+    from .partition.job import partition_preferences
+    from .scoring.folder import is_scored_folder
+    from .scoring.job import score_preferences
+
+    scoring = scoring or ScoringConfig()
+    partition = partition or PartitionConfig()
+    single = inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else inputs
+    rejects = scored = None
+    if isinstance(single, (str, os.PathLike)) and is_scored_folder(single):
+        data = scored = Path(single)
+    elif always_score or partition.order in SCORE_ORDERS:
+        scored_dir = scored_dir or f"{str(partition_dir).rstrip('/')}.scored"
+        data = scored = score_preferences(inputs, scored_dir, scoring, load=load)
+    else:
+        from .data.loading import load_preferences_with_rejects
+
+        data, report = load_preferences_with_rejects(inputs, load)
+        rejects = report.rejects_table()
+    part = partition_preferences(data, partition_dir, partition, rejects=rejects, progress=scoring.progress)
+    return {"scored": scored, "partition": Path(part)}
+
+
+def run_job(inputs=None, config: RunConfig | None = None) -> dict:
     """Load, score, partition and summarise ``inputs`` (default: the bundled data) into ``config.output_dir``.
 
     Returns:
@@ -62,27 +96,16 @@ def run_job(inputs, config: RunConfig | None = None, load_options: dict | None =
     """
     import json
 
-    from .partition.config import PartitionConfig
-    from .partition.job import partition_preferences
     from .partition.stats import partition_stats, plot_partition
-    from .scoring.config import ScoringConfig
-    from .scoring.job import score_preferences
 
     config = config or RunConfig()
     out = Path(config.output_dir)
-    scored = score_preferences(
-        list(inputs) or BUNDLED_INPUTS,
-        out / "scored",
-        ScoringConfig(model=config.model, dtype=config.dtype, max_length=config.max_length, signals=config.signals,
-                      difficulty_signal=config.difficulty_signal, limit=config.limit, seed=config.seed,
-                      overwrite=config.overwrite, progress=config.progress, load_options=load_options or {}),
-    )
-    part = partition_preferences(
-        scored, out / "partition",
-        PartitionConfig(order=config.order, chunking=config.chunking, chunks=config.chunks, seed=config.seed),
-        progress=config.progress,
-    )
-    stats = partition_stats(part)
+    if inputs is None or (isinstance(inputs, (list, tuple)) and not inputs):
+        inputs = BUNDLED_INPUTS
+    result = score_and_partition(inputs, out / "partition", load=config.load,
+                                 scoring=config.scoring, partition=config.partition, scored_dir=out / "scored",
+                                 always_score=True)
+    stats = partition_stats(result["partition"])
     (out / "stats.json").write_text(json.dumps(stats.to_dicts(), indent=2, default=str))
-    plot_partition(part, out / "stats.png")
-    return {"scored": scored, "partition": part, "stats": stats}
+    plot_partition(result["partition"], out / "stats.png")
+    return {**result, "stats": stats}

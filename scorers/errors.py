@@ -37,3 +37,18 @@ def check_choice(name: str, value, choices) -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``choices`` (one line, listing them)."""
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def section(cls, prefix: str = "", **defaults):
+    """A config dataclass nested in another (a composition such as ``RunConfig``), with the composition's defaults.
+
+    The field's default is ``cls(**defaults)``; the command line and ``--config`` YAML build it from the same
+    ``defaults`` plus the values given, so every option is still declared once, in ``cls``. ``prefix`` is put
+    before its fields' flat flag names (``prefix="ray_"``: ``--ray-address``).
+    """
+    import dataclasses
+    import functools
+
+    doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+    return dataclasses.field(default_factory=functools.partial(cls, **defaults),
+                             metadata={"section": cls, "defaults": dict(defaults), "prefix": prefix, "help": doc})

@@ -79,36 +79,13 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     return path
 
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
 def real_pairs(shared_data: Path, n_orca: int = 8, n_llamafactory: int = 8):
-    """A small real multi-source conversational set (orca + llamafactory en) in the loader's canonical form.
-
-    Uses ``partitioner.loading.load_preferences`` when it exists; otherwise a minimal reader of the two formats.
-    """
-    import json
-
+    """A small real multi-source conversational set (orca + llamafactory en), loaded by the project's loader."""
     import datasets
+
+    from partitioner.data.loading import load_preferences
 
     orca = shared_data / "orca_dpo_pairs" / "validation.jsonl"
     lf = shared_data / "llamafactory_demo" / "dpo_en_demo.json"
-    try:
-        from partitioner.data.loading import load_preferences
-    except ImportError:
-        load_preferences = None
-    if load_preferences is not None:
-        parts = [load_preferences([str(orca)]).select(range(n_orca)), load_preferences([str(lf)]).select(range(n_llamafactory))]
-        return datasets.concatenate_datasets(parts)
-    rows = []
-    with open(orca, encoding="utf-8") as f:
-        for i, line in zip(range(n_orca), f):
-            r = json.loads(line)
-            rows.append({"row_id": f"orca-{i}", "source": "validation", "prompt": r["input"]["messages"],
-                         "chosen": r["preferred_output"], "rejected": r["non_preferred_output"]})
-    for i, r in zip(range(n_llamafactory), json.loads(lf.read_text(encoding="utf-8"))):
-        prompt = [{"role": _ROLES[m["from"]], "content": m["value"]} for m in r["conversations"]]
-        rows.append({"row_id": f"lf-{i}", "source": "dpo_en_demo", "prompt": prompt,
-                     "chosen": [{"role": "assistant", "content": r["chosen"]["value"]}],
-                     "rejected": [{"role": "assistant", "content": r["rejected"]["value"]}]})
-    return datasets.Dataset.from_list(rows)
+    parts = [load_preferences([str(orca)]).select(range(n_orca)), load_preferences([str(lf)]).select(range(n_llamafactory))]
+    return datasets.concatenate_datasets(parts)

@@ -2,7 +2,7 @@
 ``python`` (one), given a JSON job file; writes what it saw to ``RESULTS/rank{i}.json``.
 
 Jobs:
-    ``cli``: ``sdpo train`` runs (``partitioner.cli.main.main``), recording each optimizer step's loss, the reference
+    ``cli``: ``sdpo train`` runs (``sdpo_cli.main.main``), recording each optimizer step's loss, the reference
         columns handed to TRL, the rows each process scored, and every write under the ``watch`` folders.
     ``callback``: a DPOTrainer with ``StepwiseReferenceCallback``, recording the sampler rows each process trains on
         per optimizer step and, after every refresh, whether this process's reference equals its policy.
@@ -62,7 +62,7 @@ def tensor_digest(tensors) -> str:
 def run_cli(job: dict) -> dict:
     """``sdpo train`` once per entry of ``job['runs']``; the trainers' losses and reference columns recorded."""
     import trainer_plugin.driver as driver
-    from partitioner.cli.main import main
+    from sdpo_cli.main import main
     from trainer_plugin.trainer import StepwiseDPOTrainer
 
     out: dict = {"losses": {}, "ref_columns": {}, "scored_rows": {}, "rc": {}}

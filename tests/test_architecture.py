@@ -1,4 +1,5 @@
-"""The shape of the code: one-way dependencies, no import cycles, no private names across modules, small modules.
+"""The shape of the code: one-way dependencies, no import cycles, no private names across modules, small modules,
+options declared once.
 
 Every module's imports are read from its source (module level and inside functions, by AST), never by importing.
 """
@@ -12,10 +13,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("scorers", "partitioner", "trainer_plugin")
-# package -> the project packages it may import (scorers <- partitioner <- trainer_plugin)
+PACKAGES = ("scorers", "partitioner", "trainer_plugin", "sdpo_cli")
+# package -> the project packages it may import (scorers <- partitioner <- trainer_plugin; the command line,
+# sdpo_cli, is the application layer above all three, and none of them imports it)
 ALLOWED = {"scorers": {"scorers"}, "partitioner": {"scorers", "partitioner"},
-           "trainer_plugin": {"scorers", "partitioner", "trainer_plugin"}}
+           "trainer_plugin": {"scorers", "partitioner", "trainer_plugin"},
+           "sdpo_cli": {"scorers", "partitioner", "trainer_plugin", "sdpo_cli"}}
 MAX_LINES = 420
 
 
@@ -74,7 +77,7 @@ def test_dependencies_point_one_way():
             top = target.split(".")[0]
             if top in PACKAGES and top not in ALLOWED[pkg]:
                 wrong.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
-    assert not wrong, "imports against scorers <- partitioner <- trainer_plugin:\n" + "\n".join(wrong)
+    assert not wrong, "imports against scorers <- partitioner <- trainer_plugin <- sdpo_cli:\n" + "\n".join(wrong)
 
 
 def test_no_import_cycles_between_modules():
@@ -126,8 +129,8 @@ def test_modules_stay_small():
     assert not big, f"modules over {MAX_LINES} lines: {big}"
 
 
-@pytest.mark.parametrize("module", ["partitioner", "partitioner.cli.main", "partitioner.cli.verify",
-                                    "partitioner.cli.stats", "partitioner.partition.folder"])
+@pytest.mark.parametrize("module", ["partitioner", "sdpo_cli.main", "sdpo_cli.verify",
+                                    "sdpo_cli.stats", "partitioner.partition.folder"])
 def test_light_modules_import_no_heavy_package(module):
     """What ``sdpo --help``/``verify``/``stats`` import at module level reaches no torch/transformers/TRL import."""
     heavy = ("torch", "transformers", "trl", "vllm", "ray", "datasets")
@@ -154,3 +157,49 @@ def test_light_modules_import_no_heavy_package(module):
                     todo.append(parent)
                     parent = parent.rsplit(".", 1)[0] if "." in parent else ""
     assert not found, found
+
+
+def _config_dataclasses() -> list[type]:
+    """Every config dataclass of the project (``*Config``, ``*Command``), imported."""
+    import dataclasses
+    import importlib
+
+    found = {}
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = [n.name for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith(("Config", "Command"))]
+        if names:
+            mod = importlib.import_module(module)
+            found.update({f"{module}.{n}": getattr(mod, n) for n in names if dataclasses.is_dataclass(getattr(mod, n))})
+    return list(found.values())
+
+
+def test_a_composition_never_restates_an_option_of_its_parts():
+    """A config that nests others (``RunConfig``, the commands' configs) declares only what its parts lack: an
+    option restated beside the config that owns it is how ``sdpo partition`` once scored with other settings than
+    ``sdpo score``."""
+    import dataclasses
+
+    restated, compositions = [], 0
+    for cls in _config_dataclasses():
+        sections = [f for f in dataclasses.fields(cls) if "section" in f.metadata]
+        compositions += bool(sections)
+        own = {f.name for f in dataclasses.fields(cls) if "section" not in f.metadata}
+        for f in sections:
+            for leaf in dataclasses.fields(f.metadata["section"]):
+                if leaf.name in own:
+                    restated.append(f"{cls.__name__}.{leaf.name} restates {f.metadata['section'].__name__}.{leaf.name}")
+    assert compositions >= 4, "RunConfig and the score/partition/inspect commands are compositions"
+    assert not restated, restated
+
+
+def test_loader_options_are_declared_once():
+    """The loader's options live in LoadConfig; its functions take that config (or its fields as keywords)."""
+    import dataclasses
+    import inspect
+
+    from partitioner.data import loading
+
+    options = {f.name for f in dataclasses.fields(loading.LoadConfig)}
+    for fn in (loading.load_preferences, loading.load_preferences_with_rejects):
+        assert not options & set(inspect.signature(fn).parameters), fn.__name__

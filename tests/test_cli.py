@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pytest
 
 from partitioner import PartitionConfig, partition_preferences
-from partitioner.cli.main import COMMANDS, main
+from sdpo_cli.main import COMMANDS, main
 
 HEAVY = ("torch", "transformers", "trl", "vllm", "ray")
 
@@ -27,7 +26,7 @@ def small_partition(tmp_path_factory):
 _PROBE = """
 import sys, time
 t0 = time.perf_counter()
-from partitioner.cli.main import main
+from sdpo_cli.main import main
 try:
     rc = main(sys.argv[1:])
 except SystemExit as e:
@@ -106,7 +105,7 @@ def test_large_config_and_bad_flag_are_one_line(small_partition, tmp_path, capsy
 
 def test_a_bug_is_not_shown_as_the_users_fault(monkeypatch, small_partition):
     """Only errors raised for the user become one line; a KeyError from a bug keeps its traceback."""
-    import partitioner.cli.verify as verify
+    import sdpo_cli.verify as verify
 
     def broken(values):
         raise KeyError("internal")
@@ -114,3 +113,39 @@ def test_a_bug_is_not_shown_as_the_users_fault(monkeypatch, small_partition):
     monkeypatch.setattr(verify, "run", broken)
     with pytest.raises(KeyError):
         main(["verify", str(small_partition)])
+
+
+def _parse(cls, argv: list[str], config: str | None = None):
+    """``cls`` built from ``argv`` (and a YAML file) by the same Options/build the command line uses."""
+    import argparse
+
+    from sdpo_cli.options import Options, build
+
+    parser = argparse.ArgumentParser()
+    options = Options(parser)
+    options.add_dataclass(cls)
+    return build(cls, options.values(parser.parse_args(options.normalise_argv(argv)), config))
+
+
+def test_a_composition_takes_flat_dotted_and_nested_options(tmp_path):
+    """RunConfig nests the loader's, scorer's and partitioner's configs: a unique name is a flat flag, a shared one
+    (seed) sets every config that has it unless the dotted flag names one; the composition's own defaults stay."""
+    from partitioner.run import RunConfig
+
+    config = _parse(RunConfig, ["--seed", "3", "--partition.seed", "7", "--model", "m", "--limit-per-source", "5"])
+    assert (config.scoring.seed, config.partition.seed, config.scoring.model, config.load.limit_per_source) == (
+        3, 7, "m", 5)
+    assert config.partition.order == "by_source" and config.partition.chunking == "source"
+    assert "length_gap" in config.scoring.signals
+    (tmp_path / "c.yaml").write_text("scoring:\n  seed: 2\n  dtype: bfloat16\npartition.chunks: 4\n"
+                                     "order: easy_to_hard\n")
+    config = _parse(RunConfig, ["--seed", "9"], str(tmp_path / "c.yaml"))
+    assert (config.scoring.seed, config.partition.seed, config.scoring.dtype) == (9, 9, "bfloat16")
+    assert (config.partition.order, config.partition.chunking, config.partition.chunks) == ("easy_to_hard", "equal", 4)
+
+
+def test_unknown_nested_option_is_one_line(small_partition, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("scoring:\n  sead: 2\n")
+    assert main(["run", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdpo: error:") and "scoring.sead" in err[0]

@@ -105,7 +105,10 @@ def test_arbitrary_json_values_in_every_field_of_every_layout(layout, data, ext)
 
 
 def _config_classes():
-    from partitioner.cli.truthfulqa import TruthfulQACommand
+    from sdpo_cli.inspect import InspectCommand
+    from sdpo_cli.partition import PartitionCommand
+    from sdpo_cli.score import ScoreCommand
+    from sdpo_cli.truthfulqa import TruthfulQACommand
     from partitioner.data.loading import LoadConfig
     from partitioner.partition.config import PartitionConfig
     from partitioner.run import RunConfig
@@ -113,7 +116,8 @@ def _config_classes():
     from partitioner.scoring.ray_executor import RayConfig
     from trainer_plugin.config import StepwiseConfig
 
-    return [LoadConfig, ScoringConfig, PartitionConfig, RunConfig, RayConfig, StepwiseConfig, TruthfulQACommand]
+    return [LoadConfig, ScoringConfig, PartitionConfig, RunConfig, RayConfig, StepwiseConfig, TruthfulQACommand,
+            ScoreCommand, PartitionCommand, InspectCommand]
 
 
 CLASSES = _config_classes()
@@ -128,11 +132,11 @@ OPTION_VALUES = (st.none() | st.booleans() | st.integers(min_value=-10**20, max_
 def test_arbitrary_values_for_every_option(cls, data):
     """Each field of each config dataclass, set from flag text or a YAML value of any kind, through the same
     converters the command line uses: a config, or a one-line UserError."""
-    from partitioner.cli.options import Options, build
+    from sdpo_cli.options import Options, build
 
     options = Options(argparse.ArgumentParser())
     options.add_dataclass(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name in options.converters]
+    names = sorted(options.converters)  # every flag: a composition's nested options too
     chosen = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True))
     values = {}
     try:

@@ -19,7 +19,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from partitioner.cli.main import main as sdpo
+from sdpo_cli.main import main as sdpo
 from partitioner.data.formats import PreferenceDataError
 from partitioner.data.loading import load_preferences_with_rejects
 
@@ -270,7 +270,7 @@ def test_read_once_inputs_are_read_once(name, data, tmp_path):
 def test_process_substitution_on_the_command_line(repo_root, shared_data, tmp_path):
     """`sdpo inspect <(zcat data.jsonl.gz)` and a compressed stream without a name, as a shell user pipes them."""
     hh = shared_data / "hh_rlhf_harmless" / "test.jsonl.gz"
-    sdpo_bin = [sys.executable, "-m", "partitioner.cli.main"]
+    sdpo_bin = [sys.executable, "-m", "sdpo_cli.main"]
     cmd = (f"{' '.join(sdpo_bin)} inspect hh=<(zcat {hh} | head -50) && "
            f"{' '.join(sdpo_bin)} inspect <(head -c 100000000 {hh})")
     proc = subprocess.run(["bash", "-c", cmd], cwd=repo_root, capture_output=True, text=True, timeout=300)
@@ -291,7 +291,7 @@ def test_permission_denied_is_one_line(tmp_path):
             pytest.skip("running as root without setpriv")
         caps = "-dac_override,-dac_read_search"
         prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
-    proc = subprocess.run([*prefix, sys.executable, "-m", "partitioner.cli", "inspect", str(path)], capture_output=True,
+    proc = subprocess.run([*prefix, sys.executable, "-m", "sdpo_cli", "inspect", str(path)], capture_output=True,
                           text=True, timeout=120, cwd=os.getcwd())
     assert proc.returncode == 2, proc.stderr
     _one_error_line(proc.stderr, "Permission denied")

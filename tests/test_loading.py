@@ -286,7 +286,7 @@ def test_bad_options_and_mixes_give_one_line_errors():
 
 def _run_cli(*args, env=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "partitioner.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "sdpo_cli", *args], capture_output=True, text=True, env=env,
                           timeout=300)
 
 

@@ -389,7 +389,7 @@ def test_driver_packs_by_default_and_the_drop_in_works_with_the_callback(tiny_mo
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from partitioner.cli.options import Options, build
+    from sdpo_cli.options import Options, build
     from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences
     from scorers.compat import drop_trl_forward_patch
     from scorers.models import load_tokenizer

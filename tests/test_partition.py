@@ -28,7 +28,7 @@ from partitioner import (
     read_manifest,
     verify_partition,
 )
-from partitioner.cli.main import main as sdpo_main
+from sdpo_cli.main import main as sdpo_main
 from partitioner.data.rejects import reject_record, write_rejects
 from partitioner.io import read_arrow_stream, write_arrow_stream, write_json, write_marker
 from partitioner.scoring.folder import ScoringError, finish, write_part
@@ -318,7 +318,7 @@ def test_bad_input_one_line_errors(scored, loaded, tmp_path, kw, data, message):
 ])
 def test_cli_errors(scored, tmp_path, repo_root, args, message):
     scored_dir = _write_scored_dir(scored, tmp_path / "scored")
-    proc = subprocess.run([sys.executable, "-m", "partitioner.cli", "partition", str(scored_dir), "-o",
+    proc = subprocess.run([sys.executable, "-m", "sdpo_cli", "partition", str(scored_dir), "-o",
                            str(tmp_path / "out"), "--no-progress", *args],
                           cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -388,3 +388,18 @@ def test_real_scores_partition_feeds_dpo_trainer(loaded, tiny_model_dir, tmp_pat
                          processing_class=load_tokenizer(str(tiny_model_dir)))
     result = trainer.train()
     assert result.global_step == 1 and np.isfinite(result.training_loss)
+
+
+def test_partition_scores_first_with_every_scoring_option(shared_data, tiny_model_dir, tmp_path):
+    """`sdpo partition FILES` with a score order scores through the path `sdpo run` takes, so the scoring options
+    (signals, difficulty signal, seed, dtype) reach the scorer as they do in `sdpo score`."""
+    orca = str(shared_data / "orca_dpo_pairs" / "validation.jsonl")
+    out = tmp_path / "part"
+    assert sdpo_main(["partition", orca, "-o", str(out), "--model", str(tiny_model_dir), "--max-length", "256",
+                      "--limit-per-source", "12", "--signals", "length_gap,random", "--seed", "4", "--chunks", "2",
+                      "--no-progress"]) == 0
+    settings = json.loads((tmp_path / "part.scored" / "scoring.json").read_text())
+    assert [s["name"] for s in settings["signals"]] == ["length_gap", "random"]
+    assert settings["difficulty"]["signal"] == "length_gap" and settings["scoring"]["seed"] == 4
+    manifest = read_manifest(out)
+    assert manifest["ordering"]["seed"] == 4 and manifest["rows_in"] == 12

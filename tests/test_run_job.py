@@ -12,7 +12,7 @@ from partitioner import load_partition, read_manifest, verify_partition
 def test_run_job_by_source_on_real_data(shared_data, tiny_model_dir, tmp_path):
     out = tmp_path / "job"
     cmd = [
-        sys.executable, "-m", "partitioner.cli", "run",
+        sys.executable, "-m", "sdpo_cli", "run",
         f"orca={shared_data / 'orca_dpo_pairs/validation.jsonl'}",
         f"v1={shared_data / 'llamafactory_demo/v1_dpo_demo.jsonl'}",
         "--model", str(tiny_model_dir), "--max-length", "256", "--limit-per-source", "40", "-o", str(out), "--no-progress",
@@ -41,7 +41,7 @@ def test_score_cli_reads_other_layouts_through_loader_options(tiny_model_dir, tm
     (tmp_path / "se.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "scored"
     proc = subprocess.run(
-        [sys.executable, "-m", "partitioner.cli", "score", f"stack={tmp_path / 'se.jsonl'}", "-o", str(out),
+        [sys.executable, "-m", "sdpo_cli", "score", f"stack={tmp_path / 'se.jsonl'}", "-o", str(out),
          "--model", str(tiny_model_dir), "--column-mapping",
          "prompt=question,chosen=response_j,rejected=response_k,system=system", "--drop-duplicates", "--no-progress"],
         capture_output=True, text=True, timeout=300,

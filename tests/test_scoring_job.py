@@ -151,7 +151,7 @@ def test_bad_input(tiny_model_dir, pairs, tmp_path, capsys):
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(TokenizationError, match="chat template"):
         score_preferences(pairs, tmp_path / "c", _cfg(tiny_model_dir, tokenizer=str(no_template)))
-    from partitioner.cli.main import main
+    from sdpo_cli.main import main
 
     rc = main(["score", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "d"), "--model", str(tiny_model_dir)])
     err = capsys.readouterr().err.strip()
@@ -166,7 +166,7 @@ def _score_args(data, out, model_dir):
 
 
 def _score_cmd(data, out, model_dir):
-    return [sys.executable, "-m", "partitioner.cli", *_score_args(data, out, model_dir)]
+    return [sys.executable, "-m", "sdpo_cli", *_score_args(data, out, model_dir)]
 
 
 # The job, killed by SIGKILL right after it has written part 1 and its marker: the fault comes from outside the
@@ -180,7 +180,7 @@ def write_then_die(out, k, table):
     if k == 1:
         os.kill(os.getpid(), signal.SIGKILL)
 job.write_part = write_then_die
-from partitioner.cli.main import main
+from sdpo_cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

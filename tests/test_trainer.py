@@ -310,7 +310,7 @@ def test_precomputed_step1_reuses_m0_partition_scores(scored_partition, tiny_mod
 def test_bad_partition_inputs_fail_before_training(partition2, scored_partition, tiny_model_dir, tmp_path, capsys):
     import shutil
 
-    from partitioner.cli.main import main
+    from sdpo_cli.main import main
     from trainer_plugin.config import StepwiseInputError
     from trainer_plugin.driver import train_stepwise
 
@@ -354,7 +354,7 @@ def test_bad_partition_inputs_fail_before_training(partition2, scored_partition,
 
 
 def test_cli_train_with_yaml_config(partition2, tiny_model_dir, tmp_path, capsys):
-    from partitioner.cli.main import main
+    from sdpo_cli.main import main
 
     out = tmp_path / "cli"
     cfg = tmp_path / "train.yaml"

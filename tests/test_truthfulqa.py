@@ -100,13 +100,13 @@ def test_equal_to_lm_eval_harness(repo_root, truthfulqa_csv, tmp_path, monkeypat
 @pytest.mark.slow
 def test_command(repo_root, truthfulqa_csv, tmp_path):
     out = tmp_path / "tqa.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "partitioner.cli.main", "truthfulqa", "--csv", str(truthfulqa_csv),
+    proc = subprocess.run([sys.executable, "-m", "sdpo_cli.main", "truthfulqa", "--csv", str(truthfulqa_csv),
                            "--limit", "3", "--output", str(out)], cwd=repo_root, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "TruthfulQA on 3 question(s)" in proc.stdout and "MC1" in proc.stdout
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2] and all(0 <= r["mc2"] <= 1 for r in rows)
-    bad = subprocess.run([sys.executable, "-m", "partitioner.cli.main", "truthfulqa", "--limit", "0", "--csv", "x"],
+    bad = subprocess.run([sys.executable, "-m", "sdpo_cli.main", "truthfulqa", "--limit", "0", "--csv", "x"],
                          cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("sdpo: error:") and len(bad.stderr.splitlines()) == 1

@@ -240,7 +240,7 @@ def test_unreachable_server_one_line_error():
 
 
 def test_cli_score_backend_vllm_server(server, tiny_model_dir, shared_data, tmp_path, capsys):
-    from partitioner.cli.main import main
+    from sdpo_cli.main import main
 
     out = tmp_path / "cli"
     orca = shared_data / "orca_dpo_pairs" / "validation.jsonl"

@@ -60,11 +60,12 @@ ROLE_MAP = {
     "observation": "tool",
 }
 
+# The keys of LoadConfig.column_mapping (system optional).
 MAPPING_KEYS = ("prompt", "chosen", "rejected", "system")
 
 
 class RowReject(Exception):
-    """A row that cannot be used; ``reason`` is a code from ``partitioner.rejects.REASONS``."""
+    """A row that cannot be used; ``reason`` is a code from ``partitioner.data.rejects.REASONS``."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -374,12 +375,3 @@ def _convert_mapped(row: Mapping, mapping: Mapping) -> tuple:
             [{"role": "assistant", "content": _text(rejected, "rejected")}],
         )
     return _check_standard(prompt, chosen, rejected)
-
-
-def is_conversational_format(fmt: str, mapping: Mapping | None = None) -> bool | None:
-    """True/False when the layout fixes it; None for ``mapping`` (decided by the values)."""
-    if fmt in ("standard", "standard_implicit"):
-        return False
-    if fmt == "mapping":
-        return None
-    return True

@@ -39,7 +39,7 @@ from scorers.errors import check_ranges
 
 from ..io import atomic_file
 from .convert import BlockConverter, table_rows
-from .formats import FORMATS, PreferenceDataError, detect_row_format, vote_format
+from .formats import FORMATS, MAPPING_KEYS, PreferenceDataError, detect_row_format, vote_format
 from .identity import DuplicateIndex, pair_content_hash  # noqa: F401 - re-exported
 from .rejects import REJECTS_FILE, RejectsWriter, read_rejects
 from .blocks import limited, prefetched
@@ -113,25 +113,46 @@ class LoadReport:
 
 @dataclass
 class LoadConfig:
-    """How inputs are read (the keyword arguments of :func:`load_preferences`, and every command's loading flags)."""
+    """How inputs are read: the options of :func:`load_preferences` and every command's loading flags."""
 
     format: str | None = field(default=None, metadata={
         "help": "Force a layout (default: detected per input).", "choices": FORMATS})
-    column_mapping: str | None = field(default=None, metadata={
-        "help": "Other layouts: prompt=COL,chosen=COL,rejected=COL[,system=COL]."})
+    column_mapping: str | dict | None = field(default=None, metadata={
+        "help": "Other layouts: prompt=COL,chosen=COL,rejected=COL[,system=COL] (or a mapping); implies "
+                "format 'mapping'."})
     source_column: str | None = field(default=None, metadata={"help": "Take each row's source tag from this column."})
     split: str = field(default="train", metadata={"help": "Split of a DatasetDict folder or a Hub dataset."})
-    drop_duplicates: bool = field(default=False, metadata={"help": "Reject exact duplicate pairs."})
-    limit_per_source: int | None = field(default=None, metadata={"min": 1, "help": "Read only the first N rows of each input."})
+    drop_duplicates: bool = field(default=False, metadata={
+        "help": "Reject exact duplicate pairs (reason duplicate_pair) instead of keeping them with a -N row_id "
+                "suffix; either way they are counted."})
+    limit_per_source: int | None = field(default=None, metadata={
+        "min": 1, "help": "Read only the first N rows of each input (the rest are not counted)."})
 
     def __post_init__(self):
+        if self.format is not None and self.format not in FORMATS:
+            raise PreferenceDataError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.limit_per_source is not None and (isinstance(self.limit_per_source, bool)
+                                                  or not isinstance(self.limit_per_source, int)):
+            raise PreferenceDataError(f"limit_per_source must be an integer, got {self.limit_per_source!r}")
         check_ranges(self)
+        self.column_mapping = parse_column_mapping(self.column_mapping)
+        if self.column_mapping:
+            bad = set(self.column_mapping) - set(MAPPING_KEYS)
+            if bad:
+                raise PreferenceDataError(
+                    f"column mapping keys must be prompt, chosen, rejected, system; got {sorted(bad)}")
+            missing = set(MAPPING_KEYS[:3]) - set(self.column_mapping)
+            if missing:
+                raise PreferenceDataError(
+                    f"column mapping needs prompt, chosen and rejected; got {dict(self.column_mapping)}")
+            self.format = "mapping"
 
-    def as_kwargs(self) -> dict:
-        """The keyword arguments of :func:`load_preferences`."""
-        return {"format": self.format, "column_mapping": parse_column_mapping(self.column_mapping),
-                "source_column": self.source_column, "split": self.split, "drop_duplicates": self.drop_duplicates,
-                "limit_per_source": self.limit_per_source}
+
+def _load_config(config: LoadConfig | None, options: dict) -> LoadConfig:
+    """``config``, or a :class:`LoadConfig` of the keyword ``options`` (not both)."""
+    if config is not None and options:
+        raise TypeError(f"give a LoadConfig or its options as keywords, not both (got {sorted(options)})")
+    return config if config is not None else LoadConfig(**options)
 
 
 # --------------------------------------------------------------------------------------------- detection
@@ -170,17 +191,8 @@ def _arange(n: int):
 
 
 # --------------------------------------------------------------------------------------------- main API
-def load_preferences_with_rejects(
-    inputs,
-    *,
-    format: str | None = None,
-    column_mapping: Mapping[str, str] | None = None,
-    drop_duplicates: bool = False,
-    split: str = "train",
-    source_column: str | None = None,
-    limit_per_source: int | None = None,
-    work_dir: str | os.PathLike | None = None,
-) -> tuple:
+def load_preferences_with_rejects(inputs, config: LoadConfig | None = None, *,
+                                  work_dir: str | os.PathLike | None = None, **options) -> tuple:
     """Like ``load_preferences`` but returns ``(dataset, report)``; the rejects are in ``report.rejects_path``.
 
     Raises:
@@ -188,21 +200,10 @@ def load_preferences_with_rejects(
             ``format``, inputs that mix conversational and standard rows.
         StorageError: the work folder cannot be written (a full disk, no permission).
     """
-    if format is not None and format not in FORMATS:
-        raise PreferenceDataError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    if limit_per_source is not None and (isinstance(limit_per_source, bool) or not isinstance(limit_per_source, int)
-                                         or limit_per_source < 1):
-        raise PreferenceDataError(f"limit_per_source must be an integer >= 1, got {limit_per_source!r}")
-    if column_mapping:
-        bad = set(column_mapping) - {"prompt", "chosen", "rejected", "system"}
-        if bad:
-            raise PreferenceDataError(f"column mapping keys must be prompt, chosen, rejected, system; got {sorted(bad)}")
-        missing = {"prompt", "chosen", "rejected"} - set(column_mapping)
-        if missing:
-            raise PreferenceDataError(f"column mapping needs prompt, chosen and rejected; got {dict(column_mapping)}")
-        format = "mapping"
+    config = _load_config(config, options)
+    format, column_mapping, limit_per_source = config.format, config.column_mapping, config.limit_per_source
     folder = new_work_dir(work_dir)
-    sources = expand_inputs(inputs, split, lambda: folder)
+    sources = expand_inputs(inputs, config.split, lambda: folder)
     report = LoadReport(rejects_path=folder / REJECTS_FILE)
     writer, rejects = KeptWriter(folder), RejectsWriter(folder / REJECTS_FILE)
     index = DuplicateIndex()
@@ -221,7 +222,8 @@ def load_preferences_with_rejects(
                     except PreferenceDataError as e:
                         raise PreferenceDataError(f"{source.desc}: {e}") from None
             rep.format = fmt
-            conv = BlockConverter(source.name, fmt, column_mapping, source_column, own_output, index, drop_duplicates)
+            conv = BlockConverter(source.name, fmt, column_mapping, config.source_column, own_output, index,
+                                  config.drop_duplicates)
             for block in prefetched(limited(source.open(), limit_per_source)):
                 kept, records = conv.convert(block)
                 n_in = block.num_rows + len(block.loose)
@@ -276,29 +278,14 @@ def copy_rejects(report: LoadReport, path: str | os.PathLike) -> None:
         shutil.copyfileobj(src, sink, 8 << 20)
 
 
-def load_preferences(
-    inputs,
-    *,
-    format: str | None = None,
-    column_mapping: Mapping[str, str] | None = None,
-    drop_duplicates: bool = False,
-    split: str = "train",
-    source_column: str | None = None,
-    limit_per_source: int | None = None,
-    rejects_path: str | os.PathLike | None = None,
-    work_dir: str | os.PathLike | None = None,
-):
+def load_preferences(inputs, config: LoadConfig | None = None, *, rejects_path: str | os.PathLike | None = None,
+                     work_dir: str | os.PathLike | None = None, **options):
     """Load preference pairs into TRL's canonical columns, one ``source`` tag per input.
 
     Args:
         inputs: a file, glob, folder, in-memory table, Hub name, or a list / ``{name: input}`` mapping of them.
-        format: force a layout (``partitioner.data.formats.FORMATS``); detected per input when None.
-        column_mapping: ``{"prompt": col, "chosen": col, "rejected": col[, "system": col]}`` for other layouts.
-        drop_duplicates: reject exact duplicate pairs (reason ``duplicate_pair``) instead of keeping them with
-            a ``-N`` suffix on their ``row_id``. Either way they are counted.
-        split: the split to read from a ``DatasetDict`` folder or the Hub.
-        source_column: take each row's ``source`` tag from this column instead of the input's name.
-        limit_per_source: read only the first N rows of each input (for quick runs); the rest are not counted.
+        config: how the inputs are read (:class:`LoadConfig`: format, column_mapping, source_column, split,
+            drop_duplicates, limit_per_source); or give those options as keywords instead.
         rejects_path: write the rejects there (Arrow IPC stream), even when there are none.
         work_dir: where the loaded rows' Arrow file is written (default: a temporary folder removed at exit;
             see :mod:`partitioner.data.store`).
@@ -308,12 +295,10 @@ def load_preferences(
         the pass-through columns (an input column named like one of ours is kept as ``orig_<name>``).
 
     Raises:
+        TypeError: an unknown keyword option.
         PreferenceDataError, StorageError: see ``load_preferences_with_rejects``.
     """
-    dataset, report = load_preferences_with_rejects(
-        inputs, format=format, column_mapping=column_mapping, drop_duplicates=drop_duplicates, split=split,
-        source_column=source_column, limit_per_source=limit_per_source, work_dir=work_dir,
-    )
+    dataset, report = load_preferences_with_rejects(inputs, config, work_dir=work_dir, **options)
     for s in report.sources:
         logger.info(
             "%s: %s, %d rows in, %d kept, %d rejected %s%s",

@@ -62,9 +62,6 @@ class ScoringConfig:
     server_url: str | None = field(default=None, metadata=_not_guarded("vllm-server: the server's base URL."))
     server_model: str | None = field(default=None, metadata=_not_guarded("vllm-server: served name, if not model."))
     limit: int | None = field(default=None, metadata=_not_guarded("Score only the first N loaded rows."))
-    load_options: dict = field(default_factory=dict, metadata=_not_guarded(
-        "Keyword arguments of partitioner.data.loading.load_preferences (format, column_mapping, source_column, "
-        "split, drop_duplicates, limit_per_source)."))
     overwrite: bool = field(default=False, metadata=_not_guarded("Start over when the folder holds other results."))
     device: str | None = field(default=None, metadata=_not_guarded("torch device; default cpu."))
     progress: bool = field(default=True, metadata=_not_guarded("Show progress bars."))
@@ -94,8 +91,6 @@ class ScoringConfig:
             raise ConfigError("rating_columns must name two columns: chosen's and rejected's")
         if self.backend == "vllm-server" and not self.server_url:
             raise ConfigError("backend vllm-server needs server_url (--server-url http://HOST:PORT)")
-        if dataclasses.is_dataclass(self.load_options):
-            self.load_options = dataclasses.asdict(self.load_options)
 
 
 def job_settings(config: ScoringConfig, tokenizer, input_info: dict) -> dict:

@@ -40,7 +40,7 @@ def _fingerprint(dataset) -> str:
     return h.hexdigest()[:16]
 
 
-def score_preferences(inputs, output_dir, config: ScoringConfig | None = None, *, executor: str = "local",
+def score_preferences(inputs, output_dir, config: ScoringConfig | None = None, *, load=None, executor: str = "local",
                       ray_config=None) -> Path:
     """Score preference pairs into ``output_dir`` (resumable); see the module docstring.
 
@@ -50,6 +50,7 @@ def score_preferences(inputs, output_dir, config: ScoringConfig | None = None, *
             and gets content-hash ``row_id``s; a dataset that already has ``row_id``/``source`` keeps its sources.
         output_dir: the scored folder.
         config: see ``ScoringConfig``.
+        load: how the inputs are read (``partitioner.data.loading.LoadConfig``; default: detected layouts).
         executor: ``"local"`` (this process) or ``"ray"`` (a Ray Data actor pool,
             :mod:`partitioner.scoring.ray_executor`; same output); ``ray_config`` is its ``RayConfig``.
 
@@ -80,7 +81,7 @@ def score_preferences(inputs, output_dir, config: ScoringConfig | None = None, *
 
         import_ray()  # fail early with the install hint
     out = Path(output_dir)
-    dataset, report = load_preferences_with_rejects(inputs, **(config.load_options or {}))
+    dataset, report = load_preferences_with_rejects(inputs, load)
     loader_rejects = report.rejects_table()
     if config.limit is not None and config.limit < len(dataset):
         dataset = dataset.select(range(config.limit))

@@ -36,8 +36,8 @@ def add_arguments(options) -> None:
 def run(values: dict) -> int:
     from scorers.models import load_causal_lm, load_tokenizer, resolve_model_path
 
-    from ..io import atomic_write
-    from ..truthfulqa import load_truthfulqa, score_truthfulqa
+    from partitioner.io import atomic_write
+    from partitioner.truthfulqa import load_truthfulqa, score_truthfulqa
     from .options import build
 
     cmd = build(TruthfulQACommand, values)

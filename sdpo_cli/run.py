@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.loading import LoadConfig
-from ..run import RunConfig
+from partitioner.run import RunConfig
+
 from .options import build
 
 
@@ -14,18 +14,17 @@ def add_arguments(options) -> None:
                            metavar="INPUT")
     options.add("output_dir", str, "the job folder (default out/run)", short="-o")
     options.add_dataclass(RunConfig, "job")
-    options.add_dataclass(LoadConfig, "loading")
 
 
 def run(values: dict) -> int:
     import polars as pl
 
-    from ..partition.folder import read_manifest
-    from ..run import run_job
-    from ..scoring.folder import scoring_summary
+    from partitioner.partition.folder import read_manifest
+    from partitioner.run import run_job
+    from partitioner.scoring.folder import scoring_summary
 
     config = build(RunConfig, values)
-    result = run_job(values.get("inputs") or [], config, build(LoadConfig, values).as_kwargs())
+    result = run_job(values.get("inputs") or None, config)
     part, stats = result["partition"], result["stats"]
     manifest = read_manifest(part)
     scoring = scoring_summary(result["scored"])

@@ -9,6 +9,10 @@ into the field's type and refuses anything else with one line:
 * integers and floats: numbers (a YAML list or a boolean is refused); strings (paths, names): strings only;
 * lists: comma-separated text or a YAML list; mappings: JSON text or a YAML mapping.
 
+A nested config (a composition such as ``RunConfig``, its fields declared with :func:`scorers.errors.section`)
+gives each of its fields a flag ``--name`` (setting every nested field of that name where several share it) and
+``--section.name`` (setting one); YAML takes them flat, dotted or nested.
+
 Values from a YAML file are checked the same way; flags on the command line win over the file. The YAML file is
 read with bounds on its size and on the nodes its aliases expand to, so an alias bomb fails fast with one line.
 """
@@ -143,25 +147,61 @@ class Options:
         self.converters: dict[str, typing.Callable] = {}
         self.bool_dests: set[str] = set()
         self.positional: dict[str, typing.Callable] = {}
+        self.flat_owners: dict[str, list[str]] = {}  # flat flag -> the ``section.name`` options it sets
 
     def add_dataclass(self, cls, title: str | None = None, skip=(), prefix: str = "") -> None:
         """One flag per init field of ``cls`` (help from ``field(metadata={"help": ...})``), named ``prefix + name``.
 
-        A field already added by another dataclass is skipped (the first one's flag sets both).
+        A field already added by another dataclass is skipped (the first one's flag sets both). A nested config
+        (a field declared with :func:`scorers.errors.section`) adds its own fields: see :meth:`_add_section`.
         """
         hints = typing.get_type_hints(cls)
         group = self.parser.add_argument_group(title or cls.__name__)
-        for f in dataclasses.fields(cls):
-            dest = prefix + f.name
-            if not f.init or f.name in skip or dest in self.converters:
+        fields = [f for f in dataclasses.fields(cls) if f.init and f.name not in skip]
+        sections = [f for f in fields if "section" in f.metadata]
+        owners: dict[str, list[str]] = {}  # flat flag -> the nested configs it sets
+        for f in sections:
+            for leaf in dataclasses.fields(f.metadata["section"]):
+                if leaf.init:
+                    owners.setdefault(f.metadata.get("prefix", "") + leaf.name, []).append(f"{f.name}.{leaf.name}")
+        for f in fields:
+            if f in sections:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            self.add(dest, hints[f.name], f.metadata.get("help", ""), default, group=group,
+            dest = prefix + f.name
+            if dest in self.converters:
+                continue
+            self.add(dest, hints[f.name], f.metadata.get("help", ""), _default(f), group=group,
                      choices=f.metadata.get("choices"))
+        for f in sections:
+            self._add_section(f, owners)
+        for flat, qualified in owners.items():
+            self.flat_owners.setdefault(flat, []).extend(q for q in qualified if q not in self.flat_owners.get(flat, []))
+
+    def _add_section(self, section_field, owners: dict) -> None:
+        """The fields of a nested config: ``--name`` where the name is unique in the composition (it sets every
+        nested field of that name otherwise, as the help says), and ``--section.name`` for each one."""
+        cls, defaults = section_field.metadata["section"], section_field.metadata["defaults"]
+        flat_prefix = section_field.metadata.get("prefix", "")
+        hints = typing.get_type_hints(cls)
+        group = self.parser.add_argument_group(f"{section_field.name} ({cls.__name__})",
+                                               description=section_field.metadata.get("help") or None)
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            default = defaults.get(f.name, _default(f))
+            qualified = f"{section_field.name}.{f.name}"
+            shared = owners.get(flat_prefix + f.name, [qualified])
+            if flat_prefix + f.name not in self.converters:
+                if len(shared) > 1:  # one flag for several options: their own flags say what each does
+                    self.add(flat_prefix + f.name, hints[f.name], f"Sets {' and '.join(shared)}.", group=group)
+                else:
+                    self.add(flat_prefix + f.name, hints[f.name], f.metadata.get("help", ""), default, group=group,
+                             choices=f.metadata.get("choices"))
+            self.add(qualified, hints[f.name], f.metadata.get("help", ""), default, group=group,
+                     choices=f.metadata.get("choices"), hidden=len(shared) == 1)
 
     def add(self, dest: str, annotation, help_: str = "", default=None, *, group=None, choices=None,
-            short: str | None = None, required: bool = False) -> None:
+            short: str | None = None, required: bool = False, hidden: bool = False) -> None:
         target = group or self.parser
         convert = converter(annotation, dest)
         if choices:
@@ -178,16 +218,16 @@ class Options:
         if choices:
             shown += f" (one of: {', '.join(map(str, choices))})"
         flags = flag_names(dest) + ([short] if short else [])
+        help_ = argparse.SUPPRESS if hidden else f"{help_}{shown}".replace("%", "%%")
         if is_bool(annotation):
             self.bool_dests.add(dest)
             target.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, type=_argparse_type(convert),
-                                metavar="{true,false}", help=f"{help_}{shown}".replace("%", "%%"))
+                                metavar="{true,false}", help=help_)
             target.add_argument("--no-" + dest.replace("_", "-"), dest=dest, action="store_const", const=False,
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
             target.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, type=_argparse_type(convert),
-                                required=required, help=f"{help_}{shown}".replace("%", "%%"),
-                                metavar=dest.upper())
+                                required=required, help=help_, metavar=dest.upper())
 
     def add_positional(self, dest: str, help_: str, *, many: bool, metavar: str | None = None) -> None:
         """Positional inputs (``many``: a list of them); also settable from YAML under ``dest``."""
@@ -221,6 +261,9 @@ class Options:
         for dest in self.positional:
             if dest in given and given[dest] in ([], None):
                 del given[dest]  # not given on the command line: keep the file's
+        for dest in given:  # a flat flag wins over the file's `section.name` values it stands for
+            for qualified in self.flat_owners.get(dest, ()):
+                values.pop(qualified, None)
         return {**values, **given}
 
 
@@ -234,10 +277,34 @@ def _argparse_type(convert):
     return parse
 
 
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING and "section" not in f.metadata:
+        return f.default_factory()
+    return None
+
+
 def build(cls, values: dict, prefix: str = "", **overrides):
-    """An instance of dataclass ``cls`` from the option values that name its fields (defaults for the rest)."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix) and k[len(prefix):] in names}
+    """An instance of dataclass ``cls`` from the option values that name its fields (defaults for the rest).
+
+    A nested config field (:func:`scorers.errors.section`) is built from the composition's defaults for it, then
+    the flat values of its fields' names, then the ``section.name`` values (the most specific wins).
+    """
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in overrides:
+            continue
+        if "section" in f.metadata:
+            section_cls, flat_prefix = f.metadata["section"], f.metadata.get("prefix", "")
+            given = dict(f.metadata["defaults"])
+            for leaf in dataclasses.fields(section_cls):
+                for key in (flat_prefix + leaf.name, f"{f.name}.{leaf.name}"):
+                    if key in values:
+                        given[leaf.name] = values[key]
+            kwargs[f.name] = build(section_cls, given)
+        elif prefix + f.name in values:
+            kwargs[f.name] = values[prefix + f.name]
     kwargs.update(overrides)
     try:
         return cls(**kwargs)
@@ -304,11 +371,23 @@ def read_yaml(path: str) -> dict:
 
 
 def load_config(path: str, converters: dict) -> dict:
-    """The options in a YAML config file, each converted and checked like its flag."""
+    """The options in a YAML config file, each converted and checked like its flag.
+
+    A nested config's options may be given flat (``seed: 1``), dotted (``scoring.seed: 1``) or nested
+    (``scoring: {seed: 1}``).
+    """
     out = {}
-    for key, value in read_yaml(path).items():
-        dest = str(key).replace("-", "_")
+    for dest, key, value in _flat_items(read_yaml(path), "", converters):
         if dest not in converters:
-            raise ConfigError(f"unknown option {str(key)!r} in {path}")
+            raise ConfigError(f"unknown option {key!r} in {path}")
         out[dest] = converters[dest](value)
     return out
+
+
+def _flat_items(data: dict, prefix: str, converters: dict):
+    for key, value in data.items():
+        dest = prefix + str(key).replace("-", "_")
+        if isinstance(value, dict) and dest not in converters and any(c.startswith(dest + ".") for c in converters):
+            yield from _flat_items(value, dest + ".", converters)
+        else:
+            yield dest, prefix + str(key), value

@@ -6,9 +6,10 @@ import json
 import statistics
 from dataclasses import dataclass, field
 
-from scorers.errors import ConfigError
+from partitioner.data.loading import LoadConfig
+from partitioner.data.tokenization import TokenizeConfig
+from scorers.errors import ConfigError, section
 
-from ..data.loading import LoadConfig
 from .options import build
 
 
@@ -17,36 +18,36 @@ class InspectCommand:
     rejects: str | None = field(default=None, metadata={"help": "Write the rejected rows to this Arrow file."})
     tokenizer: str | None = field(default=None, metadata={
         "help": "Also tokenize as DPOTrainer does with this tokenizer (path, hub id or 'bundled')."})
-    max_length: int = field(default=1024, metadata={"help": "DPOConfig.max_length, with --tokenizer."})
     json: bool = field(default=False, metadata={"help": "Print the report as JSON."})
+    load: LoadConfig = section(LoadConfig)
+    tokenize: TokenizeConfig = section(TokenizeConfig)
 
 
 def add_arguments(options) -> None:
     options.add_positional("inputs", "files, globs, folders or Hub names; name=path to name a source", many=True,
                            metavar="INPUT")
-    options.add_dataclass(LoadConfig, "loading")
     options.add_dataclass(InspectCommand, "report")
 
 
 def run(values: dict) -> int:
     from scorers.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, REJECTED_TRUNCATED
 
-    from ..data.loading import load_preferences_with_rejects
-    from ..data.rejects import combine_rejects, write_rejects
+    from partitioner.data.loading import load_preferences_with_rejects
+    from partitioner.data.rejects import combine_rejects, write_rejects
 
     if not values.get("inputs"):
         raise ConfigError("give at least one INPUT (a file, glob, folder or Hub name)")
     cmd = build(InspectCommand, values)
-    dataset, report = load_preferences_with_rejects(values["inputs"], **build(LoadConfig, values).as_kwargs())
+    dataset, report = load_preferences_with_rejects(values["inputs"], cmd.load)
     out = report.as_dict()
     rejects = [report.rejects_table()]
     if cmd.tokenizer:
         from scorers.models import load_tokenizer
 
-        from ..data.tokenization import TokenizeConfig, tokenize_preferences
+        from partitioner.data.tokenization import tokenize_preferences
 
         tok = load_tokenizer(cmd.tokenizer)
-        tokenized, tok_rejects = tokenize_preferences(dataset, tok, TokenizeConfig(max_length=cmd.max_length))
+        tokenized, tok_rejects = tokenize_preferences(dataset, tok, cmd.tokenize)
         rejects.append(tok_rejects)
         lengths = {}
         for col in (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS):
@@ -54,7 +55,7 @@ def run(values: dict) -> int:
             lengths[col.replace("_ids", "")] = {"median": statistics.median(ns), "max": max(ns)}
         out["tokenized"] = {
             "tokenizer": cmd.tokenizer,
-            "max_length": cmd.max_length,
+            "max_length": cmd.tokenize.max_length,
             "rows_kept": len(tokenized),
             "rows_rejected": len(tok_rejects),
             "rows_truncated": sum(a or b for a, b in zip(tokenized[CHOSEN_TRUNCATED], tokenized[REJECTED_TRUNCATED])),

@@ -29,9 +29,9 @@ def add_arguments(options) -> None:
 def run(values: dict) -> int:
     import polars as pl
 
-    from ..io import read_json
-    from ..partition.stats import partition_stats, plot_partition
-    from ..training_record import STEPS_FILE, steps_frame
+    from partitioner.io import read_json
+    from partitioner.partition.stats import partition_stats, plot_partition
+    from partitioner.training_record import STEPS_FILE, steps_frame
 
     partition = values.get("partition")
     plot, as_json = values.get("plot"), values.get("json", False)

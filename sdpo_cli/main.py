@@ -1,12 +1,10 @@
 """The ``sdpo`` command line.
 
-Each subcommand is a module with ``add_arguments(options)`` and ``run(values) -> int``; this file finds the
-subcommand, imports only its module (so ``sdpo --help``, ``sdpo verify`` and ``sdpo stats`` never import torch,
-transformers or TRL), builds its flags from its config dataclasses (:mod:`partitioner.cli.options`) and handles
-``--config file.yaml``.
-
-The ``train`` subcommand lives with the trainer (``trainer_plugin.cli``) and is named here by its module path only:
-the data side never imports the trainer.
+This package is the application layer above the three libraries (``scorers``, ``partitioner``,
+``trainer_plugin``): it imports them, they never import it. Each subcommand is a module with
+``add_arguments(options)`` and ``run(values) -> int``; the modules import their libraries' heavy parts (torch,
+transformers, TRL) inside those functions only, so ``sdpo --help``, ``sdpo verify`` and ``sdpo stats`` never load
+them. Flags come from the commands' config dataclasses (:mod:`sdpo_cli.options`), as does ``--config file.yaml``.
 
 Errors raised for the user (:class:`scorers.errors.UserError`, and the operating system's answers about the user's
 paths: no such file, no permission, no space left, ...) are printed as one line of bounded length,
@@ -17,24 +15,24 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import logging
 import sys
 
 from scorers.errors import UserError
 
+from . import inspect, partition, run, score, stats, train, truthfulqa, verify
 from .options import Options
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "inspect": ("partitioner.cli.inspect", "load and validate preference data; print formats, counts and rejects"),
-    "score": ("partitioner.cli.score", "score pairs with a reference model (resumable)"),
-    "partition": ("partitioner.cli.partition", "order and chunk scored data into Arrow shards + manifest"),
-    "stats": ("partitioner.cli.stats", "per-chunk statistics of a partition, or per-step ones of a training run"),
-    "verify": ("partitioner.cli.verify", "check a partition's checksums, row accounting and schema"),
-    "train": ("trainer_plugin.cli", "stepwise DPO over a partition's chunks with TRL"),
-    "run": ("partitioner.cli.run", "the whole job: load, score, partition (defaults: bundled data and model)"),
-    "truthfulqa": ("partitioner.cli.truthfulqa", "TruthfulQA MC1/MC2 of a model, as lm-eval-harness scores it"),
+    "inspect": (inspect, "load and validate preference data; print formats, counts and rejects"),
+    "score": (score, "score pairs with a reference model (resumable)"),
+    "partition": (partition, "order and chunk preference data into Arrow shards + manifest (scoring first if needed)"),
+    "stats": (stats, "per-chunk statistics of a partition, or per-step ones of a training run"),
+    "verify": (verify, "check a partition's checksums, row accounting and schema"),
+    "train": (train, "stepwise DPO over a partition's chunks with TRL"),
+    "run": (run, "the whole job: load, score, partition (defaults: bundled data and model)"),
+    "truthfulqa": (truthfulqa, "TruthfulQA MC1/MC2 of a model, as lm-eval-harness scores it"),
 }
 MAX_ERROR_CHARS = 300
 # The operating system's answers about a path the user gave: shown as one line, not as a bug.
@@ -80,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         top.print_help()
         return 2
-    module_name, help_ = COMMANDS[ns.command]
+    module, help_ = COMMANDS[ns.command]
     try:
-        module = importlib.import_module(module_name)
         parser = _Parser(prog=f"sdpo {ns.command}", description=help_)
         parser.add_argument("--config", metavar="YAML", help="YAML file of options (command-line flags win)")
         options = Options(parser)

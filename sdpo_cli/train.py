@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 def add_arguments(options) -> None:
     from trl import DPOConfig
 
-    from .config import StepwiseConfig
+    from trainer_plugin.config import StepwiseConfig
 
     options.add_positional("partition_dir", "a partition folder (sdpo partition -o PART)", many=False,
                            metavar="PART")
@@ -46,12 +46,12 @@ def has_accelerator() -> bool:
 
 
 def run(values: dict) -> int:
-    from partitioner.cli.options import build
+    from .options import build
     from scorers.errors import ConfigError
     from trl import DPOConfig
 
-    from .config import StepwiseConfig
-    from .driver import train_stepwise
+    from trainer_plugin.config import StepwiseConfig
+    from trainer_plugin.driver import train_stepwise
 
     config = build(StepwiseConfig, values)
     if not config.partition_dir:

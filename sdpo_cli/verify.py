@@ -12,7 +12,7 @@ def add_arguments(options) -> None:
 
 
 def run(values: dict) -> int:
-    from ..partition.folder import PartitionError, verify_partition
+    from partitioner.partition.folder import PartitionError, verify_partition
 
     if not values.get("partition"):
         raise ConfigError("give a partition folder: sdpo verify PART")

@@ -1,7 +1,0 @@
-"""``python -m partitioner.cli``: the ``sdpo`` command line."""
-
-import sys
-
-from .main import main
-
-sys.exit(main())
