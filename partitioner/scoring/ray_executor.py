@@ -35,8 +35,6 @@ Assumptions:
 from __future__ import annotations
 
 import logging
-import os
-import signal as _signal
 from dataclasses import dataclass, field, replace
 
 from scorers.errors import ConfigError, MissingDependencyError, check_ranges
@@ -49,8 +47,6 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "executor='ray' needs Ray Data: pip install 'sdpo-curriculum[ray]'"
 PART_COLUMN = "__sdpo_part"  # helper columns carried through the actors, never written
 INDEX_COLUMN = "__sdpo_row"
-# Test hook: "MARKER:N" makes the actor that runs its N-th batch SIGKILL itself, once (MARKER is created atomically).
-FAULT_ENV = "SDPO_RAY_KILL_ACTOR_AT_BATCH"
 
 
 class RayUnavailableError(MissingDependencyError):
@@ -101,21 +97,6 @@ class RayConfig:
                 raise ConfigError(f"ray {name} must be -1 (unlimited) or >= 0, got {v}")
 
 
-def _maybe_kill_self(calls: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    marker, _, n = spec.rpartition(":")
-    if calls != int(n):
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    logger.warning("%s: killing actor pid %d at batch %d", FAULT_ENV, os.getpid(), calls)
-    os.kill(os.getpid(), _signal.SIGKILL)
-
-
 class _ScoringActor:
     """One Ray Data actor: builds the local job's part scorer once, then scores batches of rows with it."""
 
@@ -124,14 +105,11 @@ class _ScoringActor:
         if config.device is None and _assigned_gpus():
             changes["device"] = "cuda"
         self.scorer = PartScorer(replace(config, **changes))
-        self.calls = 0
 
     def __call__(self, batch):
         import datasets
         import pyarrow as pa
 
-        self.calls += 1
-        _maybe_kill_self(self.calls)
         helpers = batch.select([PART_COLUMN, INDEX_COLUMN])
         rows = datasets.Dataset(batch.drop_columns([PART_COLUMN, INDEX_COLUMN]))
         table = self.scorer.score_part(rows)
