@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 
 from .compat import attention_implementation, sdpa_attention
-from .flex_attention import chosen_kernel, flex_prefix_attention
+from .flex_attention import chosen_kernel, flex_prefix_attention, is_layout
 
 PREFIX_ATTENTION = "sdpo_prefix_shared"
 
@@ -56,12 +56,6 @@ def prefix_attention(model, shared_kv=None, kernel: str | None = None):
 def _device_type(model) -> str:
     param = next(iter(model.parameters()), None)
     return "cpu" if param is None else param.device.type
-
-
-def is_layout(mask) -> bool:
-    import torch
-
-    return isinstance(mask, torch.Tensor) and mask.dtype == torch.int64 and mask.dim() == 4 and mask.shape[-1] == 3
 
 
 def prefix_shared_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_kv=None,

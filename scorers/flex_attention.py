@@ -34,6 +34,13 @@ ENV = "SDPO_PACKED_ATTENTION"
 MIN_BUCKET = 256
 
 
+
+def is_layout(mask) -> bool:
+    """Whether an attention mask is the packed row layout (int64, ``(batch, 1, pairs, 3)``), not a plain mask."""
+    import torch
+
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.int64 and mask.dim() == 4 and mask.shape[-1] == 3
+
 def chosen_kernel(device_type: str, requested: str | None = None) -> str:
     """``loop``, ``flex`` (compiled) or ``flex_eager`` for a forward on ``device_type``; ``requested`` (else the
     ``SDPO_PACKED_ATTENTION`` variable, else ``auto``) names one, ``auto`` picks compiled flex off CPU, the loop on
@@ -150,7 +157,6 @@ def flex_prefix_attention(module, query, key, value, attention_mask, scaling=Non
     import torch
     import torch.nn.functional as F
 
-    from .attention import is_layout
     from .compat import sdpa_attention
 
     if not is_layout(attention_mask):
