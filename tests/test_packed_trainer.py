@@ -393,7 +393,7 @@ def test_driver_packs_by_default_and_the_drop_in_works_with_the_callback(tiny_mo
     from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences
     from scorers.compat import drop_trl_forward_patch
     from scorers.models import load_tokenizer
-    from trainer_plugin import cli
+    from sdpo_cli import train as cli
     from trainer_plugin.callback import StepwiseReferenceCallback, concatenate_chunks
     from trainer_plugin.config import StepwiseConfig
     from trainer_plugin.driver import train_stepwise
