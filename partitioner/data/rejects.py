@@ -56,6 +56,7 @@ REASONS = (
     "mixed_format",
     "duplicate_pair",
     "prompt_too_long",
+    "beyond_keep_fraction",  # partition: the order kept only its first keep_fraction of rows (SelectiveDPO)
 )
 
 REJECTS_SCHEMA = pa.schema(
