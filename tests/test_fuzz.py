@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from partitioner.data.formats import MULTI_FORMATS
 from partitioner.data.loading import load_preferences_with_rejects
 from scorers.errors import UserError
 
@@ -48,7 +49,12 @@ def _load(name: str, content: bytes):
         except UserError as e:
             assert "\n" not in str(e).strip() and len(str(e)) < 2000
             return None
-        assert report.rows_in == report.rows_kept + report.rows_rejected == len(ds) + report.rows_rejected
+        assert report.rows_in == report.rows_kept + report.rows_rejected
+        # rows are counted as rows, pairs beside them: a multi-response row may give several pairs
+        assert len(ds) == report.pairs >= report.rows_kept
+        if not any(s.format in MULTI_FORMATS for s in report.sources):
+            assert len(ds) == report.rows_kept
+        assert report.rejects_table().num_rows == report.rows_rejected + report.pairs_rejected
         return report
 
 
@@ -64,6 +70,7 @@ JSON_VALUES = st.recursive(
     max_leaves=8)
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"]) | JSON_VALUES,
                                  "content": st.text(max_size=20) | JSON_VALUES})
+RATING = st.integers(min_value=0, max_value=10) | st.floats(allow_nan=True) | JSON_VALUES
 # One row of each layout the loader detects, every field drawn as any JSON value or as the layout's own kind.
 LAYOUT_ROWS = {
     "standard": st.fixed_dictionaries({"prompt": st.text(max_size=20) | JSON_VALUES,
@@ -88,6 +95,21 @@ LAYOUT_ROWS = {
                                        "rejected_messages": st.lists(MESSAGE, max_size=2) | JSON_VALUES}),
     "hh": st.fixed_dictionaries({"chosen": st.text(max_size=10).map(lambda t: f"\n\nHuman: {t}\n\nAssistant: a")
                                  | JSON_VALUES, "rejected": st.text(max_size=10) | JSON_VALUES}),
+    # multi-response layouts (several pairs a row): ratings drawn as numbers, or any JSON value
+    "ultrafeedback": st.fixed_dictionaries({
+        "instruction": st.text(max_size=20) | JSON_VALUES,
+        "completions": st.lists(st.fixed_dictionaries({"response": st.text(max_size=20) | JSON_VALUES,
+                                                       "overall_score": RATING}), max_size=4) | JSON_VALUES}),
+    "rated_responses": st.fixed_dictionaries({
+        "prompt": st.text(max_size=20) | st.lists(MESSAGE, max_size=2) | JSON_VALUES,
+        "responses": st.lists(st.text(max_size=20) | MESSAGE, max_size=4) | JSON_VALUES,
+        "ratings": st.lists(RATING, max_size=4) | JSON_VALUES}),
+    "chosen_rejected_lists": st.fixed_dictionaries({
+        "prompt": st.text(max_size=20) | JSON_VALUES,
+        "chosen": st.lists(st.text(max_size=20), min_size=1, max_size=3) | st.lists(st.lists(MESSAGE, max_size=2),
+                                                                                  min_size=1, max_size=2) | JSON_VALUES,
+        "rejected": st.lists(st.text(max_size=20), max_size=3) | st.lists(st.lists(MESSAGE, max_size=2), max_size=2)
+        | JSON_VALUES}),
 }
 
 

@@ -183,6 +183,14 @@ BAD_CONV_ROWS = {
 }
 
 
+def test_in_memory_integer_past_the_digit_limit_is_a_reject():
+    """Python refuses str() of an integer past 4300 digits; the reject says its size and shows no original."""
+    ds, report = load_preferences_with_rejects([GOOD, {**GOOD, "chosen": "four", "n": 10**5000}])
+    (rec,) = report.rejects
+    assert len(ds) == 1 and rec["reason"] == "value_out_of_range" and "bits does not fit" in rec["detail"]
+    assert rec["original"] == "<not shown: an integer with too many digits>"
+
+
 def _write_jsonl(path, lines):
     with open(path, "wb") as f:
         for line in lines:

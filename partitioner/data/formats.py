@@ -12,7 +12,12 @@ Layouts read (``format=`` names):
   ``sharegpt``           ``conversations`` of ``{"from", "value"}`` turns, ``chosen``/``rejected`` turns, optional ``system``
   ``messages``           ``chosen_messages``/``rejected_messages``: full conversations (content as text or parts)
   ``hh``                 Anthropic-HH transcripts: ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` in chosen and rejected
+  ``ultrafeedback``      ``prompt``/``instruction`` + ``completions``: objects with a response and a rating
+  ``rated_responses``    ``prompt``/``instruction`` + ``responses`` + ``ratings`` (or ``scores``), parallel lists
+  ``chosen_rejected_lists``  ``prompt`` + ``chosen``/``rejected`` as lists of responses (texts or message lists)
   ``mapping``            any columns, named by a column mapping (``prompt``, ``chosen``, ``rejected``, optional ``system``)
+
+The three multi-response layouts expand each row into several pairs (Curri-DPO; :mod:`.multi_response`).
 
 Detection (:func:`detect_format`) is a vote: every row of a large sample gets its own layout
 (:func:`detect_row_format`; a field that is null counts as absent) and the layout most rows fit wins. Every row is
@@ -34,6 +39,8 @@ from collections.abc import Mapping
 
 from scorers.errors import UserError
 
+from .fields import RowReject, field_value, messages_value, text_value
+
 FORMATS = (
     "standard",
     "standard_implicit",
@@ -43,34 +50,17 @@ FORMATS = (
     "sharegpt",
     "messages",
     "hh",
+    "ultrafeedback",
+    "rated_responses",
+    "chosen_rejected_lists",
     "mapping",
 )
-
-ROLE_MAP = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
-    "bot": "assistant",
-    "chatgpt": "assistant",
-    "tool": "tool",
-    "function": "tool",
-    "observation": "tool",
-}
+# Layouts with several responses per prompt: each row becomes several pairs (:mod:`.multi_response`).
+MULTI_FORMATS = ("ultrafeedback", "rated_responses", "chosen_rejected_lists")
+PROMPT_KEYS = ("prompt", "instruction")  # the prompt of a multi-response row, first present wins
 
 # The keys of LoadConfig.column_mapping (system optional).
 MAPPING_KEYS = ("prompt", "chosen", "rejected", "system")
-
-
-class RowReject(Exception):
-    """A row that cannot be used; ``reason`` is a code from ``partitioner.data.rejects.REASONS``."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class PreferenceDataError(UserError):
@@ -80,6 +70,13 @@ class PreferenceDataError(UserError):
 # --------------------------------------------------------------------------------------------- detection
 def _is_messages(value) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(m, Mapping) for m in value)
+
+
+def _is_response_list(value) -> bool:
+    """Several responses: a non-empty list of texts, or of message lists. A list of message *objects* is one
+    conversational response (TRL's conversational layout), never several."""
+    return isinstance(value, list) and len(value) > 0 and (all(isinstance(v, str) for v in value)
+                                                          or all(isinstance(v, list) for v in value))
 
 
 def _looks_hh(text) -> bool:
@@ -102,8 +99,16 @@ def detect_row_format(row: Mapping) -> str | None:
         return "sharegpt"
     if {"chosen_messages", "rejected_messages"} <= keys:
         return "messages"
+    # A row with chosen and rejected stays a pair layout even with a `completions`/`responses` column beside them.
+    if keys & set(PROMPT_KEYS) and not {"chosen", "rejected"} <= keys:
+        if "completions" in keys:
+            return "ultrafeedback"
+        if "responses" in keys and keys & {"ratings", "scores"}:
+            return "rated_responses"
     if {"chosen", "rejected"} <= keys:
         chosen = row["chosen"]
+        if _is_response_list(chosen):
+            return "chosen_rejected_lists"
         if _is_messages(chosen):
             return "conversational" if "prompt" in keys else "conversational_implicit"
         if isinstance(chosen, str):
@@ -136,73 +141,6 @@ def detect_format(rows: list, columns=()) -> str:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _field(row: Mapping, key: str):
-    value = row.get(key)
-    if value is None:
-        raise RowReject("missing_field", f"field {key!r} is missing or null")
-    return value
-
-
-def _text(value, what: str) -> str:
-    if not isinstance(value, str):
-        raise RowReject("non_text", f"{what} is {type(value).__name__}, expected text")
-    if not value.strip():
-        raise RowReject("empty_text", f"{what} is empty")
-    return value
-
-
-def _content_text(content, what: str) -> str:
-    """Message content as text: a string, or a list of parts whose text parts are joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, Mapping) and part.get("type", "text") == "text":
-                t = part.get("text", part.get("value"))
-                if not isinstance(t, str):
-                    raise RowReject("non_text", f"{what} has a text part without text")
-                texts.append(t)
-            else:
-                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                raise RowReject("non_text", f"{what} has a non-text part ({kind})")
-        return "".join(texts)
-    if content is None:
-        raise RowReject("missing_field", f"{what} has no content")
-    raise RowReject("non_text", f"{what} content is {type(content).__name__}, expected text")
-
-
-def _message(m, what: str, role_key: str = "role", content_key: str = "content") -> dict:
-    if not isinstance(m, Mapping):
-        raise RowReject("non_text", f"{what} is {type(m).__name__}, expected a message object")
-    role = m.get(role_key)
-    if role is None:
-        raise RowReject("missing_field", f"{what} has no {role_key!r}")
-    if not isinstance(role, str):
-        raise RowReject("non_text", f"{what} {role_key!r} is {type(role).__name__}")
-    mapped = ROLE_MAP.get(role.strip().lower())
-    if mapped is None:
-        raise RowReject("unknown_role", f"{what} has role {role!r}")
-    content = _content_text(m.get(content_key), what)
-    if mapped != "system" and not content.strip():
-        raise RowReject("empty_text", f"{what} ({mapped}) has empty content")
-    return {"role": mapped, "content": content}
-
-
-def _messages(value, what: str, role_key: str = "role", content_key: str = "content") -> list[dict]:
-    if value is None:
-        raise RowReject("missing_field", f"{what} is missing or null")
-    if isinstance(value, Mapping):
-        value = [value]
-    if not isinstance(value, list):
-        raise RowReject("non_text", f"{what} is {type(value).__name__}, expected a list of messages")
-    if not value:
-        raise RowReject("empty_text", f"{what} has no messages")
-    return [_message(m, f"{what}[{i}]", role_key, content_key) for i, m in enumerate(value)]
-
-
 def extract_prompt(chosen, rejected) -> tuple:
     """TRL's ``trl.data_utils.extract_prompt``, step for step (``tests/test_hostile_inputs.py`` checks it against
     TRL's own): the prompt is the longest common prefix of ``chosen`` and ``rejected`` (characters of text, turns
@@ -233,9 +171,9 @@ def _check_conversational(prompt: list, chosen: list, rejected: list) -> tuple[l
 
 
 def _check_standard(prompt, chosen, rejected) -> tuple[str, str, str]:
-    prompt = _text(prompt, "prompt")
-    chosen = _text(chosen, "chosen")
-    rejected = _text(rejected, "rejected")
+    prompt = text_value(prompt, "prompt")
+    chosen = text_value(chosen, "chosen")
+    rejected = text_value(rejected, "rejected")
     if chosen == rejected:
         raise RowReject("identical_pair", "chosen and rejected are identical")
     return prompt, chosen, rejected
@@ -286,34 +224,34 @@ def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple
         if own is not None and own != fmt and (fmt, own) not in _PROMPT_MISSING:
             raise RowReject("mixed_format", f"row looks like {own!r} in a {fmt!r} input")
     if fmt == "standard":
-        p, c, r = _check_standard(_field(row, "prompt"), _field(row, "chosen"), _field(row, "rejected"))
+        p, c, r = _check_standard(field_value(row, "prompt"), field_value(row, "chosen"), field_value(row, "rejected"))
     elif fmt == "standard_implicit":
-        c, r = _text(_field(row, "chosen"), "chosen"), _text(_field(row, "rejected"), "rejected")
+        c, r = text_value(field_value(row, "chosen"), "chosen"), text_value(field_value(row, "rejected"), "rejected")
         p, c, r = _check_standard(*extract_prompt(c, r))
     elif fmt == "conversational":
         p, c, r = _check_conversational(
-            _messages(_field(row, "prompt"), "prompt"),
-            _messages(_field(row, "chosen"), "chosen"),
-            _messages(_field(row, "rejected"), "rejected"),
+            messages_value(field_value(row, "prompt"), "prompt"),
+            messages_value(field_value(row, "chosen"), "chosen"),
+            messages_value(field_value(row, "rejected"), "rejected"),
         )
     elif fmt in ("conversational_implicit", "messages"):
         ck, rk = ("chosen", "rejected") if fmt == "conversational_implicit" else ("chosen_messages", "rejected_messages")
-        c_all, r_all = _messages(_field(row, ck), ck), _messages(_field(row, rk), rk)
+        c_all, r_all = messages_value(field_value(row, ck), ck), messages_value(field_value(row, rk), rk)
         for name, turns in ((ck, c_all), (rk, r_all)):
             if not any(m["role"] == "assistant" for m in turns):
                 raise RowReject("no_assistant_turn", f"{name} has no assistant turn")
         p, c, r = _check_conversational(*extract_prompt(c_all, r_all))
     elif fmt == "openai":
-        inp = _field(row, "input")
+        inp = field_value(row, "input")
         if not isinstance(inp, Mapping):
             raise RowReject("non_text", f"input is {type(inp).__name__}, expected an object with 'messages'")
         p, c, r = _check_conversational(
-            _messages(inp.get("messages"), "input.messages"),
-            _messages(_field(row, "preferred_output"), "preferred_output"),
-            _messages(_field(row, "non_preferred_output"), "non_preferred_output"),
+            messages_value(inp.get("messages"), "input.messages"),
+            messages_value(field_value(row, "preferred_output"), "preferred_output"),
+            messages_value(field_value(row, "non_preferred_output"), "non_preferred_output"),
         )
     elif fmt == "sharegpt":
-        turns = _messages(_field(row, "conversations"), "conversations", "from", "value")
+        turns = messages_value(field_value(row, "conversations"), "conversations", "from", "value")
         system = row.get("system")
         if system is not None and not isinstance(system, str):
             raise RowReject("non_text", f"system is {type(system).__name__}, expected text")
@@ -321,12 +259,12 @@ def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple
             turns = [{"role": "system", "content": system}] + turns
         p, c, r = _check_conversational(
             turns,
-            _messages(_field(row, "chosen"), "chosen", "from", "value"),
-            _messages(_field(row, "rejected"), "rejected", "from", "value"),
+            messages_value(field_value(row, "chosen"), "chosen", "from", "value"),
+            messages_value(field_value(row, "rejected"), "rejected", "from", "value"),
         )
     elif fmt == "hh":
-        ct = _parse_hh(_text(_field(row, "chosen"), "chosen"), "chosen")
-        rt = _parse_hh(_text(_field(row, "rejected"), "rejected"), "rejected")
+        ct = _parse_hh(text_value(field_value(row, "chosen"), "chosen"), "chosen")
+        rt = _parse_hh(text_value(field_value(row, "rejected"), "rejected"), "rejected")
         if ct[-1]["role"] != "assistant" or rt[-1]["role"] != "assistant":
             raise RowReject("no_assistant_turn", "transcript does not end with an Assistant: turn")
         if ct[:-1] != rt[:-1]:
@@ -339,6 +277,9 @@ def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple
         p, c, r = _check_conversational(ct[:-1], ct[-1:], rt[-1:])
     elif fmt == "mapping":
         p, c, r = _convert_mapped(row, mapping or {})
+    elif fmt in MULTI_FORMATS:  # a caller's mistake, not the data's: these rows expand into several pairs
+        raise PreferenceDataError(f"format {fmt!r} gives several pairs a row: expand it with "
+                                  "partitioner.data.multi_response.expand_row")
     else:
         raise PreferenceDataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     consumed = consumed_columns(fmt, mapping)
@@ -356,22 +297,22 @@ def _convert_mapped(row: Mapping, mapping: Mapping) -> tuple:
     for key in ("prompt", "chosen", "rejected"):
         if key not in mapping:
             raise PreferenceDataError(f"column mapping needs prompt, chosen and rejected; got {dict(mapping)}")
-    prompt, chosen, rejected = (_field(row, mapping[k]) for k in ("prompt", "chosen", "rejected"))
+    prompt, chosen, rejected = (field_value(row, mapping[k]) for k in ("prompt", "chosen", "rejected"))
     system = row.get(mapping["system"]) if "system" in mapping else None
     if isinstance(chosen, list) or isinstance(prompt, list):
-        p = _messages(prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": _text(prompt, "prompt")}]
+        p = messages_value(prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": text_value(prompt, "prompt")}]
         if system and isinstance(system, str) and system.strip():
             p = [{"role": "system", "content": system}] + p
-        wrap = lambda v, n: _messages(v, n) if isinstance(v, list) else [{"role": "assistant", "content": _text(v, n)}]  # noqa: E731
+        wrap = lambda v, n: messages_value(v, n) if isinstance(v, list) else [{"role": "assistant", "content": text_value(v, n)}]  # noqa: E731
         return _check_conversational(p, wrap(chosen, "chosen"), wrap(rejected, "rejected"))
     if system is not None:
         if not isinstance(system, str):
             raise RowReject("non_text", f"system is {type(system).__name__}, expected text")
         p = ([{"role": "system", "content": system}] if system.strip() else []) + [
-            {"role": "user", "content": _text(prompt, "prompt")}
+            {"role": "user", "content": text_value(prompt, "prompt")}
         ]
         return _check_conversational(
-            p, [{"role": "assistant", "content": _text(chosen, "chosen")}],
-            [{"role": "assistant", "content": _text(rejected, "rejected")}],
+            p, [{"role": "assistant", "content": text_value(chosen, "chosen")}],
+            [{"role": "assistant", "content": text_value(rejected, "rejected")}],
         )
     return _check_standard(prompt, chosen, rejected)

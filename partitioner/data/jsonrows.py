@@ -60,7 +60,9 @@ def unrepresentable(value, depth: int = 0) -> RowReject | None:
         return RowReject("value_out_of_range", f"an integer of {len(value.digits)} digits")
     if isinstance(value, int):
         if not INT64_MIN <= value <= INT64_MAX:
-            return RowReject("value_out_of_range", f"integer {str(value)[:30]} does not fit in 64 bits")
+            # str() of an in-memory integer past 4300 digits raises (Python's limit): show its size instead
+            shown = str(value)[:30] if value.bit_length() < 14_000 else f"of {value.bit_length()} bits"
+            return RowReject("value_out_of_range", f"integer {shown} does not fit in 64 bits")
         return None
     if depth > 200:
         return RowReject("nested_too_deep", "value nested more than 200 levels deep")

@@ -3,7 +3,9 @@
 ``load_preferences(inputs)`` returns a ``datasets.Dataset`` memory-mapped from an Arrow stream file with the
 columns ``row_id``, ``source``, ``prompt``, ``chosen``, ``rejected`` and the inputs' other columns passed through.
 Every row that cannot be used is a reject with a reason (``partitioner.data.rejects``); rows in = rows kept + rows
-rejected, checked for every block and source.
+rejected, checked for every block and source. A row of a multi-response layout becomes several pairs (Curri-DPO,
+:mod:`.multi_response`; ``LoadConfig.pairing``): rows are still counted as rows, the pairs beside them
+(:mod:`.expansion`).
 
 Inputs (one, a list, or a ``{source_name: input}`` mapping; ``"name=path"`` strings name a source too):
   * files: ``.jsonl``/``.ndjson``, ``.json`` (an array of objects, JSON lines, or one object), ``.parquet``,
@@ -39,7 +41,9 @@ from scorers.errors import check_ranges
 
 from ..io import atomic_file
 from .convert import BlockConverter, table_rows
-from .formats import FORMATS, MAPPING_KEYS, PreferenceDataError, detect_row_format, vote_format
+from .expansion import MultiPairConverter, plain_result
+from .formats import FORMATS, MAPPING_KEYS, MULTI_FORMATS, PreferenceDataError, detect_row_format, vote_format
+from .multi_response import PAIRINGS
 from .identity import DuplicateIndex, pair_content_hash  # noqa: F401 - re-exported
 from .rejects import REJECTS_FILE, RejectsWriter, read_rejects
 from .blocks import limited, prefetched
@@ -59,8 +63,18 @@ class SourceReport:
     format: str | None = None
     rows_in: int = 0
     rows_kept: int = 0
-    rejects: Counter = field(default_factory=Counter)
+    rejects: Counter = field(default_factory=Counter)  # reason -> rejected input rows
     duplicates: int = 0
+    pairs: int = 0  # pairs kept: rows_kept for a pair layout, more for a multi-response one
+    pair_rejects: Counter = field(default_factory=Counter)  # reason -> pairs dropped from kept multi-response rows
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(self.rejects.values())
+
+    @property
+    def pairs_rejected(self) -> int:
+        return sum(self.pair_rejects.values())
 
     def as_dict(self) -> dict:
         return {
@@ -68,10 +82,18 @@ class SourceReport:
             "format": self.format,
             "rows_in": self.rows_in,
             "rows_kept": self.rows_kept,
-            "rows_rejected": sum(self.rejects.values()),
+            "rows_rejected": self.rows_rejected,
             "reject_reasons": dict(sorted(self.rejects.items())),
             "duplicates": self.duplicates,
+            "pairs": self.pairs,
+            "pairs_rejected": self.pairs_rejected,
+            "pair_reject_reasons": dict(sorted(self.pair_rejects.items())),
         }
+
+
+def _total(name: str, doc: str) -> property:
+    """A :class:`LoadReport` count: the sum of its sources' ``name``."""
+    return property(lambda self: sum(getattr(s, name) for s in self.sources), doc=doc)
 
 
 @dataclass
@@ -81,17 +103,11 @@ class LoadReport:
     sources: list[SourceReport] = field(default_factory=list)
     rejects_path: Path | None = None
 
-    @property
-    def rows_in(self) -> int:
-        return sum(s.rows_in for s in self.sources)
-
-    @property
-    def rows_kept(self) -> int:
-        return sum(s.rows_kept for s in self.sources)
-
-    @property
-    def rows_rejected(self) -> int:
-        return sum(sum(s.rejects.values()) for s in self.sources)
+    rows_in = _total("rows_in", "Input rows read.")
+    rows_kept = _total("rows_kept", "Input rows that gave at least one kept pair.")
+    rows_rejected = _total("rows_rejected", "Input rows rejected (a record each in the rejects file).")
+    pairs = _total("pairs", "Rows of the loaded dataset, each a pair (rows_kept, or more with multi-response rows).")
+    pairs_rejected = _total("pairs_rejected", "Pairs dropped from kept multi-response rows (a record each too).")
 
     def rejects_table(self) -> pa.Table:
         """The reject records as a memory-mapped ``pyarrow.Table`` (REJECTS_SCHEMA)."""
@@ -107,6 +123,8 @@ class LoadReport:
             "rows_in": self.rows_in,
             "rows_kept": self.rows_kept,
             "rows_rejected": self.rows_rejected,
+            "pairs": self.pairs,
+            "pairs_rejected": self.pairs_rejected,
             "sources": [s.as_dict() for s in self.sources],
         }
 
@@ -127,6 +145,10 @@ class LoadConfig:
                 "suffix; either way they are counted."})
     limit_per_source: int | None = field(default=None, metadata={
         "min": 1, "help": "Read only the first N rows of each input (the rest are not counted)."})
+    pairing: str = field(default="best_vs_rest", metadata={
+        "help": "Pairs of a multi-response row (UltraFeedback completions, responses+ratings, chosen/rejected "
+                "lists; Curri-DPO): best_vs_rest pairs the top-rated response with each lower-rated one, all pairs "
+                "every higher- with every lower-rated one; equal ratings give no pair.", "choices": PAIRINGS})
 
     def __post_init__(self):
         if self.format is not None and self.format not in FORMATS:
@@ -134,6 +156,8 @@ class LoadConfig:
         if self.limit_per_source is not None and (isinstance(self.limit_per_source, bool)
                                                   or not isinstance(self.limit_per_source, int)):
             raise PreferenceDataError(f"limit_per_source must be an integer, got {self.limit_per_source!r}")
+        if self.pairing not in PAIRINGS:
+            raise PreferenceDataError(f"unknown pairing {self.pairing!r}; choose one of {', '.join(PAIRINGS)}")
         check_ranges(self)
         self.column_mapping = parse_column_mapping(self.column_mapping)
         if self.column_mapping:
@@ -201,7 +225,7 @@ def load_preferences_with_rejects(inputs, config: LoadConfig | None = None, *,
         StorageError: the work folder cannot be written (a full disk, no permission).
     """
     config = _load_config(config, options)
-    format, column_mapping, limit_per_source = config.format, config.column_mapping, config.limit_per_source
+    format, limit_per_source = config.format, config.limit_per_source
     folder = new_work_dir(work_dir)
     sources = expand_inputs(inputs, config.split, lambda: folder)
     report = LoadReport(rejects_path=folder / REJECTS_FILE)
@@ -222,41 +246,51 @@ def load_preferences_with_rejects(inputs, config: LoadConfig | None = None, *,
                     except PreferenceDataError as e:
                         raise PreferenceDataError(f"{source.desc}: {e}") from None
             rep.format = fmt
-            conv = BlockConverter(source.name, fmt, column_mapping, config.source_column, own_output, index,
-                                  config.drop_duplicates)
+            conv, convert = _converter(source.name, fmt, config, own_output, index)
             for block in prefetched(limited(source.open(), limit_per_source)):
-                kept, records = conv.convert(block)
-                n_in = block.num_rows + len(block.loose)
-                n_kept = kept.num_rows if kept is not None else 0
-                if n_in != n_kept + len(records):
-                    raise AssertionError(f"row accounting broken in {source.desc}: {n_in} in != {n_kept} kept + "
-                                         f"{len(records)} rejected")
-                if kept is not None:
-                    writer.write(kept)
-                rejects.add(records)
-                rep.rows_in += n_in
-                rep.rows_kept += n_kept
-                rep.rejects.update(r["reason"] for r in records)
+                result = convert(block)
+                result.check(source.desc)
+                if result.kept is not None:
+                    writer.write(result.kept)
+                rejects.add(result.records)
+                rep.rows_in += result.rows_in
+                rep.rows_kept += result.rows_kept
+                rep.pairs += result.pairs
+                rep.rejects.update(result.row_rejects)
+                rep.pair_rejects.update(result.pair_rejects)
                 if conv.conversational is not None:
                     _check_kinds(kinds, conv.conversational, source.name)
             rep.duplicates = conv.duplicates
             if not rep.rows_in:
                 logger.warning("%s: no rows", source.desc)
-            assert rep.rows_in == rep.rows_kept + sum(rep.rejects.values()), "row accounting broken"
+            assert rep.rows_in == rep.rows_kept + rep.rows_rejected, "row accounting broken"
         kept_path = writer.finish()
         rejects.close()
     except BaseException:
         writer.abort()
         rejects.abort()
         raise
-    if report.rows_in != report.rows_kept + report.rows_rejected or writer.rows != report.rows_kept:
-        raise AssertionError("row accounting broken: rows in != kept + rejected")
+    if report.rows_in != report.rows_kept + report.rows_rejected or writer.rows != report.pairs:
+        raise AssertionError("row accounting broken: rows in != kept + rejected, or rows written != pairs")
     import datasets
 
     # Dataset.from_file would derive the fingerprint from the (random) path; the content's hash keeps it the same
     # from run to run, as resumable jobs need (the fingerprint ends up in the files datasets writes).
     dataset = datasets.Dataset(open_kept(kept_path), fingerprint=writer.fingerprint)
     return dataset, report
+
+
+def _converter(source: str, fmt: str, config: LoadConfig, own_output: bool, index: DuplicateIndex) -> tuple:
+    """``(converter, block -> BlockResult)`` of a source of layout ``fmt``; a multi-response layout's pairs are
+    converted as TRL's explicit-prompt layout of their kind (text or conversational, from the first usable row)."""
+    if fmt not in MULTI_FORMATS:
+        conv = BlockConverter(source, fmt, config.column_mapping, config.source_column, own_output, index,
+                              config.drop_duplicates)
+        return conv, lambda block: plain_result(block, *conv.convert(block))
+    conv = MultiPairConverter(source, fmt, config.pairing, lambda conversational: BlockConverter(
+        source, "conversational" if conversational else "standard", None, config.source_column, False, index,
+        config.drop_duplicates))
+    return conv, conv.convert
 
 
 def _check_kinds(kinds: dict, conversational: bool, source: str) -> None:
@@ -285,7 +319,7 @@ def load_preferences(inputs, config: LoadConfig | None = None, *, rejects_path: 
     Args:
         inputs: a file, glob, folder, in-memory table, Hub name, or a list / ``{name: input}`` mapping of them.
         config: how the inputs are read (:class:`LoadConfig`: format, column_mapping, source_column, split,
-            drop_duplicates, limit_per_source); or give those options as keywords instead.
+            drop_duplicates, limit_per_source, pairing); or give those options as keywords instead.
         rejects_path: write the rejects there (Arrow IPC stream), even when there are none.
         work_dir: where the loaded rows' Arrow file is written (default: a temporary folder removed at exit;
             see :mod:`partitioner.data.store`).
@@ -301,9 +335,10 @@ def load_preferences(inputs, config: LoadConfig | None = None, *, rejects_path: 
     dataset, report = load_preferences_with_rejects(inputs, config, work_dir=work_dir, **options)
     for s in report.sources:
         logger.info(
-            "%s: %s, %d rows in, %d kept, %d rejected %s%s",
-            s.source, s.format, s.rows_in, s.rows_kept, sum(s.rejects.values()), dict(s.rejects) or "",
+            "%s: %s, %d rows in, %d kept, %d rejected %s%s%s",
+            s.source, s.format, s.rows_in, s.rows_kept, s.rows_rejected, dict(s.rejects) or "",
             f", {s.duplicates} duplicates" if s.duplicates else "",
+            f", {s.pairs} pairs ({s.pairs_rejected} dropped)" if s.pairs != s.rows_kept else "",
         )
     if rejects_path is not None:
         copy_rejects(report, rejects_path)

@@ -19,6 +19,12 @@ Reason codes (``reason`` column):
   ``mixed_format``      a row whose layout differs from the format detected for its file
   ``duplicate_pair``    an exact duplicate of an earlier pair (only with ``drop_duplicates=True``)
   ``prompt_too_long``   the prompt alone has >= max_length tokens: DPOTrainer would drop it silently
+Multi-response rows (:mod:`partitioner.data.multi_response`; each gives several pairs):
+  ``too_few_responses`` fewer than 2 responses, or an empty chosen / rejected list: no pair
+  ``length_mismatch``   ``responses`` and ``ratings``/``scores`` of different lengths
+  ``bad_rating``        a rating that is missing, null, not a number (text, true/false) or not finite
+  ``tied_ratings``      every response has the same rating: no pair has a preference
+  ``conflicting_ratings`` the same response twice with different ratings (or both chosen and rejected)
 
 Rejects are written as they are found (:class:`RejectsWriter`), as an Arrow IPC *stream* file, readable by ``datasets.Dataset.from_file``,
 ``polars.read_ipc_stream`` and ``pyarrow.ipc.open_stream``.
@@ -56,6 +62,11 @@ REASONS = (
     "mixed_format",
     "duplicate_pair",
     "prompt_too_long",
+    "too_few_responses",
+    "length_mismatch",
+    "bad_rating",
+    "tied_ratings",
+    "conflicting_ratings",
     "beyond_keep_fraction",  # partition: the order kept only its first keep_fraction of rows (SelectiveDPO)
 )
 
@@ -83,6 +94,8 @@ def _to_json(original) -> str:
             text = repr(original)
         except RecursionError:
             text = "<not shown: nested too deep>"
+        except ValueError:  # an in-memory integer past Python's 4300-digit str limit (JSON input never has one)
+            text = "<not shown: an integer with too many digits>"
     # A lone surrogate cannot be written as UTF-8: keep it visible as an escape.
     return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
