@@ -7,6 +7,10 @@ Usage::
     StepwiseReferenceCallback().install(trainer)                 # chunk-ordered sampler + refresh at boundaries
     trainer.train()
 
+    # no reference model in memory: TRL's one-time M0 pass, then the next chunk scored at each boundary
+    trainer = DPOTrainer(model, args=DPOConfig(..., precompute_ref_log_probs=True), train_dataset=train_dataset, ...)
+    StepwiseReferenceCallback(config=StepwiseConfig(ref_mode="precomputed")).install(trainer)
+
 Difference from the driver (``trainer_plugin.driver.train_stepwise``): here a single ``DPOTrainer`` runs over all
 chunks with **one optimizer and one LR schedule** (warmup once, decay over the whole run; Adam moments carry over
 chunk boundaries); the driver, as in the sDPO paper, builds a fresh trainer, optimizer and schedule per chunk and
@@ -28,11 +32,22 @@ training starts. Every process refreshes its own reference at the same global st
 policy replica; under FSDP policy and reference are sharded alike (each parameter along dim 0), so each process
 copies its own shards; under ZeRO-3 the parameters are gathered and rank 0 copies.
 
+Without a reference model (``config=StepwiseConfig(ref_mode="precomputed")``): the DPOTrainer is built with
+``ref_model=None`` and ``precompute_ref_log_probs=True``, so TRL keeps no reference copy and scores M0's reference
+log-probs of every row once in its ``__init__``; those are chunk 1's reference. At each chunk boundary the callback
+scores the next chunk's rows with the current policy (the project's scorer, on the trainer's device; under several
+processes each scores a share of the rows and the scores are gathered) and the batches of that chunk read them
+(:mod:`trainer_plugin.callback_scores`). The losses equal the live reference's to rounding. ``ref_refresh='never'``
+keeps the first reference (M0) for every chunk in either mode.
+
 Assumptions:
-    a live ``ref_model`` (not PEFT, not ``precompute_ref_log_probs``: a refreshed reference invalidates
-    precomputed log-probs); ``num_train_epochs`` whole epochs (each epoch replays the chunk order and refreshes
+    ``ref_mode`` 'live': a live ``ref_model`` (not PEFT, not ``precompute_ref_log_probs``: a refreshed reference
+    invalidates precomputed log-probs); 'precomputed': no ``ref_model``, ``precompute_ref_log_probs=True``, no
+    ``ld_alpha``, whole weights on each process (not FSDP / ZeRO-3), and eval batches keep TRL's M0 reference
+    columns; 'peft' is refused. ``num_train_epochs`` whole epochs (each epoch replays the chunk order and refreshes
     at each of its boundaries); ``max_steps`` unset. Resuming mid-run from a Trainer checkpoint does not restore
-    the reference (it is not in the checkpoint).
+    the reference (it is not in the checkpoint); with no reference model the chunk being resumed is scored with
+    the resumed policy, which is exact only for a checkpoint at a chunk boundary.
 """
 
 from __future__ import annotations
@@ -48,6 +63,8 @@ from transformers import TrainerCallback
 from partitioner.partition.folder import read_manifest, verify_partition
 from scorers.compat import set_train_sampler
 
+from .callback_scores import ScoredReference
+from .config import StepwiseConfig
 from .inputs import load_detached_chunks
 from .reference import hard_refresh
 
@@ -141,41 +158,63 @@ def _chunk_sizes_of(dataset) -> list[int]:
 
 
 class StepwiseReferenceCallback(TrainerCallback):
-    """Hard-refreshes a live reference model with the policy's weights at every chunk boundary.
+    """Moves the reference to the policy at every chunk boundary: a live reference model is hard-refreshed with
+    the policy's weights, or (no reference model) the next chunk's reference log-probs are scored with the policy.
 
     Args:
         partition_dir: a partition folder; its manifest gives the chunk sizes (when the training dataset has no
-            ``stepwise_chunk`` column).
+            ``stepwise_chunk`` column). Default: ``config.partition_dir``.
         chunk_sizes: the chunk sizes, alternatively.
         ref_model, accelerator: bound by :meth:`install` (or give them, as for TRL's ``SyncRefModelCallback``).
+        config: ``ref_mode`` 'live' (default: a reference copy) or 'precomputed' (no reference model); 'peft' is
+            refused. ``ref_refresh`` 'step' (default, sDPO) or 'never' (the first reference for every chunk);
+            ``score_batch_tokens``: the scoring passes' token budget.
 
-    After training, ``refresh_steps`` lists the global steps at which the reference was refreshed and
-    ``refresh_seconds`` the time each refresh took.
+    After training, ``refresh_steps`` lists the global steps at which the reference moved and ``refresh_seconds``
+    the time each move took (the scoring pass, with no reference model).
+
+    Raises:
+        ValueError: ``ref_mode`` 'peft', or a ``ref_refresh`` other than 'step' and 'never'.
     """
 
     def __init__(self, partition_dir=None, *, chunk_sizes: list[int] | None = None, ref_model=None,
-                 accelerator=None):
+                 accelerator=None, config: StepwiseConfig | None = None):
+        self.config = config if config is not None else StepwiseConfig()
+        if self.config.ref_mode not in ("live", "precomputed"):
+            raise ValueError(f"StepwiseReferenceCallback supports ref_mode 'live' and 'precomputed', not "
+                             f"{self.config.ref_mode!r} (the stepwise driver merges each step's LoRA adapter)")
+        if self.config.ref_refresh not in ("step", "never"):
+            raise ValueError(f"StepwiseReferenceCallback supports ref_refresh 'step' and 'never', not "
+                             f"{self.config.ref_refresh!r}")
+        partition_dir = partition_dir if partition_dir is not None else self.config.partition_dir
         if partition_dir is not None and chunk_sizes is None:
             chunk_sizes = [c["rows"] for c in read_manifest(partition_dir)["chunks"]]
         self.chunk_sizes = chunk_sizes
         self.ref_model, self.accelerator = ref_model, accelerator
+        self.scores: ScoredReference | None = None  # the reference log-probs, with no reference model
         self.sampler: ChunkOrderedSampler | None = None
         self.boundaries: list[int] = []
         self.refresh_steps: list[int] = []
         self.refresh_seconds: list[float] = []
 
     def install(self, trainer) -> StepwiseReferenceCallback:
-        """Bind to ``trainer``: its reference, a chunk-ordered sampler in place of its own, and this callback.
+        """Bind to ``trainer``: its reference (a live model, or its reference columns), a chunk-ordered sampler in
+        place of its own, and this callback.
 
         Raises:
-            ValueError: no live reference model, a PEFT or precomputed-reference setup, or chunk sizes that do not
-                add up to the training dataset (e.g. rows TRL dropped for a prompt that fills ``max_length``).
+            ValueError: 'live' without a live reference model or with a PEFT or precomputed-reference setup;
+                'precomputed' with a reference model or without ``precompute_ref_log_probs`` (see
+                :class:`~trainer_plugin.callback_scores.ScoredReference`); chunk sizes that do not add up to the
+                training dataset (e.g. rows TRL dropped for a prompt that fills ``max_length``).
         """
         args = trainer.args
-        if getattr(trainer, "ref_model", None) is None:
-            raise ValueError("StepwiseReferenceCallback needs a DPOTrainer with a live ref_model to refresh")
-        if args.precompute_ref_log_probs:
-            raise ValueError("StepwiseReferenceCallback cannot refresh precomputed reference log-probs")
+        live = self.config.ref_mode == "live"
+        if live and getattr(trainer, "ref_model", None) is None:
+            raise ValueError("StepwiseReferenceCallback needs a DPOTrainer with a live ref_model to refresh (or "
+                             "config=StepwiseConfig(ref_mode='precomputed') for no reference model)")
+        if live and args.precompute_ref_log_probs:
+            raise ValueError("StepwiseReferenceCallback cannot refresh precomputed reference log-probs of a live "
+                             "reference (use config=StepwiseConfig(ref_mode='precomputed') and no ref_model)")
         if args.max_steps and args.max_steps > 0:
             raise ValueError("StepwiseReferenceCallback needs max_steps unset (the chunks define the run's length)")
         ds = trainer.train_dataset
@@ -190,7 +229,10 @@ class StepwiseReferenceCallback(TrainerCallback):
                 f"chunk sizes {self.chunk_sizes} do not add up to the training dataset's {len(ds)} rows; build it "
                 "with concatenate_chunks() so the chunk of every row is known"
             )
-        self.ref_model = trainer.ref_model
+        if live:
+            self.ref_model = trainer.ref_model
+        else:
+            self.scores = ScoredReference(trainer, batch_tokens=self.config.score_batch_tokens)
         self.accelerator = trainer.accelerator
         shards = 1 if trainer.accelerator.split_batches else trainer.accelerator.num_processes
         rows_per_step = args.train_batch_size * args.gradient_accumulation_steps * shards
@@ -207,18 +249,37 @@ class StepwiseReferenceCallback(TrainerCallback):
         steps = [epoch * per_epoch + e for epoch in range(num_epochs) for e in ends]
         return steps[:-1]
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+    def chunk_rows(self, step: int) -> range:
+        """The training dataset's rows of the chunk that global optimizer step ``step`` (from 1) trains on."""
+        per_chunk = self.sampler.steps_per_chunk()
+        position = (step - 1) % sum(per_chunk)
+        c = 0
+        while position >= per_chunk[c]:
+            position -= per_chunk[c]
+            c += 1
+        start = sum(self.chunk_sizes[:c])
+        return range(start, start + self.chunk_sizes[c])
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kwargs):
         if self.sampler is None:
             raise ValueError("call StepwiseReferenceCallback.install(trainer) before training")
         if train_dataloader is not None:
             self._check_sharding(train_dataloader, args.gradient_accumulation_steps)
         self.boundaries = self.boundary_steps(math.ceil(args.num_train_epochs))
+        if self.scores is not None and self.config.ref_refresh == "step":
+            # chunk 1 keeps M0's columns; every other chunk is scored at its boundary, before its first batch
+            self.scores.forget(range(self.chunk_sizes[0] if state.global_step == 0 else 0, sum(self.chunk_sizes)))
+            if state.global_step > 0:  # resumed: the next step's chunk against the policy as resumed
+                self.refresh(model, state)
         if not state.is_world_process_zero:  # every process refreshes; the main one says so
             return
         if state.global_step > 0:
-            logger.warning("resumed at step %d: the reference is not restored from the checkpoint", state.global_step)
-        logger.info("stepwise reference refresh at optimizer steps %s (chunks of %s steps)", self.boundaries,
-                    self.sampler.steps_per_chunk())
+            logger.warning("resumed at step %d: the reference is not restored from the checkpoint%s",
+                           state.global_step, "" if self.scores is None else " (its chunk is scored with the policy "
+                           "as resumed: exact only at a chunk boundary)")
+        logger.info("stepwise reference (%s) moves at optimizer steps %s (chunks of %s steps)",
+                    "reference model" if self.scores is None else "scored log-probs, no reference model",
+                    self.boundaries if self.config.ref_refresh == "step" else "never", self.sampler.steps_per_chunk())
 
     def _check_sharding(self, loader, accumulation: int) -> None:
         """The rows one optimizer step takes from the sampler's order, as the prepared dataloader shards it, must be
@@ -232,17 +293,32 @@ class StepwiseReferenceCallback(TrainerCallback):
             raise ValueError(f"the prepared dataloader takes {rows} rows per optimizer step, the chunk-ordered sampler "
                              f"was built for {self.sampler.rows_per_step}; chunk boundaries would not fall on steps")
 
+    def should_refresh(self, state) -> bool:
+        """Whether the reference moves to the policy after the optimizer step ``state.global_step`` just ended:
+        at each chunk boundary with ``ref_refresh`` 'step', never with 'never' (the one place that decides)."""
+        return (self.config.ref_refresh == "step" and state.global_step in self.boundaries
+                and state.global_step not in self.refresh_steps)
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step not in self.boundaries or state.global_step in self.refresh_steps:
-            return
+        if self.should_refresh(state):
+            self.refresh(model, state)
+
+    def refresh(self, model, state) -> None:
+        """Make the policy as it is now the reference of the next optimizer step's chunk: copy its weights into the
+        reference model, or score that chunk's rows with it."""
         import time
 
         t0 = time.perf_counter()
         policy = self.accelerator.unwrap_model(model) if self.accelerator is not None else model
-        ref = self.accelerator.unwrap_model(self.ref_model) if self.accelerator is not None else self.ref_model
-        hard_refresh(policy, ref)
+        if self.scores is None:
+            ref = self.accelerator.unwrap_model(self.ref_model) if self.accelerator is not None else self.ref_model
+            hard_refresh(policy, ref)
+            what = "reference <- policy"
+        else:
+            rows = self.chunk_rows(state.global_step + 1)
+            self.scores.score(policy, rows)
+            what = f"rows {rows.start}..{rows.stop - 1} scored with the policy"
         self.refresh_seconds.append(time.perf_counter() - t0)
         self.refresh_steps.append(state.global_step)
         if state.is_world_process_zero:
-            logger.info("step %d: chunk boundary, reference <- policy (%.3fs)", state.global_step,
-                        self.refresh_seconds[-1])
+            logger.info("step %d: chunk boundary, %s (%.3fs)", state.global_step, what, self.refresh_seconds[-1])
