@@ -53,7 +53,7 @@ DEFAULT_SOURCES = {"orca": str(BUNDLED_DATA / "orca_dpo_pairs.jsonl"),
                    "llamafactory_en": str(BUNDLED_DATA / "llamafactory_dpo_en_demo.json"),
                    "hh_harmless": str(SHARED_DATA / "hh_rlhf_harmless" / "test.jsonl.gz")}
 DEFAULT_TRUTHFULQA = str(SHARED_DATA / "truthfulqa" / "TruthfulQA.csv")
-SIGNALS = ["ref_margin", "ref_margin_per_token"]
+SIGNALS = ["ref_margin", "ref_margin_per_token", "prompt_perplexity"]  # the last: 2D-Curri-DPO's complexity axis
 # Settings that change no number: a rerun may change them (more repetitions or arms, keeping the models or not).
 NOT_IDENTITY = ("output_dir", "rows_dir", "repetitions", "arms", "keep_models", "quick")
 
@@ -241,16 +241,35 @@ def load_model(cfg: ReproConfig, run_dir: Path, t: int):
 
 
 def arm_partition(cfg: ReproConfig, out: Path, scored_train: Path, rep: int, k: int, arm: str) -> Path:
-    """The arm's partition of fold k's training pairs (made once: a stepwise run is tied to its partition)."""
+    """The arm's partition of fold k's training pairs (made once: a stepwise run is tied to its partition).
+
+    An arm with ``crossfit: {folds: K}`` first gets SelectiveDPO's cross-fitted difficulty of the training pairs
+    (``trainer_plugin.selective``: K fold models trained on the other folds' pairs, with the arms' DPOConfig and the
+    repetition's seed), as the column ``crossfit_dpo_loss`` its partition can order and filter by.
+    """
     from partitioner import PartitionConfig, partition_preferences
 
-    spec = {key: v for key, v in cfg.arms[arm].items() if key != "stepwise"}
+    spec = {key: v for key, v in cfg.arms[arm].items() if key not in ("stepwise", "crossfit")}
     reseed, fixed_seed = spec.pop("reseed", False), spec.pop("seed", 0)
     folder = out / "partitions" / f"rep{rep}" / f"fold{k}" / arm
     if not (folder / "manifest.json").exists():
-        partition_preferences(scored_train, folder, PartitionConfig(**spec, seed=rep if reseed else fixed_seed),
+        data = scored_train
+        if "crossfit" in cfg.arms[arm]:
+            data = crossfit_table(cfg, out, scored_train, rep, k, arm)
+        partition_preferences(data, folder, PartitionConfig(**spec, seed=rep if reseed else fixed_seed),
                               progress=False)
     return folder
+
+
+def crossfit_table(cfg: ReproConfig, out: Path, scored_train: Path, rep: int, k: int, arm: str):
+    """Fold k's scored training pairs with their cross-fitted DPO loss (resumable under ``out/crossfit``)."""
+    from partitioner import read_scored
+    from trainer_plugin.selective import cross_fitted_difficulty
+
+    options = dict(cfg.arms[arm]["crossfit"])
+    work = out / "crossfit" / f"rep{rep}" / f"fold{k}" / arm
+    return cross_fitted_difficulty(read_scored(scored_train)[0], cfg.model, args=dpo_args(cfg, work, rep),
+                                   work_dir=work, folds=int(options.get("folds", 2)), seed=rep)
 
 
 def run_model(cfg: ReproConfig, out: Path, rep: int, k: int, arm: str, data: dict, command: str) -> dict:
@@ -282,6 +301,10 @@ def run_model(cfg: ReproConfig, out: Path, rep: int, k: int, arm: str, data: dic
         "chunks": [r["rows"] for r in records], "optimizer_steps": [r.get("optimizer_steps") for r in records],
         "train_loss": [r.get("train_loss") for r in records],
         "reference_source": [r.get("reference_source") for r in records],
+        "reference_step": [r.get("reference_step") for r in records],
+        "kl_to_reference": [r.get("kl_to_reference") for r in records],
+        "step_loss": [r.get("loss", "dpo") for r in records],
+        **crossfit_cost(out, rep, k, arm),
         "row_id": list(held["row_id"]), **scores,
         "probe_row_id": list(probe["row_id"]), "probe_scores": probe_scores,
         "truthfulqa": tqa,
@@ -289,6 +312,12 @@ def run_model(cfg: ReproConfig, out: Path, rep: int, k: int, arm: str, data: dic
         "train_seconds": trained - started, "eval_seconds": evaluated - trained, "truthfulqa_seconds": done - evaluated,
         "command": command,
     }
+
+
+def crossfit_cost(out: Path, rep: int, k: int, arm: str) -> dict:
+    """The cross-fitting's training time of a SelectiveDPO arm (``{}`` for the others)."""
+    record = out / "crossfit" / f"rep{rep}" / f"fold{k}" / arm / "crossfit.json"
+    return {"crossfit_seconds": read_json(record, "cross-fit record")["train_seconds"]} if record.exists() else {}
 
 
 # ----------------------------------------------------------------------------------------------------- the run

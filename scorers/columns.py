@@ -23,6 +23,10 @@ CHOSEN_TRUNCATED, REJECTED_TRUNCATED = "chosen_truncated", "rejected_truncated"
 CHOSEN_LOGPS, REJECTED_LOGPS = "chosen_logps", "rejected_logps"
 CHOSEN_TOKENS, REJECTED_TOKENS = "chosen_tokens", "rejected_tokens"
 
+# M0's summed log-probs of the prompt's own tokens (each predicted from the ones before it; the first token has no
+# predictor) and how many were scored: only written when the prompt_perplexity signal asks for them.
+PROMPT_LOGPS, PROMPT_TOKENS = "prompt_logps", "prompt_tokens"
+
 # Intermediate columns of the signals that need another model.
 POLICY_CHOSEN_LOGPS, POLICY_REJECTED_LOGPS = "policy_chosen_logps", "policy_rejected_logps"
 REWARD_CHOSEN, REWARD_REJECTED = "reward_chosen", "reward_rejected"

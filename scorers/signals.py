@@ -18,6 +18,9 @@ rating_gap               higher_is_easier        score_chosen − score_rejected
                                                  ratings, as Curry-DPO uses)
 reward_model             higher_is_easier        r(prompt, chosen) − r(prompt, rejected) under a sequence-
                                                  classification reward model (first logit)
+prompt_perplexity        higher_is_harder        exp(−prompt_logps / prompt_tokens): the reference model's per-token
+                                                 perplexity of the prompt (its first max_length tokens; 2D-Curri-DPO's
+                                                 prompt-complexity axis, see partitioner order grid_2d)
 length_gap               higher_is_easier        rejected_tokens − chosen_tokens (summed log-probs favour the shorter
                                                  side; an ablation baseline)
 random                   higher_is_harder        uniform in [0, 1) from sha256(seed, row_id): seeded, independent of
@@ -35,6 +38,8 @@ from .columns import (
     CHOSEN_LOGPS,
     CHOSEN_TOKENS,
     POLICY_CHOSEN_LOGPS,
+    PROMPT_LOGPS,
+    PROMPT_TOKENS,
     POLICY_REJECTED_LOGPS,
     REJECTED_LOGPS,
     REJECTED_TOKENS,
@@ -66,6 +71,7 @@ SIGNALS = {
                "beta * ((policy_chosen_logps - chosen_logps) - (policy_rejected_logps - rejected_logps))"),
         Signal("rating_gap", "rating_gap", "higher_is_easier", "score_chosen - score_rejected"),
         Signal("reward_model", "reward_margin", "higher_is_easier", "reward_chosen - reward_rejected"),
+        Signal("prompt_perplexity", "prompt_perplexity", "higher_is_harder", "exp(-prompt_logps / prompt_tokens)"),
         Signal("length_gap", "length_gap", "higher_is_easier", "rejected_tokens - chosen_tokens"),
         Signal("random", "random", "higher_is_harder", "uniform[0,1) from sha256(seed, row_id)"),
     )
@@ -133,6 +139,9 @@ def compute_signal(signal: Signal, cols: dict, *, beta: float = 0.1, seed: int =
     if name == "reward_model":
         c, r = need(REWARD_CHOSEN, REWARD_REJECTED)
         return [a - b for a, b in zip(c, r)]
+    if name == "prompt_perplexity":
+        lp, n = need(PROMPT_LOGPS, PROMPT_TOKENS)
+        return [math.exp(-a / k) if k else 1.0 for a, k in zip(lp, n)]
     if name == "length_gap":
         nc, nr = need(CHOSEN_TOKENS, REJECTED_TOKENS)
         return [float(y - x) for x, y in zip(nc, nr)]
@@ -140,6 +149,21 @@ def compute_signal(signal: Signal, cols: dict, *, beta: float = 0.1, seed: int =
         (ids,) = need(ROW_ID)
         return [random_value(seed, str(i)) for i in ids]
     raise ConfigError(f"unknown signal {name!r}")
+
+
+def needs_prompt_logps(signals) -> bool:
+    """Whether any of ``signals`` reads the prompt's own log-probs (an extra scoring pass over the prompts)."""
+    return any(s.name == "prompt_perplexity" for s in signals)
+
+
+def prompt_rows(rows) -> list[dict]:
+    """Each row's prompt as a pseudo-pair whose chosen side is the prompt after its first token, so any backend's
+    summed completion log-probs are the prompt's own (rejected side: one token, cheap; its score is not used)."""
+    out = []
+    for r in rows:
+        prompt = list(r["prompt_ids"])
+        out.append({"prompt_ids": prompt[:1], "chosen_ids": prompt[1:], "rejected_ids": prompt[1:2]})
+    return out
 
 
 def to_difficulty(signal: Signal, values: list[float]) -> list[float]:

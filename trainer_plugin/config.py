@@ -8,7 +8,7 @@ from scorers.columns import DTYPES
 from scorers.errors import ConfigError, UserError, check_choice, check_ranges
 
 REF_MODES = ("live", "precomputed", "peft")
-REF_REFRESHES = ("step", "never")
+REF_REFRESHES = ("step", "never", "kl")
 
 
 class StepwiseInputError(UserError):
@@ -35,9 +35,20 @@ class StepwiseConfig:
         default="step",
         metadata={"help": "When the reference moves: 'step' (sDPO: the reference of step t is M(t-1)) or 'never' "
                   "(every step keeps M0 as its reference: chunked DPO with fresh optimizers, the control that "
-                  "separates sDPO's reference refresh from chunking and optimizer resets).",
+                  "separates sDPO's reference refresh from chunking and optimizer resets) or 'kl' (2D-Curri-DPO's "
+                  "KL-adaptive refresh: before step t the reference moves to M(t-1) only when the mean per-token KL "
+                  "of M(t-1) to the current reference on a probe of the training pairs exceeds kl_threshold).",
                   "choices": REF_REFRESHES},
     )
+    kl_threshold: float = field(
+        default=0.01, metadata={"min": 0, "help": "ref_refresh 'kl': refresh when the mean per-token KL(M(t-1) ‖ "
+                                "reference) on the probe, in nats, exceeds this."})
+    kl_probe_rows: int = field(
+        default=32, metadata={"min": 1, "help": "ref_refresh 'kl': training pairs in the probe (a seeded sample of "
+                              "all chunks, fixed for the run)."})
+    sft_steps: int = field(
+        default=0, metadata={"min": 0, "help": "MixDPO: the last N steps (the hardest chunks of an easy→hard "
+                             "partition) train with TRL's 'sft' loss (NLL of the chosen response) instead of DPO."})
     dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in.", "choices": DTYPES})
     steps: int | None = field(
         default=None, metadata={"min": 1, "help": "Train only the first N chunks (default: all of them)."}
@@ -89,7 +100,7 @@ class StepwiseConfig:
         check_ranges(self)
         check_choice("ref_mode", self.ref_mode, REF_MODES)
         check_choice("ref_refresh", self.ref_refresh, REF_REFRESHES)
-        if self.ref_refresh == "never" and self.ref_mode == "peft":
-            raise ConfigError("ref_refresh 'never' needs ref_mode 'live' or 'precomputed' (in 'peft' mode the "
+        if self.ref_refresh != "step" and self.ref_mode == "peft":
+            raise ConfigError(f"ref_refresh {self.ref_refresh!r} needs ref_mode 'live' or 'precomputed' (in 'peft' mode the "
                               "reference is the merged previous steps)")
         check_choice("dtype", self.dtype, DTYPES)

@@ -29,6 +29,7 @@ from .config import StepwiseConfig, StepwiseInputError
 from .distributed import check_saves_whole, processes_of, weights_are_sharded
 from .inputs import check_tokenizer, ensure_tokens, load_chunks, load_held_out
 from .ref_modes import LiveReference, PeftReference, PrecomputedReference
+from .ref_refresh import ReferenceSchedule
 from .reference import score_pairs
 from .run_folder import RunFolder
 
@@ -98,36 +99,34 @@ def train_stepwise(
         # Tokenize (dropping, as DPOTrainer does, pairs whose prompt fills max_length) before the rows are split:
         # every process then splits the same kept rows, and the gathered scores stay aligned with them.
         return split_score(m, ensure_tokens(dataset, tokenizer, args.max_length, args.truncation_mode))
-    fixed_m0 = None
-    if config.ref_refresh == "never":  # the control arm: M0 stays the reference at every step
-        def fixed_m0():
-            if model_path is None:
-                raise StepwiseInputError("ref_refresh 'never' resumed after step 1 needs the model as a path (M0 "
-                                         "is reloaded from it)")
-            return _on_device(_load_saved_policy_m0(model_path, config.dtype), args, config)
-    mode = _reference_mode(config, score, _can_reuse_scores(manifest, model_path, args, config), peft_config,
-                           fixed_m0)
+    if config.ref_refresh == "kl" and (getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)):
+        raise StepwiseInputError("ref_refresh 'kl' measures the KL with whole models: not under FSDP / DeepSpeed")
+    mode = _reference_mode(config, score, _can_reuse_scores(manifest, model_path, args, config), peft_config)
     with procs.main_first():  # the main process checks and cleans the folder before the others read it
         run = RunFolder(args.output_dir, _identity(config, partition_dir, chunks, manifest, args),
                         dataclasses.asdict(config), write=procs.is_main)
     procs.agree(run.completed, "completed steps", run.path)
     k = len(run.completed)
     policy = _on_device(mode.load_policy(model, run, k, config.dtype), args, config)  # M(k): after step k
+    if config.ref_refresh != "step":  # the reference is some M(j), not always M(t-1): a schedule picks j
+        mode.schedule = _schedule(config, model_path, run, args, tokenizer, chunks)
     for t, orders in sorted(((int(t), o) for t, o in run.rescored_orders.items())):
         if t <= k:
             chunks = _apply_order(chunks, t, orders)
 
     for t in range(k + 1, n_steps + 1):
         if procs.is_main:
-            logger.info("stepwise step %d/%d: %d pairs, reference = M(%d) (%s)", t, n_steps, len(chunks[t - 1]),
-                        t - 1 if config.ref_refresh == "step" else 0, mode.name)
+            logger.info("stepwise step %d/%d: %d pairs (%s mode)", t, n_steps, len(chunks[t - 1]), mode.name)
         started = time.perf_counter()
-        ref = mode.reference(t, policy, chunks[t - 1])  # the reference of step t is M(t-1): the policy as it is now
-        record: dict = {"step": t, "chunk": t - 1, "rows": len(chunks[t - 1]), "ref_mode": mode.name,
+        decision = mode.schedule.decide(t, policy) if mode.schedule is not None else {"reference_step": t - 1}
+        ref = mode.reference(t, policy, chunks[t - 1])  # sDPO: the reference of step t is M(t-1), the policy now
+        record: dict = {"step": t, "chunk": t - 1, "rows": len(chunks[t - 1]), "ref_mode": mode.name, **decision,
+                        "loss": "sft" if t > n_steps - config.sft_steps else "dpo",
                         "reference_source": ref.source, "ref_refresh_seconds": time.perf_counter() - started,
                         "reference": _reference_stats(config, score, policy, ref, eval_dataset)}
 
-        trainer = _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run, config)
+        trainer = _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run, config,
+                                sft=record["loss"] == "sft")
         check_saves_whole(trainer)
         record["rows_trained"] = len(trainer.train_dataset)
         if record["rows_trained"] != len(chunks[t - 1]) and procs.is_main:
@@ -193,9 +192,35 @@ def _load_saved_policy_m0(model_path, dtype: str):
     return load_causal_lm(str(model_path), dtype=dtype)
 
 
-def _reference_mode(config: StepwiseConfig, score, reuse_scores: bool, peft_config, fixed_m0=None):
+def _schedule(config, model_path, run, args, tokenizer, chunks) -> ReferenceSchedule:
+    """The run's reference schedule: M(j) loaded from step_j (M0 from the model path); the KL probe is a seeded
+    sample of ``kl_probe_rows`` training pairs of all chunks, fixed for the run."""
+    import random
+
+    from datasets import concatenate_datasets
+
+    from scorers.divergence import mean_token_kl
+
+    def load(j):
+        if j == 0 and model_path is None:
+            raise StepwiseInputError(f"ref_refresh {config.ref_refresh!r} needs the model as a path (M0 is reloaded "
+                                     "from it)")
+        return _on_device(_load_saved_policy_m0(model_path if j == 0 else run.step_dir(j), config.dtype), args, config)
+
+    pool = concatenate_datasets(chunks)
+    pick = sorted(random.Random(args.seed).sample(range(len(pool)), min(config.kl_probe_rows, len(pool))))
+    probe = pool.select(pick)
+
+    def kl(policy, reference):
+        return mean_token_kl(policy, reference, probe, max_length=args.max_length,
+                             truncation_mode=args.truncation_mode)
+
+    return ReferenceSchedule(config, load, kl, run.records)
+
+
+def _reference_mode(config: StepwiseConfig, score, reuse_scores: bool, peft_config):
     if config.ref_mode == "precomputed":
-        return PrecomputedReference(score, reuse_scores, fixed_m0)
+        return PrecomputedReference(score, reuse_scores)
     if config.ref_mode == "peft":
         if peft_config is None:
             from peft import LoraConfig
@@ -203,7 +228,7 @@ def _reference_mode(config: StepwiseConfig, score, reuse_scores: bool, peft_conf
             peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                      target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
         return PeftReference(peft_config)
-    return LiveReference(fixed_m0)
+    return LiveReference()
 
 
 def _identity(config, partition_dir, chunks, manifest, args) -> dict:
@@ -211,6 +236,9 @@ def _identity(config, partition_dir, chunks, manifest, args) -> dict:
     return {
         "ref_mode": config.ref_mode,
         **({"ref_refresh": config.ref_refresh} if config.ref_refresh != "step" else {}),
+        **({"kl_threshold": config.kl_threshold, "kl_probe_rows": config.kl_probe_rows}
+           if config.ref_refresh == "kl" else {}),
+        **({"sft_steps": config.sft_steps} if config.sft_steps else {}),
         "partition": str(Path(partition_dir).resolve()) if isinstance(partition_dir, (str, os.PathLike)) else None,
         "chunks": [len(c) for c in chunks],
         "manifest_created_at": (manifest or {}).get("created_at"),
@@ -228,9 +256,10 @@ def _reference_stats(config, score, policy, ref, eval_dataset) -> dict:
     return stats
 
 
-def _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run, config):
+def _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run, config, sft=False):
     """Step t's ``DPOTrainer``: policy and reference both M(t-1), a fresh optimizer and schedule; the packed
-    forward unless ``config.packing`` is off."""
+    forward unless ``config.packing`` is off. ``sft``: TRL's own ``loss_type='sft'`` (MixDPO's hardest chunks:
+    the NLL of the chosen response, TRL's code; no DPO term, so the reference does not enter the loss)."""
     from .trainer import PackedStepwiseDPOTrainer, StepwiseDPOTrainer
 
     step_args = copy.deepcopy(args)
@@ -239,6 +268,8 @@ def _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks
     if getattr(args, "data_seed", None) is not None:
         step_args.data_seed = args.data_seed + t - 1
     step_args.precompute_ref_log_probs = mode.precompute
+    if sft:
+        step_args.loss_type, step_args.loss_weights = ["sft"], None
     packed = {"packed_batch_tokens": config.packed_batch_tokens} if config.packing else {}
     trainer = (PackedStepwiseDPOTrainer if config.packing else StepwiseDPOTrainer)(
         **packed,

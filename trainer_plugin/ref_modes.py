@@ -76,29 +76,37 @@ def _load_m0(m0, dtype: str):
 
 
 class LiveReference:
-    """``fixed_m0``: ``None`` for sDPO (the reference of step t is M(t-1)); else a callable that loads M0, and every
-    step keeps M0 as its reference (``ref_refresh='never'``; M0 is copied before step 1, loaded on a resume)."""
+    """``schedule``: ``None`` for sDPO (the reference of step t is M(t-1)); else a
+    :class:`~trainer_plugin.ref_refresh.ReferenceSchedule` that picks M(j) (``ref_refresh`` 'never' or 'kl'); a
+    reference copied from the policy is held by it for the steps that may reuse it."""
 
     name = "live"
     precompute = False
     peft_config = None
+    schedule = None
 
-    def __init__(self, fixed_m0: Callable[[], object] | None = None):
-        self.fixed_m0, self._m0 = fixed_m0, None
+    def __init__(self, schedule=None):
+        self.schedule = schedule
 
     def load_policy(self, m0, run, k: int, dtype: str):
         return _load_saved_policy(m0, run.step_dir(k), dtype) if k else _load_m0(m0, dtype)
 
-    def _frozen_m0(self, t: int, policy):
-        if self._m0 is None:
-            self._m0 = frozen_copy(policy) if t == 1 else frozen_copy(self.fixed_m0())
-        return self._m0
+    def _label(self, t: int) -> str:
+        j = t - 1 if self.schedule is None else self.schedule.current
+        if self.schedule is not None and self.schedule.mode == "never":
+            return "M0 (never refreshed)"
+        return f"M({j})" if j == t - 1 else f"M({j}) (kept: KL below kl_threshold)"
 
     def reference(self, t: int, policy, chunk) -> StepReference:
         drop_trl_forward_patch(policy)
-        if self.fixed_m0 is not None:
-            return StepReference(self._frozen_m0(t, policy), chunk, None, "frozen copy of M0 (never refreshed)")
-        return StepReference(frozen_copy(policy), chunk, None, f"frozen copy of M({t - 1})")
+        if self.schedule is None:
+            return StepReference(frozen_copy(policy), chunk, None, f"frozen copy of M({t - 1})")
+        if self.schedule.is_policy(t):
+            ref = frozen_copy(policy)
+            self.schedule.keep(t - 1, ref)
+        else:
+            ref = self.schedule.model(self.schedule.current)
+        return StepReference(ref, chunk, None, f"frozen copy of {self._label(t)}")
 
     def after_step(self, trainer):
         return trainer.accelerator.unwrap_model(trainer.model)
@@ -111,19 +119,21 @@ class PrecomputedReference(LiveReference):
     name = "precomputed"
     precompute = True
 
-    def __init__(self, score: Scorer, reuse_partition_scores: bool, fixed_m0: Callable[[], object] | None = None):
-        super().__init__(fixed_m0)
+    def __init__(self, score: Scorer, reuse_partition_scores: bool, schedule=None):
+        super().__init__(schedule)
         self.score, self.reuse_partition_scores = score, reuse_partition_scores
 
     def reference(self, t: int, policy, chunk) -> StepReference:
-        fixed = self.fixed_m0 is not None
-        if (t == 1 or fixed) and self.reuse_partition_scores and CHOSEN_LOGPS in chunk.column_names:
+        j = t - 1 if self.schedule is None else self.schedule.current
+        if j == 0 and self.reuse_partition_scores and CHOSEN_LOGPS in chunk.column_names:
             scores, source = (list(chunk[CHOSEN_LOGPS]), list(chunk[REJECTED_LOGPS])), "partition scores (same " \
                 "model M0)"
-        elif fixed:
-            scores, source = self.score(self._frozen_m0(t, policy), chunk), "scored with M0 (never refreshed)"
-        else:
+        elif j == t - 1:
             scores, source = self.score(policy, chunk), f"scored with M({t - 1})"
+        else:
+            scores, source = self.score(self.schedule.model(j), chunk), f"scored with {self._label(t)}"
+        if self.schedule is not None:
+            self.schedule.release()  # no reference model in memory while the step trains
         return StepReference(None, with_ref_columns(chunk, *scores), scores, source)
 
     def save_step(self, step_dir: Path, ref: StepReference) -> None:

@@ -33,9 +33,9 @@ def chunk_sizes(n: int, config: PartitionConfig, key: np.ndarray | None, source_
         bounds = np.concatenate([[0], bounds, [n]])
         sizes = np.diff(bounds).tolist()
         sizes = [s for s in sizes if s > 0]  # a cut outside the key's range gives no chunk
-    else:  # source
+    else:  # source / grid: a chunk per run of equal keys (the source's rank, the grid group)
         if source_rank is None:
-            raise PartitionConfigError("chunking 'source' needs order 'by_source'")
+            raise PartitionConfigError(f"chunking {mode!r} needs order {'by_source' if mode == 'source' else 'grid_2d'}")
         change = np.flatnonzero(np.diff(source_rank)) + 1
         sizes = np.diff(np.concatenate([[0], change, [n]])).tolist()
     sizes = [int(s) for s in sizes]

@@ -7,7 +7,18 @@ Orderings (``order``):
   ``by_source``     each source together, sources sorted by the reference model's reward accuracy on them
                     (share of rows with chosen_logps - rejected_logps > 0), highest = easiest first, as in sDPO
   ``column``        any numeric column, ascending or descending
+  ``grid_2d``       2D-Curri-DPO (Li & Zhang 2025, arXiv 2504.07856, withdrawn by its authors; built from the paper
+                    as written): each row gets a prompt-complexity level (``complexity_signal``, default
+                    ``prompt_perplexity``) and a pair-distinguishability level (``signal``, default the
+                    ``difficulty`` column), ``grid_levels`` equal-count levels per axis, easiest = 0; the cells are
+                    visited by ``grid_strategy``: ``sum_pd`` (by PC + PD level, ties by PD level: the paper's
+                    best, "S+PD"), ``pc_first`` (PC level, then PD level) or ``pd_first``; inside a cell by the
+                    distinguishability difficulty. Chunking ``grid`` (its default): one chunk per cell visited
+                    (per diagonal for ``sum_pd``)
 Ties are broken by ``row_id``, so the order is deterministic and independent of the input's row order.
+
+``keep_fraction`` < 1 keeps only the first share of the ordered rows (the easiest, for an easy→hard order:
+SelectiveDPO's filter, Gao et al. 2025, arXiv 2502.09650); the others are counted rejects (``beyond_keep_fraction``).
 
 Chunkings: ``n`` equal chunks (``chunks``), explicit ``fractions`` (sum to 1), ``thresholds`` on the order key,
 ``quantiles`` of the order key, one chunk per source (``by_source``'s default); ``min_chunk_size`` merges a
@@ -22,9 +33,10 @@ from scorers.errors import check_ranges
 
 from .folder import PartitionError
 
-ORDERS = ("easy_to_hard", "hard_to_easy", "random", "by_source", "column")
-SCORE_ORDERS = ("easy_to_hard", "hard_to_easy", "by_source")
-CHUNKINGS = ("auto", "equal", "fractions", "thresholds", "quantiles", "source")
+ORDERS = ("easy_to_hard", "hard_to_easy", "random", "by_source", "column", "grid_2d")
+SCORE_ORDERS = ("easy_to_hard", "hard_to_easy", "by_source", "grid_2d")
+CHUNKINGS = ("auto", "equal", "fractions", "thresholds", "quantiles", "source", "grid")
+GRID_STRATEGIES = ("sum_pd", "pc_first", "pd_first")
 
 
 class PartitionConfigError(PartitionError):
@@ -51,6 +63,20 @@ class PartitionConfig:
         default=None,
         metadata={"help": "Difficulty signal for easy_to_hard/hard_to_easy (a name from scoring.json); "
                   "default: the 'difficulty' column."},
+    )
+    complexity_signal: str = field(
+        default="prompt_perplexity",
+        metadata={"help": "order grid_2d: the prompt-complexity axis (a signal name from scoring.json, higher = "
+                  "harder after its direction); `signal` is the pair-distinguishability axis."},
+    )
+    grid_levels: int = field(default=3, metadata={"min": 1, "help": "order grid_2d: equal-count levels per axis."})
+    grid_strategy: str = field(
+        default="sum_pd", metadata={"help": f"order grid_2d: how the cells are visited: {', '.join(GRID_STRATEGIES)}."}
+    )
+    keep_fraction: float = field(
+        default=1.0,
+        metadata={"min": 0, "max": 1, "help": "Keep only this share of the rows, the first along the order (at least "
+                  "one row); the rest are rejects with reason beyond_keep_fraction (SelectiveDPO keeps 0.5)."},
     )
     column: str | None = field(default=None, metadata={"help": "Numeric column for order='column'."})
     ascending: bool = field(default=True, metadata={"help": "order='column': ascending (True) or descending."})
@@ -87,18 +113,27 @@ class PartitionConfig:
         given = [n for n in ("fractions", "thresholds", "quantiles") if getattr(self, n) is not None]
         if len(given) > 1:
             raise PartitionConfigError(f"give only one of fractions, thresholds, quantiles (got {', '.join(given)})")
+        if self.grid_strategy not in GRID_STRATEGIES:
+            raise PartitionConfigError(f"unknown grid_strategy {self.grid_strategy!r}; choose one of "
+                                       f"{', '.join(GRID_STRATEGIES)}")
+        if not 0 < self.keep_fraction <= 1:
+            raise PartitionConfigError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
         if self.chunking == "auto":
-            self.chunking = given[0] if given else ("source" if self.order == "by_source" else "equal")
+            default = {"by_source": "source", "grid_2d": "grid"}.get(self.order, "equal")
+            self.chunking = given[0] if given else default
         elif self.chunking in ("fractions", "thresholds", "quantiles") and getattr(self, self.chunking) is None:
             raise PartitionConfigError(f"chunking {self.chunking!r} needs --{self.chunking}")
+        if self.chunking == "grid" and self.order != "grid_2d":
+            raise PartitionConfigError("chunking 'grid' (one chunk per grid cell) needs order 'grid_2d'")
         if self.chunking == "source" and self.order != "by_source":
             raise PartitionConfigError("chunking 'source' (one chunk per source) needs order 'by_source'")
         if self.order == "column" and not self.column:
             raise PartitionConfigError("order 'column' needs a column name (--column)")
         if self.order != "column" and self.column:
             raise PartitionConfigError(f"--column is only used with order 'column', not {self.order!r}")
-        if self.signal and self.order not in ("easy_to_hard", "hard_to_easy"):
-            raise PartitionConfigError(f"--signal is only used with easy_to_hard/hard_to_easy, not {self.order!r}")
+        if self.signal and self.order not in ("easy_to_hard", "hard_to_easy", "grid_2d"):
+            raise PartitionConfigError(f"--signal is only used with easy_to_hard/hard_to_easy/grid_2d, not "
+                                       f"{self.order!r}")
         if self.chunking == "equal" and (not isinstance(self.chunks, int) or self.chunks < 1):
             raise PartitionConfigError(f"chunks must be a positive integer, got {self.chunks!r}")
         if self.fractions is not None:

@@ -9,13 +9,15 @@ input is.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from scorers.columns import DIFFICULTY
+from scorers.columns import DIFFICULTY, ROW_ID, SOURCE
 
 from ..data.rejects import REJECTS_FILE, REJECTS_SCHEMA, reason_counts, write_rejects
 from ..io import StorageError, library_version
@@ -57,13 +59,15 @@ def partition_preferences(data, output_dir: str | os.PathLike, config: Partition
     config = config or PartitionConfig()
     inp = open_input(data, rejects=rejects)
     perm, key, ordering = compute_order(inp, config)
-    n = inp.num_rows
-    sizes = chunk_sizes(n, config, key, source_rank=key if config.order == "by_source" else None)
+    if config.keep_fraction < 1:
+        perm, key = _keep_first(inp, perm, key, config.keep_fraction, ordering)
+    n = len(perm)
+    sizes = chunk_sizes(n, config, key, source_rank=key if config.order in ("by_source", "grid_2d") else None)
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     # every kept row in exactly one chunk
-    seen = np.zeros(n, dtype=bool)
+    seen = np.zeros(inp.num_rows, dtype=bool)
     seen[perm] = True
-    if bounds[-1] != n or len(perm) != n or not seen.all():  # n positions, all distinct: a permutation
+    if bounds[-1] != n or int(seen.sum()) != n:  # n positions, all distinct
         raise PartitionError("internal error: the chunks do not cover every row exactly once")
     del seen
 
@@ -95,6 +99,23 @@ def partition_preferences(data, output_dir: str | os.PathLike, config: Partition
         # written last: the folder holds no manifest now, so nothing can read a half-written partition.
         reason = str(e) if isinstance(e, StorageError) else f"cannot write in {out}: {e.strerror or e}"
         raise PartitionError(f"{reason}; {out} holds no manifest (no partition) until a rerun completes") from e
+
+
+def _keep_first(inp, perm, key, fraction: float, ordering: dict):
+    """The first ``fraction`` of the order (at least one row); the others join the input's rejects."""
+    from ..data.rejects import reject_record, rejects_table
+
+    keep = max(1, math.floor(len(perm) * fraction + 1e-9))
+    dropped = np.sort(perm[keep:])
+    ids = inp.column(ROW_ID).take(pa.array(dropped)).to_pylist()
+    sources = inp.column(SOURCE).take(pa.array(dropped)).to_pylist() if SOURCE in inp.schema.names else [None] * len(ids)
+    detail = f"keep_fraction {fraction:g}: the first {keep} of {len(perm)} rows of the order were kept"
+    new = rejects_table([reject_record(s, None, "partition", "beyond_keep_fraction", detail, {ROW_ID: r})
+                         for r, s in zip(ids, sources)])
+    inp.rejects = new if inp.rejects is None else pa.concat_tables([inp.rejects, new])
+    ordering["keep_fraction"] = fraction
+    inp.release()
+    return perm[:keep], (None if key is None else key[:keep])
 
 
 def _write(inp, perm, bounds, out: Path, config: PartitionConfig, chunk_entries: list, sizes, ordering: dict, n: int,

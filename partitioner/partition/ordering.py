@@ -33,10 +33,10 @@ def numeric_column(inp: PartitionInput, name: str, what: str) -> np.ndarray:
     return values
 
 
-def _signal(inp: PartitionInput, config: PartitionConfig) -> tuple[str, np.ndarray, str, bool]:
-    """(signal name, values, column, higher_is_harder) for the score orders."""
+def _signal(inp: PartitionInput, config: PartitionConfig, name: str | None = None) -> tuple[str, np.ndarray, str, bool]:
+    """(signal name, values, column, higher_is_harder) for the score orders (``name`` default: ``config.signal``)."""
     signals = {s["name"]: s for s in (inp.scoring or {}).get("signals", [])}
-    name = config.signal or DIFFICULTY
+    name = name or config.signal or DIFFICULTY
     if name == DIFFICULTY:
         if DIFFICULTY not in inp.schema.names:
             raise PartitionConfigError(
@@ -144,6 +144,8 @@ def compute_order(inp: PartitionInput, config: PartitionConfig) -> tuple[np.ndar
         perm = _argsort(values, row_ids, descending=not config.ascending)
         info.update(column=config.column, ascending=config.ascending)
         return perm, values[perm], info
+    if config.order == "grid_2d":
+        return _grid_order(inp, config, row_ids, info)
     if config.order == "random":
         base = _argsort(None, row_ids)
         perm = base[np.random.default_rng(config.seed).permutation(len(base))]
@@ -169,3 +171,38 @@ def compute_order(inp: PartitionInput, config: PartitionConfig) -> tuple[np.ndar
                 within_source="difficulty ascending" if within is not None else "row_id")
     return perm, (rank_of_code[codes])[perm], info
 
+
+
+def _levels(harder: np.ndarray, row_ids, levels: int) -> np.ndarray:
+    """Equal-count levels 0..levels-1 of ``harder`` (0 = easiest; ties by row id, so levels are deterministic)."""
+    rank = np.empty(len(harder), dtype=np.int64)
+    rank[_argsort(harder, row_ids)] = np.arange(len(harder))
+    return (rank * levels) // max(len(harder), 1)
+
+
+def _grid_order(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict):
+    """2D-Curri-DPO's grid: PC level x PD level, cells visited by ``grid_strategy``; within a cell by PD difficulty.
+
+    The order key is the visited group (cell, or diagonal for ``sum_pd``), so chunking ``grid`` cuts at its changes.
+    """
+    pd_name, pd_values, pd_col, pd_harder = _signal(inp, config)
+    pc_name, pc_values, pc_col, pc_harder = _signal(inp, config, config.complexity_signal)
+    pd_diff = pd_values if pd_harder else -pd_values
+    pc_diff = pc_values if pc_harder else -pc_values
+    n_levels = config.grid_levels
+    pd_level, pc_level = _levels(pd_diff, row_ids, n_levels), _levels(pc_diff, row_ids, n_levels)
+    if config.grid_strategy == "sum_pd":
+        group, within = pc_level + pd_level, pd_level
+    elif config.grid_strategy == "pc_first":
+        group, within = pc_level * n_levels + pd_level, pd_level
+    else:  # pd_first
+        group, within = pd_level * n_levels + pc_level, pc_level
+    fine = (group * n_levels + within).astype(np.float64)
+    # sort by (group, within, PD difficulty, row id): a lexsort of the fine cell and the PD difficulty
+    step = _argsort(pd_diff, row_ids)  # PD difficulty, ties by row id
+    perm = step[np.argsort(fine[step], kind="stable")].astype(step.dtype)
+    info.update(signal=pd_name, column=pd_col, complexity_signal=pc_name, complexity_column=pc_col,
+                grid_levels=n_levels, grid_strategy=config.grid_strategy,
+                cells={f"pc{a}_pd{b}": int(((pc_level == a) & (pd_level == b)).sum())
+                       for a in range(n_levels) for b in range(n_levels)})
+    return perm, group[perm].astype(np.float64), info

@@ -15,13 +15,15 @@ from scorers.columns import (
     DIFFICULTY,
     POLICY_CHOSEN_LOGPS,
     POLICY_REJECTED_LOGPS,
+    PROMPT_LOGPS,
+    PROMPT_TOKENS,
     REJECTED_LOGPS,
     REJECTED_TOKENS,
     REWARD_CHOSEN,
     REWARD_REJECTED,
 )
 from scorers.errors import ConfigError
-from scorers.signals import compute_signal, parse_signals, to_difficulty
+from scorers.signals import compute_signal, needs_prompt_logps, parse_signals, prompt_rows, to_difficulty
 
 from .config import ScoringConfig
 
@@ -98,6 +100,10 @@ class PartScorer:
             CHOSEN_TOKENS: (scores["chosen_tokens"], pa.int64()),
             REJECTED_TOKENS: (scores["rejected_tokens"], pa.int64()),
         }
+        if needs_prompt_logps(self.signals):
+            prompts = self.backend.score(prompt_rows(rows))
+            new[PROMPT_LOGPS] = (prompts["chosen_logps"], pa.float64())
+            new[PROMPT_TOKENS] = (prompts["chosen_tokens"], pa.int64())
         if self.policy is not None:
             p = self.policy.score(rows)
             new[POLICY_CHOSEN_LOGPS] = (p["chosen_logps"], pa.float64())

@@ -1,0 +1,85 @@
+"""When the reference moves (``StepwiseConfig.ref_refresh``): which M(j) is step t's reference.
+
+* ``step`` (sDPO): the reference of step t is M(t-1), the policy as it starts the step.
+* ``never`` (the control arm): M0 at every step.
+* ``kl`` (2D-Curri-DPO's KL-adaptive refresh, Li & Zhang 2025): before step t ≥ 2 the mean per-token
+  ``KL(M(t-1) ‖ R)`` of the policy to the reference R of step t-1 is measured on a fixed probe of the training pairs
+  (:func:`scorers.divergence.mean_token_kl`); above ``kl_threshold`` the reference moves to M(t-1), else R stays.
+  The decision is taken at chunk boundaries (a step is the unit the driver trains), and recorded in the step's
+  record (``reference_step``, ``kl_to_reference``), so a resumed run continues with the same reference.
+
+A reference other than the policy is held as a frozen model: the copy made when it was the policy (kept while
+it may be reused), or loaded from its step folder (M0 from the model path) after a resume or where the
+``precomputed`` mode released it.
+
+Assumptions:
+    ``kl`` measures on every process the same probe with full models (DDP; not under FSDP / ZeRO-3, where a
+    process holds shards: refused by the driver).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+
+class ReferenceSchedule:
+    """Decides and holds step t's reference M(j).
+
+    Args:
+        config: the run's ``StepwiseConfig`` (``ref_refresh``, ``kl_threshold``).
+        load_model: ``load_model(j)`` loads M(j) from disk (M0 from the model path).
+        kl: ``kl(policy, reference)`` on the run's probe (needed for ``ref_refresh='kl'``).
+        records: the completed steps' records (a resumed run takes its last reference from them).
+    """
+
+    def __init__(self, config, load_model: Callable[[int], object], kl: Callable | None = None,
+                 records: list[dict] = ()):
+        self.mode, self.threshold = config.ref_refresh, config.kl_threshold
+        self.load_model, self.kl = load_model, kl
+        self.current = 0
+        if records:
+            last = records[-1]
+            self.current = last.get("reference_step", 0 if self.mode == "never" else last["step"] - 1)
+        self._held: tuple[int, object] | None = None
+
+    def decide(self, t: int, policy) -> dict:
+        """Choose step t's reference (call once per step, before :meth:`is_policy`); returns the record fields."""
+        info: dict = {}
+        if self.mode == "step" or t == 1:
+            self.current = t - 1
+        elif self.mode == "kl":
+            previous = self.current
+            kl = float(self.kl(policy, self.model(previous)))
+            info["kl_to_reference"] = kl
+            if kl > self.threshold:
+                self.current = t - 1
+            logger.info("step %d: KL(M(%d) ‖ M(%d)) = %.4g nats/token (threshold %g): reference = M(%d)", t, t - 1,
+                        previous, kl, self.threshold, self.current)
+        else:  # never
+            self.current = 0
+        return {"reference_step": self.current, **info}
+
+    def is_policy(self, t: int) -> bool:
+        """Whether step t's reference is the policy as it is now, M(t-1)."""
+        return self.current == t - 1
+
+    def keep(self, j: int, model) -> None:
+        """Hold ``model`` (a frozen M(j)) for reuse by later steps."""
+        self._held = (j, model)
+
+    def model(self, j: int):
+        """A frozen M(j): the one held, else loaded from disk (and held)."""
+        if self._held is None or self._held[0] != j:
+            self._held = None
+            model = self.load_model(j)
+            model.eval()
+            model.requires_grad_(False)
+            self._held = (j, model)
+        return self._held[1]
+
+    def release(self) -> None:
+        """Drop the held model (the ``precomputed`` mode keeps no reference in memory while training)."""
+        self._held = None
