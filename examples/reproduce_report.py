@@ -100,6 +100,8 @@ def export_rows(out: Path, rows_dir: Path, cfg, data: dict, machine: dict) -> No
     rows_dir.mkdir(parents=True, exist_ok=True)
     m0 = data["m0"]
     previous = _previous_rows(rows_dir, out, set(cfg.arms))
+    if previous is not None and sorted(r["row_id"] for r in read_csv_gz(rows_dir / "m0.csv.gz")) != sorted(m0["row_id"]):
+        raise UserError(f"{rows_dir} holds another sample's rows under the same configuration; use another rows_dir")
     if previous is None:  # else M0's rows stay the ones there (the same sample, scored by the first run)
         write_csv_gz(rows_dir / "m0.csv.gz", ["row_id", "source", "chosen_logps", "rejected_logps", "chosen_tokens",
                                           "rejected_tokens"],
@@ -247,28 +249,40 @@ def _paired(metrics: dict, a: str, b: str, key: str) -> tuple[list, list, list]:
     return va, vb, diffs
 
 
+def family(a: str) -> str:
+    """The comparison's correction family: the replication's arms (planned before the first run) or the
+    curriculum-DPO methods (planned before the run that added them); each family is corrected on its own, so adding
+    the methods left the first run's intervals and findings as they were."""
+    return "methods" if a in METHOD_ARMS else "replication"
+
+
 def comparisons(metrics: dict, arms: list[str]) -> list[dict]:
-    """Every planned comparison (each arm vs dpo, by-source vs random and vs fixed-reference) on every metric,
-    with its 95% and Bonferroni-level intervals, p-value (McNemar for accuracies) and Holm-adjusted p-value."""
+    """Every planned comparison (each arm vs dpo, by-source vs random and vs fixed-reference, each method vs
+    sdpo_by_source) on every metric, with its 95% and Bonferroni-level intervals, p-value (McNemar for accuracies)
+    and Holm-adjusted p-value, both within its family (:func:`family`)."""
     pairs = [(arm, BASELINE) for arm in arms if arm != BASELINE and BASELINE in arms]
     pairs += [(a, b) for a, b in EXTRA_COMPARISONS if a in arms and b in arms]
+    pairs.sort(key=lambda p: family(p[0]) == "methods")  # stable: the replication's comparisons keep their seeds
     todo = [(a, b, m) for a, b in pairs for m in METRICS if _paired(metrics, a, b, m[0])[2]]
-    corrected = 1 - 0.05 / max(len(todo), 1)
+    sizes = {f: sum(family(a) == f for a, _, _ in todo) for f in ("replication", "methods")}
     out = []
     for k, (a, b, (key, title, binary, _, _, _)) in enumerate(todo):
+        corrected = 1 - 0.05 / max(sizes[family(a)], 1)
         va, vb, diffs = _paired(metrics, a, b, key)
         boot = paired_bootstrap(diffs, levels=(0.95, corrected), seed=k)
-        entry = {"a": a, "b": b, "metric": key, "mean": boot["mean"], "n": boot["n"],
+        entry = {"a": a, "b": b, "metric": key, "mean": boot["mean"], "n": boot["n"], "family": family(a),
                  "ci95": boot["intervals"][0.95], "ci_corrected": boot["intervals"][corrected],
                  "corrected_level": corrected, "p_value": boot["p_value"], "test": "bootstrap"}
         if binary:
             test = mcnemar(np.concatenate(va), np.concatenate(vb))
             entry.update(p_value=test["p_value"], test="McNemar", a_only=test["a_only"], b_only=test["b_only"])
         out.append(entry)
-    for entry, adjusted in zip(out, holm([e["p_value"] for e in out])):
-        lo, hi = entry["ci_corrected"]
-        entry["p_holm"] = adjusted
-        entry["finding"] = bool(adjusted < 0.05 and (lo > 0 or hi < 0))
+    for name in sizes:
+        members = [e for e in out if e["family"] == name]
+        for entry, adjusted in zip(members, holm([e["p_value"] for e in members])):
+            lo, hi = entry["ci_corrected"]
+            entry["p_holm"] = adjusted
+            entry["finding"] = bool(adjusted < 0.05 and (lo > 0 or hi < 0))
     return out
 
 
@@ -308,8 +322,10 @@ def report_markdown(tables: dict, summary: dict) -> str:
     ident = run["config"]["identity"]
     arms = summary["arms"]
     n_rows = len(tables["m0"])
-    n_comp = len(summary["comparisons"])
-    corrected = summary["comparisons"][0]["corrected_level"] if n_comp else 0.95
+    families = {}
+    for c in summary["comparisons"]:
+        families.setdefault(c["family"], []).append(c["corrected_level"])
+    within = "; ".join(f"{name}: {len(levels)} comparisons, level {levels[0]:.4f}" for name, levels in families.items())
     reps = run["config"]["repetitions"]
     lines = [
         f"Sample: {n_rows} pairs ({', '.join(f'{s} {n}' for s, n in sorted(run['sample'].items()))}), every one held "
@@ -337,9 +353,10 @@ def report_markdown(tables: dict, summary: dict) -> str:
             form.format(vals[key]) if key in vals else "–" for key, _, _, form, _, _ in METRICS) + " |")
     lines += [
         "",
-        f"**Paired differences** (A − B on the same rows): mean [95% bootstrap interval] [corrected interval, "
-        f"{corrected:.4f} level = 95% with Bonferroni over the {n_comp} comparisons]; p: McNemar's exact test for "
-        f"the accuracies, the bootstrap for the rest; Holm-adjusted over all {n_comp}. **Finding** only where the "
+        "**Paired differences** (A − B on the same rows): mean [95% bootstrap interval] [corrected interval: 95% "
+        "with Bonferroni within its family]; p: McNemar's exact test for the accuracies, the bootstrap for the rest; "
+        "Holm-adjusted within its family. Two families, each planned before its run and corrected on its own "
+        f"({within}): the replication's arms, and the curriculum-DPO methods added later. **Finding** only where the "
         "Holm-adjusted p < 0.05 and the corrected interval excludes zero; elsewhere no difference detected.",
         "",
         "| A − B | metric | difference [95%] [corrected] | p | p (Holm) | finding |",

@@ -264,12 +264,12 @@ def arm_partition(cfg: ReproConfig, out: Path, scored_train: Path, rep: int, k: 
 def crossfit_table(cfg: ReproConfig, out: Path, scored_train: Path, rep: int, k: int, arm: str):
     """Fold k's scored training pairs with their cross-fitted DPO loss (resumable under ``out/crossfit``)."""
     from partitioner import read_scored
-    from trainer_plugin.selective import cross_fitted_difficulty
+    from trainer_plugin.selective import CrossFitConfig, cross_fitted_difficulty
 
-    options = dict(cfg.arms[arm]["crossfit"])
+    crossfit = CrossFitConfig(**{"fold_seed": rep, **cfg.arms[arm]["crossfit"]})
     work = out / "crossfit" / f"rep{rep}" / f"fold{k}" / arm
     return cross_fitted_difficulty(read_scored(scored_train)[0], cfg.model, args=dpo_args(cfg, work, rep),
-                                   work_dir=work, folds=int(options.get("folds", 2)), seed=rep)
+                                   work_dir=work, crossfit=crossfit)
 
 
 def run_model(cfg: ReproConfig, out: Path, rep: int, k: int, arm: str, data: dict, command: str) -> dict:

@@ -20,7 +20,7 @@ import sys
 
 from scorers.errors import UserError
 
-from . import inspect, partition, run, score, stats, train, truthfulqa, verify
+from . import crossfit, inspect, partition, run, score, stats, train, truthfulqa, verify
 from .options import Options
 
 # subcommand -> (module, one-line help)
@@ -30,6 +30,8 @@ COMMANDS = {
     "partition": (partition, "order and chunk preference data into Arrow shards + manifest (scoring first if needed)"),
     "stats": (stats, "per-chunk statistics of a partition, or per-step ones of a training run"),
     "verify": (verify, "check a partition's checksums, row accounting and schema"),
+    "crossfit": (crossfit, "SelectiveDPO: cross-fitted held-out DPO loss of scored pairs, then the easiest share "
+                           "partitioned"),
     "train": (train, "stepwise DPO over a partition's chunks with TRL"),
     "run": (run, "the whole job: load, score, partition (defaults: bundled data and model)"),
     "truthfulqa": (truthfulqa, "TruthfulQA MC1/MC2 of a model, as lm-eval-harness scores it"),

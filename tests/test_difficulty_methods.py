@@ -230,7 +230,7 @@ def test_cross_fitted_difficulty_is_each_pairs_loss_under_the_model_that_never_s
 
     rows = _rows(shared_data, smollm2_tokenizer, 8)
     args = dpo_args(tmp_path / "unused")
-    out = cross_fitted_difficulty(rows, str(tiny_model_dir), args=args, work_dir=tmp_path / "cf", folds=2)
+    out = cross_fitted_difficulty(rows, str(tiny_model_dir), args=args, work_dir=tmp_path / "cf")
     folds = crossfit_folds(list(rows["row_id"]), list(rows["source"]), 2, 0)
     assert sorted(folds) == [0] * 4 + [1] * 4
     record = json.loads((tmp_path / "cf" / "crossfit.json").read_text())
@@ -246,5 +246,73 @@ def test_cross_fitted_difficulty_is_each_pairs_loss_under_the_model_that_never_s
     for k, i in enumerate(held):
         margin = 0.1 * ((c[k] - c0[k]) - (r[k] - r0[k]))
         assert out[i][CROSSFIT_LOSS] == pytest.approx(math.log1p(math.exp(-margin)), rel=1e-4)
-    again = cross_fitted_difficulty(rows, str(tiny_model_dir), args=args, work_dir=tmp_path / "cf", folds=2)
+    again = cross_fitted_difficulty(rows, str(tiny_model_dir), args=args, work_dir=tmp_path / "cf")
     assert again[CROSSFIT_LOSS] == out[CROSSFIT_LOSS]
+
+
+def test_cli_crossfit_partitions_the_easiest_half_by_held_out_loss(tiny_model_dir, shared_data, smollm2_tokenizer,
+                                                                   tmp_path, capsys):
+    """`sdpo crossfit SCORED -o PART`: cross-fits the scored pairs, keeps the easiest half by the column, in one
+    chunk; the dropped half is counted as rejects; a rerun resumes the fold runs (same partition rows)."""
+    from partitioner import ScoringConfig, score_preferences
+    from partitioner.partition.folder import load_partition, verify_partition
+    from sdpo_cli.main import main
+
+    rows = _rows(shared_data, smollm2_tokenizer, 8)
+    scored = score_preferences(rows, tmp_path / "scored", ScoringConfig(model=str(tiny_model_dir),
+                                                                        max_length=MAX_LENGTH, progress=False))
+    part = tmp_path / "part"
+    argv = ["crossfit", str(scored), "-o", str(part), "--model", str(tiny_model_dir), "--max-length", str(MAX_LENGTH),
+            "--per-device-train-batch-size", "2", "--learning-rate", "0.005", "--save-strategy", "no",
+            "--report-to", "none", "--disable-tqdm", "true"]
+    assert main(argv) == 0
+    m = verify_partition(part)
+    assert (m["rows_kept"], m["rows_rejected"], len(m["chunks"])) == (4, 4, 1)
+    assert m["ordering"]["column"] == "crossfit_dpo_loss" and m["ordering"]["keep_fraction"] == 0.5
+    loss = load_partition(part)[0]["crossfit_dpo_loss"]
+    assert loss == sorted(loss)
+    assert (tmp_path / "part.crossfit" / "fold_1" / "step_1" / "_COMPLETE").exists()
+    assert "kept 4 of 8" in capsys.readouterr().out
+
+
+def test_callback_kl_refresh_moves_the_live_reference_by_the_threshold(partition3, tiny_model_dir, tmp_path):
+    """The drop-in callback with ref_refresh='kl': threshold 0 refreshes at both chunk boundaries (as 'step'),
+    a threshold above every KL never does; the KL is measured at each boundary, and equals a direct measurement of
+    the policy against M0 at the first one. No reference model: 'kl' is refused (nothing to measure against)."""
+    from trl import DPOTrainer
+    from transformers import TrainerCallback
+
+    from scorers.divergence import mean_token_kl
+    from scorers.models import load_tokenizer
+    from trainer_plugin.callback import StepwiseReferenceCallback, concatenate_chunks
+    from trainer_plugin.config import StepwiseConfig
+    from trainer_plugin.reference import frozen_copy
+
+    results = {}
+    for tag, threshold in (("always", 0.0), ("never", 1e9)):
+        model = _load(tiny_model_dir)
+        policy_at = {}
+
+        class Snap(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kw):
+                policy_at[state.global_step] = _state(model)
+
+        trainer = DPOTrainer(model=model, ref_model=frozen_copy(model), args=dpo_args(tmp_path / tag),
+                             train_dataset=concatenate_chunks(partition3),
+                             processing_class=load_tokenizer(str(tiny_model_dir)))
+        cb = StepwiseReferenceCallback(config=StepwiseConfig(ref_refresh="kl", kl_threshold=threshold,
+                                                             kl_probe_rows=4)).install(trainer)
+        trainer.add_callback(Snap())
+        trainer.train()
+        results[tag] = (cb, policy_at, trainer)
+    always, never = results["always"][0], results["never"][0]
+    assert always.refresh_steps == [2, 4] and never.refresh_steps == []
+    assert [s for s, _ in always.kl_measurements] == [2, 4] == [s for s, _ in never.kl_measurements]
+    assert all(kl > 0 for _, kl in always.kl_measurements)
+    cb, policy_at, trainer = results["never"]
+    m1 = _load(tiny_model_dir)
+    m1.load_state_dict(policy_at[2])
+    direct = mean_token_kl(m1, _load(tiny_model_dir), cb._probe, max_length=MAX_LENGTH)
+    assert never.kl_measurements[0][1] == pytest.approx(direct, rel=1e-4)
+    with pytest.raises(ValueError, match="needs a live reference"):
+        StepwiseReferenceCallback(config=StepwiseConfig(ref_mode="precomputed", ref_refresh="kl"))

@@ -167,14 +167,18 @@ class StepwiseReferenceCallback(TrainerCallback):
         chunk_sizes: the chunk sizes, alternatively.
         ref_model, accelerator: bound by :meth:`install` (or give them, as for TRL's ``SyncRefModelCallback``).
         config: ``ref_mode`` 'live' (default: a reference copy) or 'precomputed' (no reference model); 'peft' is
-            refused. ``ref_refresh`` 'step' (default, sDPO) or 'never' (the first reference for every chunk);
-            ``score_batch_tokens``: the scoring passes' token budget.
+            refused. ``ref_refresh`` 'step' (default, sDPO), 'never' (the first reference for every chunk) or, with a
+            live reference, 'kl' (at a chunk boundary the reference moves only when the mean per-token KL of the
+            policy to it on a seeded probe of ``kl_probe_rows`` training rows exceeds ``kl_threshold``;
+            :mod:`trainer_plugin.ref_refresh`); ``score_batch_tokens``: the scoring passes' token budget.
 
     After training, ``refresh_steps`` lists the global steps at which the reference moved and ``refresh_seconds``
-    the time each move took (the scoring pass, with no reference model).
+    the time each move took (the scoring pass, with no reference model); with 'kl', ``kl_measurements`` holds
+    ``(global step, KL)`` of every boundary.
 
     Raises:
-        ValueError: ``ref_mode`` 'peft', or a ``ref_refresh`` other than 'step' and 'never'.
+        ValueError: ``ref_mode`` 'peft', or 'kl' without a reference model (the KL needs the reference's
+            distribution, which the scored log-probs do not keep).
     """
 
     def __init__(self, partition_dir=None, *, chunk_sizes: list[int] | None = None, ref_model=None,
@@ -183,9 +187,9 @@ class StepwiseReferenceCallback(TrainerCallback):
         if self.config.ref_mode not in ("live", "precomputed"):
             raise ValueError(f"StepwiseReferenceCallback supports ref_mode 'live' and 'precomputed', not "
                              f"{self.config.ref_mode!r} (the stepwise driver merges each step's LoRA adapter)")
-        if self.config.ref_refresh not in ("step", "never"):
-            raise ValueError(f"StepwiseReferenceCallback supports ref_refresh 'step' and 'never', not "
-                             f"{self.config.ref_refresh!r}")
+        if self.config.ref_refresh == "kl" and self.config.ref_mode != "live":
+            raise ValueError("StepwiseReferenceCallback's ref_refresh 'kl' needs a live reference model (ref_mode "
+                             "'live'): the KL is measured against the reference's distribution")
         partition_dir = partition_dir if partition_dir is not None else self.config.partition_dir
         if partition_dir is not None and chunk_sizes is None:
             chunk_sizes = [c["rows"] for c in read_manifest(partition_dir)["chunks"]]
@@ -196,6 +200,8 @@ class StepwiseReferenceCallback(TrainerCallback):
         self.boundaries: list[int] = []
         self.refresh_steps: list[int] = []
         self.refresh_seconds: list[float] = []
+        self.kl_measurements: list[tuple[int, float]] = []
+        self._probe = None
 
     def install(self, trainer) -> StepwiseReferenceCallback:
         """Bind to ``trainer``: its reference (a live model, or its reference columns), a chunk-ordered sampler in
@@ -238,6 +244,12 @@ class StepwiseReferenceCallback(TrainerCallback):
         rows_per_step = args.train_batch_size * args.gradient_accumulation_steps * shards
         self.sampler = ChunkOrderedSampler(self.chunk_sizes, rows_per_step, seed=args.data_seed or args.seed)
         set_train_sampler(trainer, self.sampler)
+        if self.config.ref_refresh == "kl":
+            import random
+
+            pick = random.Random(args.seed).sample(range(len(ds)), min(self.config.kl_probe_rows, len(ds)))
+            self._probe = ds.select(sorted(pick))
+            self._truncation = (args.max_length, args.truncation_mode)  # the probe cut as the collator cuts rows
         trainer.add_callback(self)
         return self
 
@@ -293,14 +305,29 @@ class StepwiseReferenceCallback(TrainerCallback):
             raise ValueError(f"the prepared dataloader takes {rows} rows per optimizer step, the chunk-ordered sampler "
                              f"was built for {self.sampler.rows_per_step}; chunk boundaries would not fall on steps")
 
-    def should_refresh(self, state) -> bool:
+    def should_refresh(self, state, model=None) -> bool:
         """Whether the reference moves to the policy after the optimizer step ``state.global_step`` just ended:
-        at each chunk boundary with ``ref_refresh`` 'step', never with 'never' (the one place that decides)."""
-        return (self.config.ref_refresh == "step" and state.global_step in self.boundaries
-                and state.global_step not in self.refresh_steps)
+        at each chunk boundary with ``ref_refresh`` 'step', never with 'never', and with 'kl' when the policy's KL
+        to the reference on the probe exceeds ``kl_threshold`` (the one place that decides)."""
+        mode = self.config.ref_refresh
+        if mode == "never" or state.global_step not in self.boundaries or state.global_step in self.refresh_steps:
+            return False
+        if mode == "step":
+            return True
+        from scorers.divergence import mean_token_kl
+
+        unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
+        max_length, truncation_mode = self._truncation
+        kl = mean_token_kl(unwrap(model), unwrap(self.ref_model), self._probe, max_length=max_length,
+                           truncation_mode=truncation_mode)
+        self.kl_measurements.append((state.global_step, kl))
+        if state.is_world_process_zero:
+            logger.info("step %d: chunk boundary, KL(policy ‖ reference) = %.4g nats/token (threshold %g)",
+                        state.global_step, kl, self.config.kl_threshold)
+        return kl > self.config.kl_threshold
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.should_refresh(state):
+        if self.should_refresh(state, model):
             self.refresh(model, state)
 
     def refresh(self, model, state) -> None:

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,24 @@ import numpy as np
 from partitioner.io import read_json, write_json
 from scorers.columns import CHOSEN_LOGPS, REJECTED_LOGPS, ROW_ID, SOURCE
 
+from scorers.errors import check_ranges
+
 from .config import StepwiseConfig
 
 CROSSFIT_LOSS = "crossfit_dpo_loss"  # the column written: the pair's held-out DPO loss (higher = harder)
 CROSSFIT_RECORD = "crossfit.json"
+
+
+@dataclass
+class CrossFitConfig:
+    """How the pairs are cross-fitted (SelectiveDPO's difficulty)."""
+
+    folds: int = field(default=2, metadata={"min": 2, "help": "K: folds of the pairs (stratified by source); each "
+                                            "fold's loss comes from a model trained on the other K-1."})
+    fold_seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the fold assignment."})
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def crossfit_folds(row_ids: list[str], sources: list[str] | None, folds: int, seed: int) -> list[int]:
@@ -45,7 +60,7 @@ def crossfit_folds(row_ids: list[str], sources: list[str] | None, folds: int, se
     return fold
 
 
-def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, folds: int = 2, seed: int = 0,
+def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, crossfit: CrossFitConfig | None = None,
                             config: StepwiseConfig | None = None):
     """``dataset`` with a ``crossfit_dpo_loss`` column (see the module docstring).
 
@@ -54,18 +69,18 @@ def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, folds: 
             ``rejected_logps`` are used as the reference when present (they must be ``model_path``'s), else scored.
         model_path: M0 (a path or 'bundled').
         args: the ``trl.DPOConfig`` of every fold's training (``output_dir`` is replaced by ``work_dir/fold_j``).
-        folds: K >= 2.
+        crossfit: folds and their seed (default: 2 folds, seed 0).
         config: the stepwise options of the fold runs (default: the precomputed reference).
 
     Raises:
-        ValueError: fewer than 2 folds, or a fold without training pairs.
+        ValueError: a fold without training or held-out pairs (fewer pairs than folds in a source).
     """
     from trainer_plugin.driver import train_stepwise
     from trainer_plugin.reference import score_pairs
     from trainer_plugin.run_folder import load_step_model
 
-    if folds < 2:
-        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    crossfit = crossfit or CrossFitConfig()
+    folds, seed = crossfit.folds, crossfit.fold_seed
     work = Path(work_dir)
     ids = list(dataset[ROW_ID])
     fold_of = crossfit_folds(ids, list(dataset[SOURCE]) if SOURCE in dataset.column_names else None, folds, seed)

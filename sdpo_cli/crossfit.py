@@ -1,0 +1,83 @@
+"""``sdpo crossfit SCORED -o PART``: SelectiveDPO's cross-fitted difficulty, then the partition it orders.
+
+Every pair of the scored folder gets its held-out DPO loss from K fold models, each trained (DPO, one step from
+M0, the ``DPOConfig`` flags given) on the other folds' pairs (:mod:`trainer_plugin.selective`); the pairs are then
+partitioned by that loss, easiest first, keeping the easiest ``--keep-fraction`` (default 0.5, as the paper) in
+``--chunks`` steps (default 1): ``sdpo train PART`` trains on them. The fold runs live in ``--work-dir``
+(default ``PART.crossfit``): a rerun resumes them. Every PartitionConfig option is taken (``--partition.seed``
+for the partition's own seed).
+
+Example::
+
+    sdpo score data.jsonl -o scored
+    sdpo crossfit scored -o part --folds 2 --learning-rate 5e-6 --per-device-train-batch-size 4
+    sdpo train part --output-dir run --ref-refresh never      # SelectiveDPO trains against M0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from partitioner.partition.config import PartitionConfig
+from scorers.errors import ConfigError, section
+from trainer_plugin.selective import CROSSFIT_LOSS, CrossFitConfig
+
+from .options import build
+
+
+@dataclass
+class CrossFitCommand:
+    """``sdpo crossfit``: the partition folder, the fold runs' folder, and the partition of the result."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "The partition folder."})
+    model: str = field(default="bundled", metadata={
+        "help": "M0, the model the pairs were scored with (its log-probs are the reference): path, hub id, 'bundled'."})
+    work_dir: str | None = field(default=None, metadata={"help": "The fold runs (default: PART.crossfit)."})
+    crossfit: CrossFitConfig = section(CrossFitConfig)
+    partition: PartitionConfig = section(PartitionConfig, order="column", column=CROSSFIT_LOSS, keep_fraction=0.5,
+                                         chunks=1)
+
+
+def add_arguments(options) -> None:
+    from trl import DPOConfig
+
+    options.add_positional("scored_dir", "a scored folder (sdpo score -o SCORED)", many=False, metavar="SCORED")
+    options.add("output_dir", str | None, "the partition folder", short="-o")
+    options.add_dataclass(CrossFitCommand, "cross-fitting")
+    options.add_dataclass(DPOConfig, "DPOConfig (the fold models' training)", skip=("output_dir",))
+
+
+def run(values: dict) -> int:
+    from pathlib import Path
+
+    from trl import DPOConfig
+
+    from partitioner import partition_preferences, read_scored
+    from partitioner.data.rejects import REJECTS_FILE, read_rejects
+    from partitioner.partition.folder import read_manifest
+    from trainer_plugin.selective import cross_fitted_difficulty
+
+    from .train import bf16_default, has_accelerator
+
+    cmd = build(CrossFitCommand, values)
+    scored = values.get("scored_dir")
+    if not scored or not Path(scored).is_dir():
+        raise ConfigError(f"give a scored folder: sdpo crossfit SCORED -o PART (got {scored!r})")
+    if not cmd.output_dir:
+        raise ConfigError("give the partition folder with --output-dir/-o")
+    work = Path(cmd.work_dir or f"{cmd.output_dir}.crossfit")
+    overrides = {"output_dir": str(work)}
+    if "bf16" not in values and "fp16" not in values:
+        overrides["bf16"] = bf16_default()
+    if "use_cpu" not in values and not has_accelerator():
+        overrides["use_cpu"] = True
+    args = build(DPOConfig, {k: v for k, v in values.items() if k != "output_dir"}, **overrides)
+    dataset, _ = read_scored(scored)
+    rejects = read_rejects(Path(scored) / REJECTS_FILE) if (Path(scored) / REJECTS_FILE).exists() else None
+    with_loss = cross_fitted_difficulty(dataset, cmd.model, args=args, work_dir=work,
+                                        crossfit=cmd.crossfit)
+    out = partition_preferences(with_loss, cmd.output_dir, cmd.partition, rejects=rejects)
+    m = read_manifest(out)
+    print(f"cross-fitted {len(with_loss)} pairs over {cmd.crossfit.folds} folds ({work}); kept {m['rows_kept']} of "
+          f"{m['rows_in']} in {len(m['chunks'])} chunk(s) in {out}")
+    return 0
