@@ -76,7 +76,7 @@ def _load_m0(m0, dtype: str):
 
 
 class LiveReference:
-    """``schedule``: ``None`` for sDPO (the reference of step t is M(t-1)); else a
+    """``schedule`` (set by the driver): ``None`` for sDPO (the reference of step t is M(t-1)); else a
     :class:`~trainer_plugin.ref_refresh.ReferenceSchedule` that picks M(j) (``ref_refresh`` 'never' or 'kl'); a
     reference copied from the policy is held by it for the steps that may reuse it."""
 
@@ -84,9 +84,6 @@ class LiveReference:
     precompute = False
     peft_config = None
     schedule = None
-
-    def __init__(self, schedule=None):
-        self.schedule = schedule
 
     def load_policy(self, m0, run, k: int, dtype: str):
         return _load_saved_policy(m0, run.step_dir(k), dtype) if k else _load_m0(m0, dtype)
@@ -119,8 +116,7 @@ class PrecomputedReference(LiveReference):
     name = "precomputed"
     precompute = True
 
-    def __init__(self, score: Scorer, reuse_partition_scores: bool, schedule=None):
-        super().__init__(schedule)
+    def __init__(self, score: Scorer, reuse_partition_scores: bool):
         self.score, self.reuse_partition_scores = score, reuse_partition_scores
 
     def reference(self, t: int, policy, chunk) -> StepReference:
