@@ -30,8 +30,9 @@ class CrossFitCommand:
     """``sdpo crossfit``: the partition folder, the fold runs' folder, and the partition of the result."""
 
     output_dir: str | None = field(default=None, metadata={"help": "The partition folder."})
-    model: str = field(default="bundled", metadata={
-        "help": "M0, the model the pairs were scored with (its log-probs are the reference): path, hub id, 'bundled'."})
+    model: str | None = field(default=None, metadata={
+        "help": "M0, the model the pairs were scored with (its log-probs are the reference); default: the scored "
+                "folder's model. Another model is refused."})
     work_dir: str | None = field(default=None, metadata={"help": "The fold runs (default: PART.crossfit)."})
     crossfit: CrossFitConfig = section(CrossFitConfig)
     partition: PartitionConfig = section(PartitionConfig, order="column", column=CROSSFIT_LOSS, keep_fraction=0.5,
@@ -72,12 +73,32 @@ def run(values: dict) -> int:
     if "use_cpu" not in values and not has_accelerator():
         overrides["use_cpu"] = True
     args = build(DPOConfig, {k: v for k, v in values.items() if k != "output_dir"}, **overrides)
-    dataset, _ = read_scored(scored)
+    dataset, scoring = read_scored(scored)
+    model = _scoring_model(scoring, cmd.model, scored)
     rejects = read_rejects(Path(scored) / REJECTS_FILE) if (Path(scored) / REJECTS_FILE).exists() else None
-    with_loss = cross_fitted_difficulty(dataset, cmd.model, args=args, work_dir=work,
+    with_loss = cross_fitted_difficulty(dataset, model, args=args, work_dir=work,
                                         crossfit=cmd.crossfit)
     out = partition_preferences(with_loss, cmd.output_dir, cmd.partition, rejects=rejects)
     m = read_manifest(out)
     print(f"cross-fitted {len(with_loss)} pairs over {cmd.crossfit.folds} folds ({work}); kept {m['rows_kept']} of "
           f"{m['rows_in']} in {len(m['chunks'])} chunk(s) in {out}")
     return 0
+
+
+def _scoring_model(scoring: dict, given: str | None, scored) -> str:
+    """M0: the scored folder's model (its log-probs are the fold runs' reference), or ``given`` when it is the same.
+
+    Raises:
+        ConfigError: ``given`` is another model than the one that scored the folder.
+    """
+    from scorers.models import model_fingerprint
+
+    scored_by = (scoring or {}).get("model") or {}
+    if given is None:
+        if not scored_by.get("name_or_path"):
+            raise ConfigError(f"{scored} does not name the model that scored it; give it with --model")
+        return scored_by["name_or_path"]
+    if scored_by.get("content_hash") and model_fingerprint(given).get("content_hash") != scored_by["content_hash"]:
+        raise ConfigError(f"{scored} was scored with {scored_by.get('name_or_path')}, not {given}: the cross-fit's "
+                          "reference must be the model that scored the pairs")
+    return given

@@ -316,3 +316,22 @@ def test_callback_kl_refresh_moves_the_live_reference_by_the_threshold(partition
     assert never.kl_measurements[0][1] == pytest.approx(direct, rel=1e-4)
     with pytest.raises(ValueError, match="needs a live reference"):
         StepwiseReferenceCallback(config=StepwiseConfig(ref_mode="precomputed", ref_refresh="kl"))
+
+
+def test_cli_crossfit_refuses_another_model_than_the_scored_folders(tiny_model_dir, shared_data, smollm2_tokenizer,
+                                                                   tmp_path, capsys):
+    """The scored log-probs are the cross-fit's reference: another --model is one error line (exit 2), and a fold
+    too small to train is one line too, never a traceback."""
+    from partitioner import ScoringConfig, score_preferences
+    from sdpo_cli.main import main
+
+    rows = _rows(shared_data, smollm2_tokenizer, 4)
+    scored = score_preferences(rows, tmp_path / "scored", ScoringConfig(model=str(tiny_model_dir),
+                                                                        max_length=MAX_LENGTH, progress=False))
+    capsys.readouterr()  # the set-up's progress bars
+    assert main(["crossfit", str(scored), "-o", str(tmp_path / "p"), "--model", "bundled"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdpo: error:") and "scored with" in err[0]
+    code = main(["crossfit", str(scored), "-o", str(tmp_path / "p"), "--folds", "5", "--max-length", str(MAX_LENGTH)])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("sdpo:")]
+    assert code == 2 and len(err) == 1 and "fold" in err[0]

@@ -26,8 +26,7 @@ import numpy as np
 
 from partitioner.io import read_json, write_json
 from scorers.columns import CHOSEN_LOGPS, REJECTED_LOGPS, ROW_ID, SOURCE
-
-from scorers.errors import check_ranges
+from scorers.errors import ConfigError, check_ranges
 
 from .config import StepwiseConfig
 
@@ -73,7 +72,7 @@ def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, crossfi
         config: the stepwise options of the fold runs (default: the precomputed reference).
 
     Raises:
-        ValueError: a fold without training or held-out pairs (fewer pairs than folds in a source).
+        ConfigError: a fold without training or held-out pairs (fewer pairs than folds); one line.
     """
     from trainer_plugin.driver import train_stepwise
     from trainer_plugin.reference import score_pairs
@@ -101,7 +100,7 @@ def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, crossfi
         train = [i for i, f in enumerate(fold_of) if f != j]
         held = [i for i, f in enumerate(fold_of) if f == j]
         if not train or not held:
-            raise ValueError(f"fold {j} has {len(held)} held-out and {len(train)} training pairs; use fewer folds")
+            raise ConfigError(f"fold {j} has {len(held)} held-out and {len(train)} training pairs; use fewer folds")
         run_dir = work / f"fold_{j}"
         fold_args = copy.deepcopy(args)
         fold_args.output_dir = str(run_dir)
