@@ -11,8 +11,10 @@ differ only in how the same training pairs are cut into steps and which referenc
 Per held-out row the harness keeps the summed log-probs of chosen and rejected under M0 and under every arm's final
 model; γ_ref (mean margin) of every intermediate M(t) on a fixed probe of each fold; and TruthfulQA MC1/MC2
 (:mod:`partitioner.truthfulqa`) of M0 and every final model, the questions cross-fitted over the folds the same way.
-The per-row tables go to ``rows_dir`` (``examples/results/`` for the committed run); ``--report`` rebuilds every
-number and plot of RESULTS.md from them (``reproduce_report.py``), without training.
+The per-row tables go to ``rows_dir`` (``examples/results/`` for the committed run; written by
+``reproduce_rows.py``); ``--report`` rebuilds every number and plot of RESULTS.md from them
+(``reproduce_report.py``), without training. The settings, and the seeded sample, folds and training pairs, are
+``reproduce_design.py``'s.
 
 Usage (from the repository root; under the heavy-job lock on a shared machine)::
 
@@ -27,7 +29,6 @@ stepwise run after its last completed step. Only public APIs of the package are 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -35,176 +36,22 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from partitioner.io import read_json, write_json
-from partitioner.run import BUNDLED_DATA
 from scorers.errors import ConfigError, UserError
+
+from reproduce_design import (DEFAULT_CONFIG, HERE, ReproConfig, assign_folds, draw_sample, question_folds,
+                              training_ids, truthfulqa_questions)
 
 logger = logging.getLogger("reproduce_sdpo")
 
-HERE = Path(__file__).resolve().parent
-SHARED_DATA = HERE.parents[1] / "shared" / "data"
-DEFAULT_CONFIG = HERE / "configs" / "reproduce.yaml"
-DEFAULT_SOURCES = {"orca": str(BUNDLED_DATA / "orca_dpo_pairs.jsonl"),
-                   "llamafactory_en": str(BUNDLED_DATA / "llamafactory_dpo_en_demo.json"),
-                   "hh_harmless": str(SHARED_DATA / "hh_rlhf_harmless" / "test.jsonl.gz")}
-DEFAULT_TRUTHFULQA = str(SHARED_DATA / "truthfulqa" / "TruthfulQA.csv")
 SIGNALS = ["ref_margin", "ref_margin_per_token", "prompt_perplexity"]  # the last: 2D-Curri-DPO's complexity axis
-# Settings that change no number: a rerun may change them (more repetitions or arms, keeping the models or not).
-NOT_IDENTITY = ("output_dir", "rows_dir", "repetitions", "arms", "keep_models", "quick")
-
-
-@dataclass
-class ReproConfig:
-    """The replication's settings (``examples/configs/reproduce.yaml``); the same for every arm."""
-
-    output_dir: str = field(default="out/reproduce", metadata={"help": "Work folder (resumable)."})
-    rows_dir: str | None = field(default=None, metadata={
-        "help": "Folder of the per-row result tables (default OUTPUT_DIR/rows); --report reads them."})
-    model: str = field(default="bundled", metadata={"help": "M0: path, hub id or 'bundled' (SmolLM2-135M)."})
-    sources: dict | None = field(default=None, metadata={
-        "help": "{source name: data file}; default: bundled orca_dpo_pairs and dpo_en_demo, shared HH harmless."})
-    max_length: int = field(default=256, metadata={"help": "DPOConfig.max_length of scoring, training, evaluation."})
-    max_prompt_tokens: int = field(default=128, metadata={
-        "help": "Only pairs whose prompt has at most this many tokens are used (room for the completions)."})
-    sample_per_source: dict = field(default_factory=dict, metadata={
-        "help": "{source: pairs in the cross-fitted sample}; a source not named: every eligible pair."})
-    sample_seed: int = field(default=0, metadata={"help": "Seed of the sample (drawn once)."})
-    folds: int = field(default=2, metadata={"help": "K: folds of the sample, stratified by source."})
-    repetitions: list = field(default_factory=lambda: [0], metadata={
-        "help": "One seed per repetition: its fold assignment, training subsamples and training seed."})
-    train_per_source: int = field(default=40, metadata={
-        "help": "Training pairs per source of each fold's models, drawn from the other folds (same for all arms)."})
-    gamma_probe_per_fold: int = field(default=96, metadata={
-        "help": "Held-out rows of each fold on which γ_ref of every intermediate M(t) is measured."})
-    truthfulqa: str | None = field(default=DEFAULT_TRUTHFULQA, metadata={"help": "TruthfulQA.csv; null: skip."})
-    truthfulqa_questions: int | None = field(default=None, metadata={
-        "help": "A fixed random subset of this many questions (truthfulqa_seed); null: all 817."})
-    truthfulqa_seed: int = field(default=0, metadata={"help": "Seed of the TruthfulQA subset."})
-    arms: dict = field(default_factory=dict, metadata={
-        "help": "{arm: PartitionConfig options}; 'reseed: true' draws the partition with the repetition's seed; "
-                "'stepwise: {...}' StepwiseConfig options of this arm only."})
-    training: dict = field(default_factory=dict, metadata={"help": "DPOConfig options shared by every arm."})
-    stepwise: dict = field(default_factory=lambda: {"ref_mode": "precomputed"}, metadata={
-        "help": "StepwiseConfig options shared by every arm."})
-    eval_batch_tokens: int = field(default=4096, metadata={"help": "Token budget per evaluation forward."})
-    device: str | None = field(default=None, metadata={"help": "Device of scoring and evaluation (cpu default)."})
-    keep_models: bool = field(default=False, metadata={
-        "help": "Keep every M(t)'s weights after its result is written (540 MB each for SmolLM2)."})
-    quick: dict = field(default_factory=dict, metadata={"help": "Overrides applied by --quick."})
-
-    def __post_init__(self):
-        self.sources = dict(self.sources or DEFAULT_SOURCES)
-        if self.max_length < 8 or not 0 < self.max_prompt_tokens < self.max_length:
-            raise ConfigError(f"need 8 <= max_length and 0 < max_prompt_tokens < max_length, got {self.max_length}, "
-                              f"{self.max_prompt_tokens}")
-        if self.folds < 2 or self.train_per_source < 1 or self.gamma_probe_per_fold < 1:
-            raise ConfigError("need folds >= 2, train_per_source >= 1 and gamma_probe_per_fold >= 1")
-        if not self.repetitions or not self.arms:
-            raise ConfigError("give at least one repetition and one arm")
-        unknown = set(self.sample_per_source) - set(self.sources)
-        if unknown:
-            raise ConfigError(f"sample_per_source names unknown source(s) {', '.join(sorted(unknown))}")
-        for key in ("output_dir", "max_length", "seed"):
-            if key in self.training:
-                raise ConfigError(f"training.{key} is set by the harness; use the top-level option instead")
-
-    @classmethod
-    def from_yaml(cls, path, quick: bool = False, **overrides) -> ReproConfig:
-        """The config of a YAML file (with its ``quick:`` overrides applied when ``quick``), then ``overrides``."""
-        import yaml
-
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
-        if quick:
-            for key, value in (raw.get("quick") or {}).items():
-                raw[key] = {**raw.get(key, {}), **value} if key in ("training", "stepwise") else value
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**raw)
-
-    def identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
-
-    @property
-    def beta(self) -> float:
-        return float(self.training.get("beta", 0.1))
-
-    @property
-    def truncation_mode(self) -> str:
-        return self.training.get("truncation_mode", "keep_start")
 
 
 # ------------------------------------------------------------------------------------------------- data set-up
-def draw_sample(cfg: ReproConfig, tokenizer) -> tuple[dict, object]:
-    """``({source: sorted sampled row ids}, loaded rows)``: per source ``sample_per_source`` pairs (or all) among
-    those whose prompt fits ``max_prompt_tokens``, drawn by ``sample_seed`` from the row ids in sorted order."""
-    from partitioner import TokenizeConfig, load_preferences, tokenize_preferences
-
-    loaded = load_preferences(cfg.sources, drop_duplicates=True)  # a duplicate could be trained on and held out
-    kept, _ = tokenize_preferences(loaded, tokenizer, TokenizeConfig(cfg.max_length, cfg.truncation_mode))
-    prompt_len = np.array([len(p) for p in kept["prompt_ids"]])
-    sample = {}
-    for src in sorted(cfg.sources):
-        ids = sorted(rid for rid, s, n in zip(kept["row_id"], kept["source"], prompt_len)
-                     if s == src and n <= cfg.max_prompt_tokens)
-        want = cfg.sample_per_source.get(src, len(ids))
-        if len(ids) < want:
-            raise ConfigError(f"source {src!r} has {len(ids)} pairs with a prompt of at most {cfg.max_prompt_tokens} "
-                              f"tokens; sample_per_source asks for {want}")
-        pick = np.random.default_rng(cfg.sample_seed).permutation(len(ids))[:want]
-        sample[src] = sorted(ids[i] for i in pick)
-    return sample, loaded
-
-
-def assign_folds(sample: dict, folds: int, rep: int) -> dict:
-    """``{row_id: fold}``: within each source a seeded permutation dealt round-robin (folds differ by <= 1 row)."""
-    fold = {}
-    for i, src in enumerate(sorted(sample)):
-        rng = np.random.default_rng([rep, i])
-        for pos, j in enumerate(rng.permutation(len(sample[src]))):
-            fold[sample[src][j]] = pos % folds
-    return fold
-
-
-def training_ids(sample: dict, fold_of: dict, k: int, per_source: int, rep: int) -> list[str]:
-    """Fold k's training pairs: ``per_source`` per source from the other folds (seeded; the same for every arm)."""
-    out = []
-    for i, src in enumerate(sorted(sample)):
-        pool = [rid for rid in sample[src] if fold_of[rid] != k]
-        if len(pool) < per_source:
-            raise ConfigError(f"source {src!r} has {len(pool)} pairs outside fold {k}; train_per_source is "
-                              f"{per_source}")
-        pick = np.random.default_rng([rep, k, i, 7]).permutation(len(pool))[:per_source]
-        out += sorted(pool[j] for j in pick)
-    return out
-
-
-def question_folds(n_questions: int, folds: int, rep: int) -> list[int]:
-    """Fold of each TruthfulQA question in a repetition (a seeded permutation dealt round-robin)."""
-    fold = [0] * n_questions
-    for pos, j in enumerate(np.random.default_rng([rep, 1000]).permutation(n_questions)):
-        fold[j] = pos % folds
-    return fold
-
-
-def truthfulqa_questions(cfg: ReproConfig) -> list[dict]:
-    from partitioner.truthfulqa import load_truthfulqa
-
-    if not cfg.truthfulqa:
-        return []
-    questions = load_truthfulqa(cfg.truthfulqa)
-    if cfg.truthfulqa_questions is not None and cfg.truthfulqa_questions < len(questions):
-        pick = np.random.default_rng(cfg.truthfulqa_seed).permutation(len(questions))[: cfg.truthfulqa_questions]
-        questions = [questions[i] for i in sorted(pick)]
-    return questions
-
-
 def score_rows(cfg: ReproConfig, rows, folder: Path):
     """M0's scores of ``rows`` (a resumable scored folder), read back as a dataset."""
     from partitioner import ScoringConfig, read_scored, score_preferences
@@ -393,7 +240,7 @@ def drop_models(run_dir: Path) -> None:
 
 def run(cfg: ReproConfig, command: str = "reproduce_sdpo.run(config) from Python") -> Path:
     """The whole replication into ``cfg.output_dir`` (resumable), then its per-row tables into ``rows_dir``."""
-    from reproduce_report import export_rows
+    from reproduce_rows import export_rows
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -431,7 +278,7 @@ def run(cfg: ReproConfig, command: str = "reproduce_sdpo.run(config) from Python
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, str(HERE))  # reproduce_report beside this file
+    sys.path.insert(0, str(HERE))  # reproduce_report and reproduce_rows beside this file
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s).")
     p.add_argument("--quick", action="store_true", help="Apply the config's quick: overrides (a few minutes).")
