@@ -7,6 +7,8 @@ Jobs:
     ``callback``: a DPOTrainer with ``StepwiseReferenceCallback``, recording the sampler rows each process trains on
         per optimizer step and, after every refresh, whether this process's reference equals its policy.
     ``fsdp_refresh``: policy and reference sharded with FSDP2 (``fully_shard``, gloo), refreshed, read back whole.
+
+``"fsdp2": true`` in a job: the Trainer shards with accelerate's FSDP2 on CPU (:func:`fsdp2_on_cpu`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RANK = int(os.environ.get("RANK", "0"))
+FSDP_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "configs" / "accelerate_fsdp.yaml"
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
@@ -52,6 +55,42 @@ def watch_writes(roots: list[str]) -> list[list[str]]:
     return seen
 
 
+def fsdp2_on_cpu() -> None:
+    """Make every Accelerator of this process shard with FSDP2 on CPU processes (gloo).
+
+    The environment is what ``accelerate launch --config_file examples/configs/accelerate_fsdp.yaml`` sets (its
+    ``fsdp_config`` keys, upper-cased). accelerate itself turns FSDP on only for GPU-like devices: on CPU
+    ``AcceleratorState`` keeps MULTI_CPU and drops the plugin, and the Trainer would silently train as DDP. So a
+    MULTI_CPU state given an FSDP plugin is switched to FSDP here, as accelerate's GPU branch does it; FSDP2's
+    ``fully_shard`` runs on gloo (``test_hard_refresh_reaches_fsdp2_shards``)."""
+    import yaml
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    config = yaml.safe_load(FSDP_CONFIG.read_text())
+    assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
+    os.environ["ACCELERATE_USE_FSDP"] = "true"
+    for key, value in config["fsdp_config"].items():
+        os.environ[key.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    init = AcceleratorState.__init__
+
+    def init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP  # what the MULTI_GPU branch of __init__ sets
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init_fsdp_on_cpu
+
+
+def sharding(model) -> dict:
+    """How ``model``'s parameters lie on this process: how many are DTensors, and how many hold only a shard."""
+    params = list(model.parameters())
+    dtensors = [p for p in params if hasattr(p, "to_local")]
+    return {"params": len(params), "dtensors": len(dtensors),
+            "sharded": sum(tuple(p.to_local().shape) != tuple(p.shape) for p in dtensors)}
+
+
 def tensor_digest(tensors) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -65,13 +104,18 @@ def run_cli(job: dict) -> dict:
     from sdpo_cli.main import main
     from trainer_plugin.trainer import StepwiseDPOTrainer
 
-    out: dict = {"losses": {}, "ref_columns": {}, "scored_rows": {}, "rc": {}}
+    out: dict = {"losses": {}, "ref_columns": {}, "scored_rows": {}, "rc": {}, "sharding": {}}
     current = {"name": None}
     log, train, score_pairs = StepwiseDPOTrainer.log, StepwiseDPOTrainer.train, driver.score_pairs
 
     def recording_log(self, logs, start_time=None):
         if "loss" in logs:
             out["losses"][current["name"]].append([self.stepwise_step, self.state.global_step, logs["loss"]])
+            if self.state.global_step == 1:  # while training: the models as the trainer prepared them
+                out["sharding"][current["name"]].append({
+                    "step": self.stepwise_step, "distributed_type": self.accelerator.distributed_type.value,
+                    "fsdp": self.is_fsdp_enabled, "policy": sharding(self.model),
+                    "reference": None if self.ref_model is None else sharding(self.ref_model)})
             if job.get("kill_rank") == RANK and self.stepwise_step == 2 and self.state.global_step == 1:
                 os.killpg(os.getpgid(0), signal.SIGKILL)  # this process's whole group, mid-step
         return log(self, logs, start_time)
@@ -90,7 +134,7 @@ def run_cli(job: dict) -> dict:
     driver.score_pairs = counting_score_pairs
     for name, argv in job["runs"]:
         current["name"] = name
-        for key in ("losses", "ref_columns", "scored_rows"):
+        for key in ("losses", "ref_columns", "scored_rows", "sharding"):
             out[key][name] = []
         out["rc"][name] = main(["train", *argv])
     return out
@@ -211,6 +255,8 @@ def run_fsdp_refresh(job: dict) -> dict:
 
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
+    if job.get("fsdp2"):
+        fsdp2_on_cpu()
     writes = watch_writes(job.get("watch", []))
     result = {"callback": run_callback, "cli": run_cli, "fsdp_refresh": run_fsdp_refresh}[job["job"]](job)
     result.update(rank=RANK, writes=list(writes))

@@ -192,30 +192,63 @@ def test_precomputed_reference_scored_once_and_gathered_in_order(stepwise_runs):
         assert a["mean_margin"] == pytest.approx(b["mean_margin"], abs=LOGP_TOL)
 
 
-@pytest.mark.slow
-def test_rows_dropped_by_tokenization_keep_processes_aligned(shared_data, tiny_model_dir, tmp_path):
-    """Real HH-RLHF pairs, not tokenized in the partition, 5 of 12 with a prompt that fills max_length 128: under 2
-    processes `sdpo train` tokenizes before splitting the scoring passes, so both reference modes train both steps
-    with the one-process run's rows and optimizer steps (the split used to see each process drop its own rows)."""
+def dropped_rows_job(part: Path, model: Path, folder: Path, per_device: int, **extra) -> dict:
+    """``sdpo train`` on ``part`` in the live and the precomputed reference mode."""
+    return {"job": "cli", "watch": [str(folder / "runs"), str(part)], **extra, "runs": [
+        [mode, train_argv(part, model, folder / "runs" / mode, per_device, mode)] for mode in ("live", "precomputed")]}
+
+
+def step_records(folder: Path) -> dict[str, list[tuple]]:
+    """Each mode's (rows, rows_trained, optimizer_steps) per step, from its steps.json."""
+    return {mode: [(s["rows"], s["rows_trained"], s["optimizer_steps"])
+                   for s in json.loads((folder / "runs" / mode / "steps.json").read_text())["steps"]]
+            for mode in ("live", "precomputed")}
+
+
+@pytest.fixture(scope="module")
+def dropped_rows(shared_data, tiny_model_dir, tmp_path_factory):
+    """Real HH-RLHF pairs, not tokenized in the partition, 5 of 12 with a prompt that fills max_length 128, and the
+    one-process run's step records on them (batch 2), which every multi-process variant is held to."""
     from partitioner import PartitionConfig, load_preferences, partition_preferences
 
     rows = load_preferences([shared_data / "hh_rlhf_harmless" / "test.jsonl.gz"], limit_per_source=12)
-    part = partition_preferences(rows, tmp_path / "part", PartitionConfig(order="random", chunks=2, seed=1),
-                                 progress=False)
-    records = {}
-    for processes, per_device in ((1, 2), (2, 1)):
-        folder = tmp_path / f"p{processes}"
-        job = {"job": "cli", "watch": [str(folder / "runs"), str(part)], "runs": [
-            [mode, train_argv(part, tiny_model_dir, folder / "runs" / mode, per_device, mode)]
-            for mode in ("live", "precomputed")]}
-        done, reports = launch(job, folder, processes)
-        assert done.returncode == 0, done.stderr[-3000:]
-        for mode in ("live", "precomputed"):
-            steps = json.loads((folder / "runs" / mode / "steps.json").read_text())["steps"]
-            records[processes, mode] = [(s["rows"], s["rows_trained"], s["optimizer_steps"]) for s in steps]
+    part = partition_preferences(rows, tmp_path_factory.mktemp("hh-part"),
+                                 PartitionConfig(order="random", chunks=2, seed=1), progress=False)
+    folder = tmp_path_factory.mktemp("hh-p1")
+    done, _ = launch(dropped_rows_job(part, tiny_model_dir, folder, 2), folder, 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = step_records(folder)
     for mode in ("live", "precomputed"):
-        assert records[1, mode] == records[2, mode]
-        assert sum(r[1] for r in records[1, mode]) == 7  # the 5 long prompts dropped, as DPOTrainer drops them
+        assert sum(r[1] for r in records[mode]) == 7  # the 5 long prompts dropped, as DPOTrainer drops them
+    return part, records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_rows_dropped_by_tokenization_keep_processes_aligned(dropped_rows, tiny_model_dir, tmp_path, sharding):
+    """Under 2 processes (batch 1 each), DDP and FSDP2, `sdpo train` tokenizes before splitting the scoring passes,
+    so both reference modes train both steps with the one-process run's rows and optimizer steps (the split used to
+    see each process drop its own rows). FSDP2 is accelerate's, driven by the Trainer (the worker's ``fsdp2``)."""
+    part, one = dropped_rows
+    job = dropped_rows_job(part, tiny_model_dir, tmp_path, 1, fsdp2=sharding == "fsdp2")
+    done, reports = launch(job, tmp_path, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert step_records(tmp_path) == one
+    for report in reports:  # what each process's trainers trained: sharded under FSDP2, whole replicas under DDP
+        for mode in ("live", "precomputed"):
+            seen = report["sharding"][mode]
+            assert [s["step"] for s in seen] == [1, 2]
+            for s in seen:
+                policy, ref = s["policy"], s["reference"]
+                assert (ref is None) == (mode == "precomputed")  # no reference model while training
+                if sharding == "fsdp2":  # every parameter a DTensor holding half of it here (dim 0 split in 2)
+                    assert s["distributed_type"] == "FSDP" and s["fsdp"]
+                    assert policy["dtensors"] == policy["sharded"] == policy["params"] > 0
+                    assert ref is None or ref["dtensors"] == ref["sharded"] == ref["params"] > 0
+                else:  # the same job without the worker's switch: DDP replicas, so the switch is what shards
+
+                    assert s["distributed_type"] == "MULTI_CPU" and not s["fsdp"]
+                    assert policy["dtensors"] == 0 and (ref is None or ref["dtensors"] == 0)
 
 
 @pytest.mark.slow
@@ -275,7 +308,8 @@ def test_callback_under_two_processes_keeps_chunks_and_refresh_steps(partitions,
 
 def test_hard_refresh_reaches_fsdp2_shards(tiny_model_dir, tmp_path):
     """accelerate 1.15 turns FSDP on only for GPU-like devices (on CPU the Trainer silently trains as DDP), so the
-    FSDP2 case is run with torch's ``fully_shard`` directly on 2 CPU processes (gloo)."""
+    refresh is checked on torch's ``fully_shard`` directly on 2 CPU processes (gloo); the Trainer-driven FSDP2 run
+    is ``test_rows_dropped_by_tokenization_keep_processes_aligned[fsdp2]`` (the worker switches accelerate over)."""
     done, reports = launch({"job": "fsdp_refresh", "model": str(tiny_model_dir)}, tmp_path, 2)
     assert done.returncode == 0, done.stderr[-3000:]
     for r in reports:
