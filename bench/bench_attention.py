@@ -2,7 +2,7 @@
 
 Same model (bundled SmolLM2-135M-Instruct, fp32), same rows (the first --rows orca rows, packed as the scorer
 packs them: pairs end to end up to --batch-tokens per line). Each variant runs in its own child process, chosen by
-``SDPO_PACKED_ATTENTION`` (:mod:`scorers.flex_attention`):
+the ``packed_attention`` option (:mod:`scorers.flex_attention`):
 
 * one attention call of one layer at SmolLM2-135M's shapes on lines of 256-token pairs: ``loop`` (anchor), ``flex``
   (compiled), ``flex_eager`` (flex's unfused implementation);
@@ -43,7 +43,8 @@ def child_score(args) -> dict:
     kept, _, _ = load_rows(args.rows, args.max_length)
     rows = kept.to_list()
     model = load_causal_lm("bundled", dtype="float32")
-    backend = TransformersBackend(model, max_length=args.max_length, batch_tokens=args.batch_tokens, progress=False)
+    backend = TransformersBackend(model, max_length=args.max_length, batch_tokens=args.batch_tokens, progress=False,
+                                  packed_attention=args.kernel)
     seconds = []
     for _ in range(2):  # first pass: compiles (flex); second: warm
         t0 = time.perf_counter()
@@ -75,7 +76,7 @@ def child_train(args) -> dict:
             lp = model(input_ids=torch.tensor([line.ids]), position_ids=torch.tensor([line.pos]),
                        attention_mask=layout_tensor([layout], "cpu"),
                        packed_predictors=torch.tensor([t[0] for t in line.targets]),
-                       packed_labels=torch.tensor([t[1] for t in line.targets]))[0]
+                       packed_labels=torch.tensor([t[1] for t in line.targets]), packed_attention=args.kernel)[0]
             lp.sum().backward()
         seconds.append(time.perf_counter() - t0)
     grad = model.get_input_embeddings().weight.grad
@@ -93,7 +94,7 @@ def child_layer(args) -> dict:
     from scorers.attention import layout_tensor, prefix_shared_attention
     from scorers.flex_attention import chosen_kernel, flex_prefix_attention
 
-    kind = chosen_kernel("cpu")
+    kind = chosen_kernel("cpu", args.kernel)
     attention = prefix_shared_attention if kind == "loop" else functools.partial(flex_prefix_attention,
                                                                                   compiled=kind == "flex")
 
@@ -121,8 +122,8 @@ def child_layer(args) -> dict:
 def run_child(role: str, kernel: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", role, "--rows", str(args.rows), "--train-rows", str(args.train_rows),
            "--max-length", str(args.max_length), "--batch-tokens", str(args.batch_tokens),
-           "--layer-lengths", *map(str, args.layer_lengths)]
-    env = {**os.environ, "TQDM_DISABLE": "1", "SDPO_PACKED_ATTENTION": kernel}
+           "--layer-lengths", *map(str, args.layer_lengths), "--kernel", kernel]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -143,6 +144,7 @@ def main():
     p.add_argument("--timeout", type=int, default=300, help="seconds a variant may run (then reported as timed out)")
     p.add_argument("--skip-model", action="store_true", help="only the one-layer timing")
     p.add_argument("--child", choices=("score", "train", "layer"))
+    p.add_argument("--kernel", default="loop", help="(child) packed_attention")
     args = p.parse_args()
     if args.child:
         print(json.dumps({"score": child_score, "train": child_train, "layer": child_layer}[args.child](args)))

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--packed-batch-tokens", type=int, default=None, help="PackedDPOTrainer's token budget")
     p.add_argument("--packed-attention", default="auto", choices=("auto", "loop", "flex", "flex_eager"),
-                   help="ours: the packed layout's attention (SDPO_PACKED_ATTENTION; auto = compiled FlexAttention "
+                   help="ours: the packed layout's attention (packed_attention; auto = compiled FlexAttention "
                         "on CUDA, one kernel per layer; loop = per-pair SDPA, the path before issue 24)")
     p.add_argument("--child", choices=("trl", "ours"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -122,7 +122,7 @@ def child(a) -> dict:
                      learning_rate=1e-6, max_length=a.max_length, bf16=a.dtype == "bfloat16",
                      fp16=a.dtype == "float16", report_to=[], gradient_checkpointing=a.gradient_checkpointing,
                      save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
-    extra = {"packed_batch_tokens": a.packed_batch_tokens} if ours else {}
+    extra = {"packed_batch_tokens": a.packed_batch_tokens, "packed_attention": a.packed_attention} if ours else {}
     trainer = Counted(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                       processing_class=load_tokenizer(a.model), callbacks=[timer], **extra)
     torch.cuda.reset_peak_memory_stats()
@@ -133,9 +133,8 @@ def child(a) -> dict:
 
 
 def spawn(which: str, argv: list[str]) -> dict:
-    attention = parse_args(argv).packed_attention
     proc = subprocess.run([sys.executable, __file__, *argv, "--child", which], capture_output=True, text=True,
-                          env={**os.environ, "TQDM_DISABLE": "1", "SDPO_PACKED_ATTENTION": attention})
+                          env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{which} run failed:\n{proc.stderr[-3000:]}")

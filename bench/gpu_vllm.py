@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -75,7 +74,6 @@ def main():
     p.add_argument("--packed-attention", default="auto", choices=("auto", "loop", "flex", "flex_eager"),
                    help="transformers backend: the packed layout's attention (auto = compiled FlexAttention on CUDA)")
     args = p.parse_args()
-    os.environ["SDPO_PACKED_ATTENTION"] = args.packed_attention
 
     import numpy as np
     import torch
@@ -111,7 +109,7 @@ def main():
         from scorers.transformers_backend import TransformersBackend
 
         tb = TransformersBackend(args.model, dtype=args.dtype, max_length=args.max_length, device="cuda",
-                                 batch_tokens=args.batch_tokens, progress=False)
+                                 batch_tokens=args.batch_tokens, progress=False, packed_attention=args.packed_attention)
         # warm-up, not timed: the distinct rows once, so the compiled kernels of the length buckets exist
         tb.score(rows[: max(8, len(rows) // args.repeat)])
         torch.cuda.synchronize()

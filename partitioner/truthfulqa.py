@@ -114,15 +114,17 @@ def mc_metrics(question: dict, loglik: dict[str, float]) -> dict:
 
 
 def score_truthfulqa(model, questions: list[dict], tokenizer=None, batch_tokens: int = 4096, device=None,
-                     linear_kernel: str = "auto") -> list[dict]:
+                     linear_kernel: str = "auto", packed_attention: str = "auto") -> list[dict]:
     """Per question: ``{"index", "mc1", "mc2", "loglik": {choice: log-likelihood}}`` under ``model``.
 
-    ``model``: a loaded causal LM or a path / hub id / ``"bundled"``; ``tokenizer`` defaults to the model's.
+    ``model``: a loaded causal LM or a path / hub id / ``"bundled"``; ``tokenizer`` defaults to the model's;
+    ``linear_kernel`` and ``packed_attention``: :class:`scorers.transformers_backend.TransformersBackend`'s.
     """
     from scorers.choices import ContinuationScorer
     from scorers.models import load_tokenizer
 
-    scorer = ContinuationScorer(model, batch_tokens=batch_tokens, device=device, linear_kernel=linear_kernel)
+    scorer = ContinuationScorer(model, batch_tokens=batch_tokens, device=device, linear_kernel=linear_kernel,
+                                packed_attention=packed_attention)
     if tokenizer is None:
         tokenizer = load_tokenizer(model if isinstance(model, str) else scorer.model_name)
     contexts, continuations, choices = [], [], []

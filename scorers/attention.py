@@ -37,11 +37,12 @@ def unmodelled_sliding_window(text_config, max_length: int | None) -> int | None
     return window if window is not None and (max_length is None or window < max_length) else None
 
 
-def prefix_attention(model, shared_kv=None, kernel: str | None = None):
+def prefix_attention(model, shared_kv=None, kernel: str = "auto"):
     """Context manager: ``model``'s attention runs the packed layout inside the block (every row also seeing
     ``shared_kv``, per layer, when given): :func:`prefix_shared_attention` (``loop``) or
     :func:`scorers.flex_attention.flex_prefix_attention` (``flex``, ``flex_eager``), as
-    :func:`scorers.flex_attention.chosen_kernel` picks for the model's device (``kernel``: force one)."""
+    :func:`scorers.flex_attention.chosen_kernel` picks ``kernel`` (the ``packed_attention`` option) for the
+    model's device."""
     kind = chosen_kernel(_device_type(model), kernel)
     if kind == "loop":
         name, function = PREFIX_ATTENTION, prefix_shared_attention

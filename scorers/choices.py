@@ -49,7 +49,7 @@ class ContinuationScorer(TransformersBackend):
     def _packed_attention(self):
         from .attention import prefix_attention
 
-        return prefix_attention(self.model, shared_kv=self._shared_kv)
+        return prefix_attention(self.model, shared_kv=self._shared_kv, kernel=self.packed_attention)
 
     def score_continuations(self, contexts: list[list[int]], continuations: list[list[list[int]]]) -> list[list[float]]:
         """``result[i][j]``: sum of log p(continuations[i][j] | contexts[i]) over the continuation's tokens.

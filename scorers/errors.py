@@ -19,12 +19,14 @@ class MissingDependencyError(UserError):
 
 
 def check_ranges(config) -> None:
-    """Raise :class:`ConfigError` for a field of the dataclass ``config`` outside the ``"min"`` / ``"max"`` its
-    ``field(metadata=...)`` declares (``None`` values pass: they mean "not set")."""
+    """Raise :class:`ConfigError` for a field of the dataclass ``config`` outside the ``"min"`` / ``"max"`` or the
+    ``"choices"`` its ``field(metadata=...)`` declares (``None`` values pass: they mean "not set")."""
     import dataclasses
 
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if value is not None and "choices" in f.metadata and isinstance(value, str):
+            check_choice(f.name, value, f.metadata["choices"])
         low, high = f.metadata.get("min"), f.metadata.get("max")
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue

@@ -18,22 +18,19 @@ layer) it runs ``torch.nn.attention.flex_attention`` once per layer with a ``Blo
   compiled kernel per bucket: lines up to 16,384 tokens give at most 7 shapes per model, dtype and shared-prefix
   length, under dynamo's default recompile limit (8).
 
-Which implementation runs (:func:`chosen_kernel`): ``SDPO_PACKED_ATTENTION`` = ``loop`` | ``flex`` |
-``flex_eager`` | ``auto`` (default). ``auto``: compiled FlexAttention on accelerators; the SDPA loop on CPU, where
-it measured faster (``bench/bench_attention.py``, ``bench/RESULTS.md``).
+Which implementation runs (:func:`chosen_kernel`) is the option ``packed_attention`` (declared once,
+:func:`packed_attention_field`, in ``ScoringConfig``, ``StepwiseConfig`` and ``sdpo truthfulqa``): ``loop`` |
+``flex`` | ``flex_eager`` | ``auto`` (default). ``auto``: compiled FlexAttention on accelerators; the SDPA loop on
+CPU, where it measured faster (``bench/bench_attention.py``, ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 
 KERNELS = ("auto", "loop", "flex", "flex_eager")
-ENV = "SDPO_PACKED_ATTENTION"
 MIN_BUCKET = 256
-
-
 
 def is_layout(mask) -> bool:
     """Whether an attention mask is the packed row layout (int64, ``(batch, 1, pairs, 3)``), not a plain mask."""
@@ -41,16 +38,29 @@ def is_layout(mask) -> bool:
 
     return isinstance(mask, torch.Tensor) and mask.dtype == torch.int64 and mask.dim() == 4 and mask.shape[-1] == 3
 
-def chosen_kernel(device_type: str, requested: str | None = None) -> str:
-    """``loop``, ``flex`` (compiled) or ``flex_eager`` for a forward on ``device_type``; ``requested`` (else the
-    ``SDPO_PACKED_ATTENTION`` variable, else ``auto``) names one, ``auto`` picks compiled flex off CPU, the loop on
-    CPU."""
+def packed_attention_field():
+    """The ``packed_attention`` option, declared here once for every config that runs the packed layout."""
+    from dataclasses import field
+
+    return field(default="auto", metadata={
+        "choices": KERNELS,
+        "help": "Attention of the packed prefix-shared layout: loop (SDPA per pair segment), flex (compiled "
+                "FlexAttention, one call per layer, no host sync), flex_eager (the same uncompiled) or auto "
+                "(flex on accelerators, the loop on CPU, where it measured faster)."})
+
+
+def chosen_kernel(device_type: str, requested: str = "auto") -> str:
+    """``loop``, ``flex`` (compiled) or ``flex_eager`` for a forward on ``device_type``: ``requested`` names one;
+    ``auto`` picks compiled flex off CPU, the loop on CPU.
+
+    Raises:
+        ConfigError: ``requested`` is not one of :data:`KERNELS`.
+    """
     from .errors import check_choice
 
-    name = requested or os.environ.get(ENV) or "auto"
-    check_choice(ENV, name, KERNELS)
-    if name != "auto":
-        return name
+    check_choice("packed_attention", requested, KERNELS)
+    if requested != "auto":
+        return requested
     return "loop" if device_type == "cpu" else "flex"
 
 

@@ -66,8 +66,9 @@ def install_packed_head(model) -> None:
     """Give ``model`` (a causal LM, not a wrapper) the packed mode of its ``forward`` (idempotent).
 
     Packed call: ``model(input_ids=(1, n), position_ids=(1, n), attention_mask=layout, packed_predictors=(m,),
-    packed_labels=(m,), packed_outputs=names)`` returns the tuple of :data:`TOKEN_STATS` for the ``m`` targets
-    (``None`` for the optional ones not named in ``packed_outputs``). The patch is an instance attribute, like TRL's
+    packed_labels=(m,), packed_outputs=names, packed_attention="auto")`` returns the tuple of :data:`TOKEN_STATS`
+    for the ``m`` targets (``None`` for the optional ones not named in ``packed_outputs``); ``packed_attention``
+    names the attention kernel (:func:`scorers.flex_attention.chosen_kernel`). The patch is an instance attribute, like TRL's
     own head, so ``scorers.compat.drop_trl_forward_patch`` removes both.
     """
     if has_packed_head(model):
@@ -76,11 +77,12 @@ def install_packed_head(model) -> None:
     logit_scale, softcap = lm_head_scaling(model.config.get_text_config())
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, packed_predictors=None, packed_labels=None, packed_outputs=(), **kwargs):
+    def forward(self, *args, packed_predictors=None, packed_labels=None, packed_outputs=(), packed_attention="auto",
+                **kwargs):
         if packed_labels is None:
             return previous(*args, **kwargs)
         kwargs["use_cache"] = False
-        with prefix_attention(self):
+        with prefix_attention(self, kernel=packed_attention):
             hidden = self.base_model(*args, **kwargs).last_hidden_state
         lm_head = self.get_output_embeddings()
         flat = hidden.reshape(-1, hidden.size(-1))

@@ -20,6 +20,7 @@ from .backend import LogProbBackend, token_columns
 from .columns import TRUNCATION_MODES
 from .compat import model_name_or_path
 from .errors import ConfigError, check_choice
+from .flex_attention import KERNELS
 from .onednn import (LINEAR_KERNELS, checked_onednn_swaps, linear_kernel, onednn_faster_for,
                      onednn_linear_available)
 from .packed_head import lm_head_scaling, lm_head_tile
@@ -43,11 +44,13 @@ class TransformersBackend(LogProbBackend):
             faster than torch's own (cached per process, :func:`scorers.onednn.onednn_is_faster`), else torch's
             own; ``"onednn"`` (error if unavailable) or ``"torch"``.
         progress: show a tqdm bar (tokens/s).
+        packed_attention: the packed layout's attention kernel (:func:`scorers.flex_attention.chosen_kernel`):
+            ``"auto"`` (default), ``"loop"``, ``"flex"`` or ``"flex_eager"``.
 
     Raises:
         ModelLoadError: the model cannot be loaded.
         ConfigError: packed scoring of a sliding-window model whose window is shorter than max_length, an
-            unknown ``linear_kernel``, or ``"onednn"`` where it cannot run (not fp32 on CPU, or not in this build).
+            unknown ``linear_kernel`` or ``packed_attention``, or ``"onednn"`` where it cannot run (not fp32 on CPU, or not in this build).
     """
 
     def __init__(
@@ -61,10 +64,13 @@ class TransformersBackend(LogProbBackend):
         device: str | None = None,
         progress: bool = True,
         linear_kernel: str = "auto",
+        packed_attention: str = "auto",
     ):
         from .models import load_causal_lm
 
         check_choice("linear_kernel", linear_kernel, LINEAR_KERNELS)
+        check_choice("packed_attention", packed_attention, KERNELS)
+        self.packed_attention = packed_attention
         check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
         if batch_tokens < 1:
             raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
@@ -103,7 +109,7 @@ class TransformersBackend(LogProbBackend):
 
     def _packed_attention(self):
         """The attention of packed rows inside our forwards (a subclass may add shared keys and values)."""
-        return prefix_attention(self.model)
+        return prefix_attention(self.model, kernel=self.packed_attention)
 
     def close(self) -> None:
         self.model = None

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scorers.columns import DTYPES
-from scorers.errors import ConfigError
+from scorers.errors import ConfigError, check_ranges
+from scorers.flex_attention import packed_attention_field
 
 
 @dataclass
@@ -21,8 +22,10 @@ class TruthfulQACommand:
     dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in.", "choices": DTYPES})
     device: str | None = field(default=None, metadata={"help": "Where to run (default cpu)."})
     batch_tokens: int = field(default=4096, metadata={"help": "Token budget per forward."})
+    packed_attention: str = packed_attention_field()
 
     def __post_init__(self):
+        check_ranges(self)
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.batch_tokens < 1:
@@ -47,7 +50,8 @@ def run(values: dict) -> int:
     questions = load_truthfulqa(cmd.csv, limit=cmd.limit)
     path = resolve_model_path(cmd.model)
     model = load_causal_lm(path, dtype=cmd.dtype, device=cmd.device)
-    results = score_truthfulqa(model, questions, tokenizer=load_tokenizer(path), batch_tokens=cmd.batch_tokens)
+    results = score_truthfulqa(model, questions, tokenizer=load_tokenizer(path), batch_tokens=cmd.batch_tokens,
+                               packed_attention=cmd.packed_attention)
     if cmd.output:
         atomic_write(Path(cmd.output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     n = len(results)

@@ -238,7 +238,8 @@ class StepwiseReferenceCallback(TrainerCallback):
         if live:
             self.ref_model = trainer.ref_model
         else:
-            self.scores = ScoredReference(trainer, batch_tokens=self.config.score_batch_tokens)
+            self.scores = ScoredReference(trainer, batch_tokens=self.config.score_batch_tokens,
+                                          packed_attention=self.config.packed_attention)
         self.accelerator = trainer.accelerator
         shards = 1 if trainer.accelerator.split_batches else trainer.accelerator.num_processes
         rows_per_step = args.train_batch_size * args.gradient_accumulation_steps * shards

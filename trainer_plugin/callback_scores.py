@@ -53,7 +53,7 @@ class ScoredReference:
             (the scorer sums every completion token), shards the weights (FSDP, ZeRO-3), or has no reference columns.
     """
 
-    def __init__(self, trainer, *, batch_tokens: int = 4096):
+    def __init__(self, trainer, *, batch_tokens: int = 4096, packed_attention: str = "auto"):
         args = trainer.args
         if getattr(trainer, "ref_model", None) is not None or not args.precompute_ref_log_probs:
             raise ValueError("ref_mode 'precomputed' keeps no reference model in memory: build the DPOTrainer with "
@@ -77,7 +77,7 @@ class ScoredReference:
 
         def score(model, rows):
             return score_pairs(model, rows, max_length=args.max_length, truncation_mode=args.truncation_mode,
-                               batch_tokens=batch_tokens)
+                               batch_tokens=batch_tokens, packed_attention=packed_attention)
 
         self._score = processes_of(args).split_scoring(score)
         compute_loss = trainer.compute_loss

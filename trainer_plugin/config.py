@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from scorers.columns import DTYPES
 from scorers.errors import ConfigError, UserError, check_choice, check_ranges
+from scorers.flex_attention import packed_attention_field
 
 REF_MODES = ("live", "precomputed", "peft")
 REF_REFRESHES = ("step", "never", "kl")
@@ -63,6 +64,7 @@ class StepwiseConfig:
         metadata={"min": 1, "help": "Packing: at most this many tokens per forward; a micro-batch (per_device_train_batch_size "
                   "pairs) with more is split, same gradient, one extra forward. Default: one forward per micro-batch."},
     )
+    packed_attention: str = packed_attention_field()
     score_batch_tokens: int = field(
         default=4096, metadata={"min": 1, "help": "Token budget per forward of the reference scoring passes."}
     )

@@ -91,7 +91,7 @@ def train_stepwise(
 
     def score_rows(m, tokenized):  # M's summed log-probs of chosen and rejected, as DPOTrainer's reference has them
         return score_pairs(m, tokenized, max_length=args.max_length, truncation_mode=args.truncation_mode,
-                           batch_tokens=config.score_batch_tokens)
+                           batch_tokens=config.score_batch_tokens, packed_attention=config.packed_attention)
 
     split_score = procs.split_scoring(score_rows)  # each row scored once, on one process; every process gets all
 
@@ -270,7 +270,8 @@ def _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks
     step_args.precompute_ref_log_probs = mode.precompute
     if sft:
         step_args.loss_type, step_args.loss_weights = ["sft"], None
-    packed = {"packed_batch_tokens": config.packed_batch_tokens} if config.packing else {}
+    packed = ({"packed_batch_tokens": config.packed_batch_tokens, "packed_attention": config.packed_attention}
+              if config.packing else {})
     trainer = (PackedStepwiseDPOTrainer if config.packing else StepwiseDPOTrainer)(
         **packed,
         model=policy,

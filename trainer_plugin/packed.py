@@ -21,7 +21,8 @@ Raises (at construction, :class:`scorers.errors.ConfigError`): options the packe
 Assumptions:
     a text decoder (:mod:`scorers.attention`): no vision inputs, no prompt-learning PEFT (virtual tokens), no MoE
     auxiliary loss, no sliding window shorter than ``max_length``; batches from ``DataCollatorForPreference``
-    (right-padded). The attention is SDPA per pair segment whatever ``attn_implementation`` the model has. With a
+    (right-padded). The attention is the ``packed_attention`` kernel (an SDPA loop over pair segments on CPU, one
+    FlexAttention call per layer on accelerators by default) whatever ``attn_implementation`` the model has. With a
     split micro-batch under DDP, all but the last line's backward run in ``no_sync``; DeepSpeed and FSDP are refused
     with ``packed_batch_tokens``. TRL 1.x's ``compute_loss`` reads the per-token log-probs through one
     ``model(..., fused_lm_head=True)`` call (and one on ``self.ref_model`` with a live reference); this is checked
@@ -41,7 +42,8 @@ from trl import DPOTrainer
 from scorers.attention import prefix_attention, unmodelled_sliding_window
 from scorers.compat import (dpo_trainer_flags, fused_lm_output, trl_disable_gradient_checkpointing,
                             trl_reference_replaced, trl_use_adapter)
-from scorers.errors import ConfigError
+from scorers.errors import ConfigError, check_choice
+from scorers.flex_attention import KERNELS
 from scorers.packed_head import OPTIONAL_STATS, install_packed_head
 
 from .packed_batch import PackedBatch, pack_collated
@@ -116,12 +118,15 @@ class PackedForward:
 
     Args:
         packed_batch_tokens: at most this many tokens per forward (``None``: the whole micro-batch in one).
+        packed_attention: the packed layout's attention kernel, ``auto`` | ``loop`` | ``flex`` | ``flex_eager``
+            (:func:`scorers.flex_attention.chosen_kernel`).
     """
 
-    def __init__(self, *args, packed_batch_tokens: int | None = None, **kwargs):
+    def __init__(self, *args, packed_batch_tokens: int | None = None, packed_attention: str = "auto", **kwargs):
         if packed_batch_tokens is not None and packed_batch_tokens < 1:
             raise ConfigError(f"packed_batch_tokens must be >= 1 or None, got {packed_batch_tokens}")
-        self.packed_batch_tokens = packed_batch_tokens
+        check_choice("packed_attention", packed_attention, KERNELS)
+        self.packed_batch_tokens, self.packed_attention = packed_batch_tokens, packed_attention
         given = _dpo_init_arguments(args, kwargs)
         _refuse_before_init(given.get("args"), given.get("peft_config"), given.get("train_dataset"))
         super().__init__(*args, **kwargs)
@@ -146,7 +151,7 @@ class PackedForward:
 
     def training_step(self, model, inputs, *args, **kwargs):
         # Gradient checkpointing re-runs the layers during the backward pass: the packed attention must still be on.
-        with prefix_attention(causal_lm(model, self.accelerator)):
+        with prefix_attention(causal_lm(model, self.accelerator), kernel=self.packed_attention):
             return super().training_step(model, inputs, *args, **kwargs)
 
     def compute_ref_log_probs(self, model, inputs):
@@ -190,7 +195,7 @@ class PackedForward:
         for i, line in enumerate(batch.lines):
             sync = self.accelerator.no_sync(model) if i < last else contextlib.nullcontext()
             with sync, torch.enable_grad(), _restored_rng(rng_states[i], device), self.compute_loss_context_manager():
-                log_probs = _line_stats(model, line, ())[0]
+                log_probs = _line_stats(model, line, (), self.packed_attention)[0]
                 torch.autograd.backward(log_probs, grad.index_select(0, line.flat_index))
 
     def _run_lines(self, model, batch: PackedBatch, names, rng_states: list | None = None) -> list:
@@ -199,7 +204,7 @@ class PackedForward:
         for line in batch.lines:
             if rng_states is not None:
                 rng_states.append(_rng_state(batch.label_mask.device))
-            for k, values in enumerate(_line_stats(model, line, names)):
+            for k, values in enumerate(_line_stats(model, line, names, self.packed_attention)):
                 if values is None:
                     continue
                 if flat[k] is None:
@@ -260,9 +265,10 @@ def _refuse_before_init(args, peft_config, train_dataset) -> None:
             raise ConfigError("the packed DPO forward is for text models; vision datasets need packing=False")
 
 
-def _line_stats(model, line, names) -> tuple:
+def _line_stats(model, line, names, kernel: str) -> tuple:
     return model(input_ids=line.input_ids, position_ids=line.position_ids, attention_mask=line.layout,
-                 packed_predictors=line.predictors, packed_labels=line.labels, packed_outputs=names)
+                 packed_predictors=line.predictors, packed_labels=line.labels, packed_outputs=names,
+                 packed_attention=kernel)
 
 
 def _fused_output(batch: PackedBatch, stats):
@@ -273,4 +279,5 @@ def _fused_output(batch: PackedBatch, stats):
 
 class PackedDPOTrainer(PackedForward, DPOTrainer):
     """Drop-in ``trl.DPOTrainer`` with the packed, prefix-shared forward; same arguments, plus
-    ``packed_batch_tokens`` (at most this many tokens per forward; default: one forward per micro-batch)."""
+    ``packed_batch_tokens`` (at most this many tokens per forward; default: one forward per micro-batch) and
+    ``packed_attention`` (the attention kernel; default ``auto``)."""

@@ -71,6 +71,7 @@ def score_pairs(
     max_length: int | None,
     truncation_mode: str = "keep_start",
     batch_tokens: int = 4096,
+    packed_attention: str = "auto",
 ) -> tuple[list[float], list[float]]:
     """Summed log-probs of chosen and rejected completions under ``model``, as DPOTrainer's reference computes them.
 
@@ -79,6 +80,7 @@ def score_pairs(
 
     Args:
         dataset: rows with ``prompt_ids``/``chosen_ids``/``rejected_ids`` (a ``datasets.Dataset`` or list of dicts).
+        packed_attention: the packed layout's attention kernel (``StepwiseConfig.packed_attention``).
 
     Returns:
         ``(chosen_logps, rejected_logps)`` as Python float lists, in input order.
@@ -89,7 +91,7 @@ def score_pairs(
     was_training = model.training
     try:
         backend = TransformersBackend(model, max_length=max_length, truncation_mode=truncation_mode,
-                                      batch_tokens=batch_tokens, progress=False)
+                                      batch_tokens=batch_tokens, progress=False, packed_attention=packed_attention)
         out = backend.score(rows)
     finally:
         model.train(was_training)

@@ -88,7 +88,8 @@ def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, crossfi
     record = read_json(work / CROSSFIT_RECORD, "cross-fit record") if (work / CROSSFIT_RECORD).exists() else {}
     record.update(folds=folds, seed=seed, pairs=len(ids), fold_seconds=record.get("fold_seconds", {}))
     score = lambda m, rows: score_pairs(m, rows, max_length=args.max_length,  # noqa: E731
-                                        truncation_mode=args.truncation_mode, batch_tokens=config.score_batch_tokens)
+                                        truncation_mode=args.truncation_mode, batch_tokens=config.score_batch_tokens,
+                                        packed_attention=config.packed_attention)
     if CHOSEN_LOGPS in dataset.column_names:
         m0_chosen, m0_rejected = list(dataset[CHOSEN_LOGPS]), list(dataset[REJECTED_LOGPS])
     else:

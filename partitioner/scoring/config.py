@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from scorers.columns import BACKENDS, DIFFICULTY, DTYPES, TRUNCATION_MODES
 from scorers.errors import ConfigError, check_choice, check_ranges
+from scorers.flex_attention import packed_attention_field
 from scorers.onednn import LINEAR_KERNELS
 from scorers.signals import parse_signals
 
@@ -54,6 +55,7 @@ class ScoringConfig:
     linear_kernel: str = field(default="auto", metadata={
         "help": "transformers backend: fp32 GEMM of the linear layers on CPU: auto (oneDNN where this torch has it), "
                 "onednn or torch (torch's default, MKL)."})
+    packed_attention: str = packed_attention_field()
     backend: str = field(default="transformers", metadata={
         "help": "Reference log-prob backend: transformers, vllm (offline engine) or vllm-server (a running server)."})
     vllm_options: dict = field(default_factory=dict, metadata={

@@ -40,7 +40,7 @@ def make_backend(config: ScoringConfig) -> LogProbBackend:
     if config.backend == "transformers":
         return TransformersBackend(config.model, dtype=config.dtype, batch_tokens=config.batch_tokens,
                                    packed=config.packed, device=config.device, linear_kernel=config.linear_kernel,
-                                   **common)
+                                   packed_attention=config.packed_attention, **common)
     if config.backend == "vllm":
         from scorers.vllm_backend import VLLMBackend
 
@@ -73,7 +73,8 @@ class PartScorer:
             self.policy = TransformersBackend(
                 config.policy_model, dtype=config.dtype, max_length=config.max_length,
                 truncation_mode=config.truncation_mode, batch_tokens=config.batch_tokens, packed=config.packed,
-                device=config.device, progress=config.progress, linear_kernel=config.linear_kernel)
+                device=config.device, progress=config.progress, linear_kernel=config.linear_kernel,
+                packed_attention=config.packed_attention)
         self.reward = None
         if config.reward_model:
             from scorers.reward_model import RewardModelScorer
