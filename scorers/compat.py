@@ -64,18 +64,25 @@ def trl_tokenize(tokenizer, text_or_messages, **kwargs) -> dict:
 
 
 @contextlib.contextmanager
-def skip_trl_ref_weight_hash():
-    """Inside the block, DPOTrainer's ``__init__`` does not hash every weight (~0.5 s for 135M parameters): TRL
-    hashes them only to key its own cache of precomputed reference log-probs, which is bypassed when the log-probs
-    are given (:class:`KeepGivenRefLogps`)."""
+def trl_init_with_given_ref_logps(policy_is_loaded: bool = True):
+    """Inside the block, DPOTrainer's ``__init__`` skips what it does only to compute reference log-probs, which
+    are given (:class:`KeepGivenRefLogps`):
+
+    * hashing every weight (~0.5 s for 135M parameters), the key of TRL's own cache of precomputed log-probs;
+    * when ``policy_is_loaded`` (the policy is a model, not a path, so TRL loads nothing else from a path): loading
+      a reference model from the policy's path, which TRL does under FSDP (``precompute_ref_log_probs`` without a
+      ``ref_model``: the policy is not sharded yet, so it precomputes with a fresh whole copy, then frees it).
+    """
     import trl.trainer.dpo_trainer as dpo_module
 
-    original = dpo_module.hash_module
+    originals = dpo_module.hash_module, dpo_module.create_model_from_path
     dpo_module.hash_module = lambda module: "stepwise-given-ref-logps"
+    if policy_is_loaded:
+        dpo_module.create_model_from_path = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        dpo_module.hash_module = original
+        dpo_module.hash_module, dpo_module.create_model_from_path = originals
 
 
 class KeepGivenRefLogps:

@@ -100,13 +100,16 @@ def tensor_digest(tensors) -> str:
 
 def run_cli(job: dict) -> dict:
     """``sdpo train`` once per entry of ``job['runs']``; the trainers' losses and reference columns recorded."""
+    import trl.trainer.dpo_trainer as dpo_module
+
     import trainer_plugin.driver as driver
     from sdpo_cli.main import main
     from trainer_plugin.trainer import StepwiseDPOTrainer
 
-    out: dict = {"losses": {}, "ref_columns": {}, "scored_rows": {}, "rc": {}, "sharding": {}}
+    out: dict = {"losses": {}, "ref_columns": {}, "scored_rows": {}, "rc": {}, "sharding": {}, "trl_loads": {}}
     current = {"name": None}
     log, train, score_pairs = StepwiseDPOTrainer.log, StepwiseDPOTrainer.train, driver.score_pairs
+    load = dpo_module.create_model_from_path
 
     def recording_log(self, logs, start_time=None):
         if "loss" in logs:
@@ -126,15 +129,20 @@ def run_cli(job: dict) -> dict:
             out["ref_columns"][current["name"]].append([list(ds["ref_chosen_logps"]), list(ds["ref_rejected_logps"])])
         return train(self, *args, **kwargs)
 
+    def counting_load(*args, **kwargs):  # a model DPOTrainer loads from a path itself
+        out["trl_loads"][current["name"]].append(str(args[0]) if args else "")
+        return load(*args, **kwargs)
+
     def counting_score_pairs(model, dataset, **kw):
         out["scored_rows"][current["name"]].append(len(dataset))
         return score_pairs(model, dataset, **kw)
 
     StepwiseDPOTrainer.log, StepwiseDPOTrainer.train = recording_log, recording_train
     driver.score_pairs = counting_score_pairs
+    dpo_module.create_model_from_path = counting_load
     for name, argv in job["runs"]:
         current["name"] = name
-        for key in ("losses", "ref_columns", "scored_rows", "sharding"):
+        for key in ("losses", "ref_columns", "scored_rows", "sharding", "trl_loads"):
             out[key][name] = []
         out["rc"][name] = main(["train", *argv])
     return out

@@ -32,7 +32,9 @@ def test_installed_versions_are_in_range():
 def test_patches_are_undone():
     import trl.trainer.dpo_trainer as dpo_module
 
-    original = dpo_module.hash_module
-    with compat.skip_trl_ref_weight_hash():
-        assert dpo_module.hash_module is not original
-    assert dpo_module.hash_module is original
+    originals = dpo_module.hash_module, dpo_module.create_model_from_path
+    with compat.trl_init_with_given_ref_logps():
+        assert dpo_module.hash_module is not originals[0] and dpo_module.create_model_from_path is not originals[1]
+    with compat.trl_init_with_given_ref_logps(policy_is_loaded=False):  # TRL loads the policy from its path
+        assert dpo_module.create_model_from_path is originals[1]
+    assert (dpo_module.hash_module, dpo_module.create_model_from_path) == originals

@@ -238,6 +238,9 @@ def test_rows_dropped_by_tokenization_keep_processes_aligned(dropped_rows, tiny_
         for mode in ("live", "precomputed"):
             seen = report["sharding"][mode]
             assert [s["step"] for s in seen] == [1, 2]
+            # the driver hands TRL its models (and, precomputed, the reference log-probs): TRL loads none from a
+            # path, not even the whole reference it would load under FSDP to precompute what is given
+            assert report["trl_loads"][mode] == []
             for s in seen:
                 policy, ref = s["policy"], s["reference"]
                 assert (ref is None) == (mode == "precomputed")  # no reference model while training

@@ -3,7 +3,8 @@
 
 Given ``ref_chosen_logps``/``ref_rejected_logps`` columns with ``precompute_ref_log_probs=True`` (the
 ``precomputed`` reference mode), TRL would recompute them with its own reference; this trainer keeps them, and
-skips the weight hash TRL computes only to cache that recomputation (:mod:`scorers.compat`).
+skips what TRL does only for that recomputation: the weight hash that keys its cache and, under FSDP, loading a
+whole reference model (:func:`scorers.compat.trl_init_with_given_ref_logps`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from trl import DPOTrainer
 
 from scorers.columns import TRL_REF_CHOSEN, TRL_REF_REJECTED
-from scorers.compat import KeepGivenRefLogps, skip_trl_ref_weight_hash
+from scorers.compat import KeepGivenRefLogps, trl_init_with_given_ref_logps
 
 from .packed import PackedForward
 
@@ -31,7 +32,8 @@ class StepwiseDPOTrainer(KeepGivenRefLogps, DPOTrainer):
         given = (cfg is not None and cfg.precompute_ref_log_probs and has_ref_columns(kwargs.get("train_dataset"))
                  and (kwargs.get("eval_dataset") is None or has_ref_columns(kwargs.get("eval_dataset"))))
         if given:
-            with skip_trl_ref_weight_hash():
+            model = kwargs.get("model", args[0] if args else None)
+            with trl_init_with_given_ref_logps(policy_is_loaded=not isinstance(model, str)):
                 super().__init__(*args, **kwargs)
         else:
             super().__init__(*args, **kwargs)
