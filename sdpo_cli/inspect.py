@@ -66,12 +66,19 @@ def run(values: dict) -> int:
     if cmd.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
-    print(f"{'source':<24} {'format':<24} {'in':>7} {'kept':>7} {'rejected':>8} {'dups':>5}  reasons")
+    # Multi-response rows expand to several pairs each: then a pairs column (otherwise pairs = kept rows)
+    expanded = any(s["pairs"] != s["rows_kept"] for s in out["sources"])
+
+    def pairs(d) -> str:
+        return f" {d['pairs']:>7}" if expanded else ""
+
+    print(f"{'source':<24} {'format':<24} {'in':>7} {'kept':>7}{' pairs'.rjust(8) if expanded else ''} "
+          f"{'rejected':>8} {'dups':>5}  reasons")
     for s in out["sources"]:
         reasons = ", ".join(f"{k}={v}" for k, v in s["reject_reasons"].items())
-        print(f"{s['source']:<24} {str(s['format']):<24} {s['rows_in']:>7} {s['rows_kept']:>7} "
+        print(f"{s['source']:<24} {str(s['format']):<24} {s['rows_in']:>7} {s['rows_kept']:>7}{pairs(s)} "
               f"{s['rows_rejected']:>8} {s['duplicates']:>5}  {reasons}")
-    print(f"{'total':<49} {out['rows_in']:>7} {out['rows_kept']:>7} {out['rows_rejected']:>8}")
+    print(f"{'total':<49} {out['rows_in']:>7} {out['rows_kept']:>7}{pairs(out)} {out['rows_rejected']:>8}")
     if "tokenized" in out:
         t = out["tokenized"]
         print(f"tokenized with {t['tokenizer']} (max_length {t['max_length']}): {t['rows_kept']} kept, "

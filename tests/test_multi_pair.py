@@ -225,8 +225,11 @@ def test_cli_inspect_has_the_pairing_flag():
     report = json.loads(proc.stdout)
     assert (report["rows_in"], report["rows_kept"], report["pairs"]) == (3, 3, 13)
     assert report["sources"][0]["format"] == "ultrafeedback"
-    proc = _run_cli("inspect", path)
+    proc = _run_cli("inspect", path, "--pairing", "all")
     assert proc.returncode == 0 and "ultrafeedback" in proc.stdout, proc.stderr
+    header, *_, total = proc.stdout.splitlines()[:3]  # rows expand to pairs: the table has a pairs column
+    assert header.split()[:5] == ["source", "format", "in", "kept", "pairs"]
+    assert total.split()[1:5] == ["3", "3", "13", "0"]
 
 
 # --------------------------------------------------------------------------------------------- the curriculum
