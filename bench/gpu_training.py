@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from bench_scoring import matmul_params  # noqa: E402 - bench/ is this script's own folder
 from gpu_vllm import gpu_matmul_peak  # noqa: E402
+from scorers.flex_attention import KERNELS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="alternating runs of each contender; the fastest is kept")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--packed-batch-tokens", type=int, default=None, help="PackedDPOTrainer's token budget")
-    p.add_argument("--packed-attention", default="auto", choices=("auto", "loop", "flex", "flex_eager"),
+    p.add_argument("--packed-attention", default="auto", choices=KERNELS,
                    help="ours: the packed layout's attention (packed_attention; auto = compiled FlexAttention "
                         "on CUDA, one kernel per layer; loop = per-pair SDPA, the path before issue 24)")
     p.add_argument("--child", choices=("trl", "ours"), help=argparse.SUPPRESS)

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench_scoring import matmul_params  # noqa: E402 - bench/ is this script's own folder
+from scorers.flex_attention import KERNELS  # noqa: E402
 
 
 def gpu_matmul_peak(dtype, n: int = 8192, seconds: float = 3.0) -> float:
@@ -71,7 +72,7 @@ def main():
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--transformers", action="store_true", help="also score with our transformers backend on the GPU")
     p.add_argument("--batch-tokens", type=int, default=32768, help="transformers backend's token budget")
-    p.add_argument("--packed-attention", default="auto", choices=("auto", "loop", "flex", "flex_eager"),
+    p.add_argument("--packed-attention", default="auto", choices=KERNELS,
                    help="transformers backend: the packed layout's attention (auto = compiled FlexAttention on CUDA)")
     args = p.parse_args()
 

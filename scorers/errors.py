@@ -25,7 +25,7 @@ def check_ranges(config) -> None:
 
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if value is not None and "choices" in f.metadata and isinstance(value, str):
+        if isinstance(value, str) and "choices" in f.metadata:
             check_choice(f.name, value, f.metadata["choices"])
         low, high = f.metadata.get("min"), f.metadata.get("max")
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -32,11 +32,13 @@ import weakref
 KERNELS = ("auto", "loop", "flex", "flex_eager")
 MIN_BUCKET = 256
 
+
 def is_layout(mask) -> bool:
     """Whether an attention mask is the packed row layout (int64, ``(batch, 1, pairs, 3)``), not a plain mask."""
     import torch
 
     return isinstance(mask, torch.Tensor) and mask.dtype == torch.int64 and mask.dim() == 4 and mask.shape[-1] == 3
+
 
 def packed_attention_field():
     """The ``packed_attention`` option, declared here once for every config that runs the packed layout."""

@@ -68,8 +68,8 @@ def install_packed_head(model) -> None:
     Packed call: ``model(input_ids=(1, n), position_ids=(1, n), attention_mask=layout, packed_predictors=(m,),
     packed_labels=(m,), packed_outputs=names, packed_attention="auto")`` returns the tuple of :data:`TOKEN_STATS`
     for the ``m`` targets (``None`` for the optional ones not named in ``packed_outputs``); ``packed_attention``
-    names the attention kernel (:func:`scorers.flex_attention.chosen_kernel`). The patch is an instance attribute, like TRL's
-    own head, so ``scorers.compat.drop_trl_forward_patch`` removes both.
+    names the attention kernel (:func:`scorers.flex_attention.chosen_kernel`). The patch is an instance attribute,
+    like TRL's own head, so ``scorers.compat.drop_trl_forward_patch`` removes both.
     """
     if has_packed_head(model):
         return

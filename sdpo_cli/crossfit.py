@@ -51,14 +51,12 @@ def add_arguments(options) -> None:
 def run(values: dict) -> int:
     from pathlib import Path
 
-    from trl import DPOConfig
-
     from partitioner import partition_preferences, read_scored
     from partitioner.data.rejects import REJECTS_FILE, read_rejects
     from partitioner.partition.folder import read_manifest
     from trainer_plugin.selective import cross_fitted_difficulty
 
-    from .train import bf16_default, has_accelerator
+    from .train import dpo_config
 
     cmd = build(CrossFitCommand, values)
     scored = values.get("scored_dir")
@@ -67,12 +65,7 @@ def run(values: dict) -> int:
     if not cmd.output_dir:
         raise ConfigError("give the partition folder with --output-dir/-o")
     work = Path(cmd.work_dir or f"{cmd.output_dir}.crossfit")
-    overrides = {"output_dir": str(work)}
-    if "bf16" not in values and "fp16" not in values:
-        overrides["bf16"] = bf16_default()
-    if "use_cpu" not in values and not has_accelerator():
-        overrides["use_cpu"] = True
-    args = build(DPOConfig, {k: v for k, v in values.items() if k != "output_dir"}, **overrides)
+    _, args = dpo_config(values, output_dir=str(work))
     dataset, scoring = read_scored(scored)
     model = _scoring_model(scoring, cmd.model, scored)
     rejects = read_rejects(Path(scored) / REJECTS_FILE) if (Path(scored) / REJECTS_FILE).exists() else None

@@ -45,10 +45,25 @@ def has_accelerator() -> bool:
     return torch.accelerator.is_available()
 
 
+def dpo_config(values: dict, **fixed):
+    """The ``DPOConfig`` of the flags given (``fixed`` fields over them), with this machine's defaults where no flag
+    says otherwise: bf16 where an accelerator supports it, ``use_cpu`` where there is no accelerator. Returns the
+    defaults applied (``bf16`` among them when it was not given) and the config."""
+    from trl import DPOConfig
+
+    from .options import build
+
+    defaults = {}
+    if "bf16" not in values and "fp16" not in values:
+        defaults["bf16"] = bf16_default()
+    if "use_cpu" not in values and not has_accelerator():
+        defaults["use_cpu"] = True
+    return defaults, build(DPOConfig, {k: v for k, v in values.items() if k not in fixed}, **defaults, **fixed)
+
+
 def run(values: dict) -> int:
     from .options import build
     from scorers.errors import ConfigError
-    from trl import DPOConfig
 
     from trainer_plugin.config import StepwiseConfig
     from trainer_plugin.driver import train_stepwise
@@ -60,12 +75,7 @@ def run(values: dict) -> int:
         raise ConfigError(f"partition folder does not exist: {config.partition_dir}")
     if not values.get("output_dir"):
         raise ConfigError("give the run folder with --output-dir")
-    overrides = {}
-    if "bf16" not in values and "fp16" not in values:
-        overrides["bf16"] = bf16_default()
-    if "use_cpu" not in values and not has_accelerator():
-        overrides["use_cpu"] = True
-    dpo_args = build(DPOConfig, values, **overrides)
+    overrides, dpo_args = dpo_config(values)
     main = dpo_args.process_index == 0
     if not main:  # the other processes say only what goes wrong
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))

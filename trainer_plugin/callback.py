@@ -66,6 +66,7 @@ from scorers.compat import set_train_sampler
 from .callback_scores import ScoredReference
 from .config import StepwiseConfig
 from .inputs import load_detached_chunks
+from .ref_refresh import kl_probe
 from .reference import hard_refresh
 
 logger = logging.getLogger(__name__)
@@ -246,10 +247,7 @@ class StepwiseReferenceCallback(TrainerCallback):
         self.sampler = ChunkOrderedSampler(self.chunk_sizes, rows_per_step, seed=args.data_seed or args.seed)
         set_train_sampler(trainer, self.sampler)
         if self.config.ref_refresh == "kl":
-            import random
-
-            pick = random.Random(args.seed).sample(range(len(ds)), min(self.config.kl_probe_rows, len(ds)))
-            self._probe = ds.select(sorted(pick))
+            self._probe = kl_probe(ds, self.config.kl_probe_rows, args.seed)
             self._truncation = (args.max_length, args.truncation_mode)  # the probe cut as the collator cuts rows
         trainer.add_callback(self)
         return self
@@ -292,7 +290,9 @@ class StepwiseReferenceCallback(TrainerCallback):
                            "as resumed: exact only at a chunk boundary)")
         logger.info("stepwise reference (%s) moves at optimizer steps %s (chunks of %s steps)",
                     "reference model" if self.scores is None else "scored log-probs, no reference model",
-                    self.boundaries if self.config.ref_refresh == "step" else "never", self.sampler.steps_per_chunk())
+                    {"step": self.boundaries, "never": "never",
+                     "kl": f"{self.boundaries} where the KL to it exceeds {self.config.kl_threshold}"}[
+                        self.config.ref_refresh], self.sampler.steps_per_chunk())
 
     def _check_sharding(self, loader, accumulation: int) -> None:
         """The rows one optimizer step takes from the sampler's order, as the prepared dataloader shards it, must be

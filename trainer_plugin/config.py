@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scorers.columns import DTYPES
-from scorers.errors import ConfigError, UserError, check_choice, check_ranges
+from scorers.errors import ConfigError, UserError, check_ranges
 from scorers.flex_attention import packed_attention_field
 
 REF_MODES = ("live", "precomputed", "peft")
@@ -99,10 +99,7 @@ class StepwiseConfig:
     )
 
     def __post_init__(self):
-        check_ranges(self)
-        check_choice("ref_mode", self.ref_mode, REF_MODES)
-        check_choice("ref_refresh", self.ref_refresh, REF_REFRESHES)
+        check_ranges(self)  # also the declared choices: ref_mode, ref_refresh, dtype, packed_attention
         if self.ref_refresh != "step" and self.ref_mode == "peft":
             raise ConfigError(f"ref_refresh {self.ref_refresh!r} needs ref_mode 'live' or 'precomputed' (in 'peft' mode the "
                               "reference is the merged previous steps)")
-        check_choice("dtype", self.dtype, DTYPES)

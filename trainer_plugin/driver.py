@@ -29,8 +29,8 @@ from .config import StepwiseConfig, StepwiseInputError
 from .distributed import check_saves_whole, processes_of, weights_are_sharded
 from .inputs import check_tokenizer, ensure_tokens, load_chunks, load_held_out
 from .ref_modes import LiveReference, PeftReference, PrecomputedReference
-from .ref_refresh import ReferenceSchedule
-from .reference import score_pairs
+from .ref_refresh import ReferenceSchedule, kl_probe
+from .reference import score_pairs, scores_differ
 from .run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -195,8 +195,6 @@ def _load_saved_policy_m0(model_path, dtype: str):
 def _schedule(config, model_path, run, args, tokenizer, chunks) -> ReferenceSchedule:
     """The run's reference schedule: M(j) loaded from step_j (M0 from the model path); the KL probe is a seeded
     sample of ``kl_probe_rows`` training pairs of all chunks, fixed for the run."""
-    import random
-
     from datasets import concatenate_datasets
 
     from scorers.divergence import mean_token_kl
@@ -207,9 +205,7 @@ def _schedule(config, model_path, run, args, tokenizer, chunks) -> ReferenceSche
                                      "from it)")
         return _on_device(_load_saved_policy_m0(model_path if j == 0 else run.step_dir(j), config.dtype), args, config)
 
-    pool = concatenate_datasets(chunks)
-    pick = sorted(random.Random(args.seed).sample(range(len(pool)), min(config.kl_probe_rows, len(pool))))
-    probe = pool.select(pick)
+    probe = kl_probe(concatenate_datasets(chunks), config.kl_probe_rows, args.seed)
 
     def kl(policy, reference):
         return mean_token_kl(policy, reference, probe, max_length=args.max_length,
@@ -290,15 +286,9 @@ def _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks
 def _can_reuse_scores(manifest, model_path, args, config) -> bool:
     """Whether the partition's scores are M0's reference log-probs under this run's settings."""
     scoring = (manifest or {}).get("scoring") or {}
-    tok = scoring.get("tokenizer") or {}
     if not (config.reuse_partition_scores and model_path and scoring.get("model")):
         return False
-    from scorers.models import model_fingerprint
-
-    same_model = model_fingerprint(model_path).get("content_hash") == scoring["model"].get("content_hash")
-    return bool(same_model and tok.get("max_length") == args.max_length
-                and tok.get("truncation_mode", "keep_start") == args.truncation_mode
-                and scoring.get("dtype", "float32") == config.dtype)
+    return scores_differ(scoring, model_path, args.max_length, args.truncation_mode, config.dtype) is None
 
 
 def _trl_metrics(log_history: list[dict]) -> dict:

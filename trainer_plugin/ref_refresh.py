@@ -25,6 +25,14 @@ from typing import Callable
 logger = logging.getLogger(__name__)
 
 
+def kl_probe(dataset, rows: int, seed: int):
+    """The fixed probe of ``ref_refresh='kl'``: ``rows`` of ``dataset`` (all when fewer), a seeded sample in row
+    order."""
+    import random
+
+    return dataset.select(sorted(random.Random(seed).sample(range(len(dataset)), min(rows, len(dataset)))))
+
+
 class ReferenceSchedule:
     """Decides and holds step t's reference M(j).
 

@@ -64,6 +64,23 @@ def hard_refresh(policy: torch.nn.Module, reference: torch.nn.Module) -> None:
         _copy()
 
 
+def scores_differ(scoring: dict, model_path: str, max_length, truncation_mode: str, dtype: str) -> str | None:
+    """Why the ``chosen_logps``/``rejected_logps`` a scored folder (or a partition of one) records, under its
+    ``scoring`` settings (``scoring.json``), are not ``model_path``'s reference log-probs as DPOTrainer would compute
+    them with these settings; ``None`` when they are."""
+    from scorers.models import model_fingerprint
+
+    scored_by, tok = scoring.get("model") or {}, scoring.get("tokenizer") or {}
+    if model_fingerprint(model_path).get("content_hash") != scored_by.get("content_hash"):
+        return f"scored with model {scored_by.get('name_or_path')}, not {model_path}"
+    for name, scored, wanted in (("max_length", tok.get("max_length"), max_length),
+                                 ("truncation_mode", tok.get("truncation_mode", "keep_start"), truncation_mode),
+                                 ("dtype", scoring.get("dtype", "float32"), dtype)):
+        if scored != wanted:
+            return f"scored with {name} {scored}, not {wanted}"
+    return None
+
+
 def score_pairs(
     model: torch.nn.Module,
     dataset,
