@@ -5,7 +5,8 @@ M0, the ``DPOConfig`` flags given) on the other folds' pairs (:mod:`trainer_plug
 partitioned by that loss, easiest first, keeping the easiest ``--keep-fraction`` (default 0.5, as the paper) in
 ``--chunks`` steps (default 1): ``sdpo train PART`` trains on them. The fold runs live in ``--work-dir``
 (default ``PART.crossfit``): a rerun resumes them. Every PartitionConfig option is taken (``--partition.seed``
-for the partition's own seed).
+for the partition's own seed). The scored log-probs are the fold runs' reference: ``--model``, ``--max-length`` and
+``--truncation-mode`` default to the ones the folder was scored with, and other values are refused.
 
 Example::
 
@@ -65,12 +66,15 @@ def run(values: dict) -> int:
     if not cmd.output_dir:
         raise ConfigError("give the partition folder with --output-dir/-o")
     work = Path(cmd.work_dir or f"{cmd.output_dir}.crossfit")
-    _, args = dpo_config(values, output_dir=str(work))
     dataset, scoring = read_scored(scored)
+    # the fold runs cut pairs as the folder was scored unless told otherwise (a difference is refused below)
+    tok = scoring.get("tokenizer") or {}
+    as_scored = {k: tok[k] for k in ("max_length", "truncation_mode") if k not in values and k in tok}
+    _, args = dpo_config(values, output_dir=str(work), **as_scored)
     model = _scoring_model(scoring, cmd.model, scored)
     rejects = read_rejects(Path(scored) / REJECTS_FILE) if (Path(scored) / REJECTS_FILE).exists() else None
-    with_loss = cross_fitted_difficulty(dataset, model, args=args, work_dir=work,
-                                        crossfit=cmd.crossfit)
+    with_loss = cross_fitted_difficulty(dataset, model, args=args, work_dir=work, crossfit=cmd.crossfit,
+                                        scoring=scoring)
     out = partition_preferences(with_loss, cmd.output_dir, cmd.partition, rejects=rejects)
     m = read_manifest(out)
     print(f"cross-fitted {len(with_loss)} pairs over {cmd.crossfit.folds} folds ({work}); kept {m['rows_kept']} of "
@@ -79,19 +83,15 @@ def run(values: dict) -> int:
 
 
 def _scoring_model(scoring: dict, given: str | None, scored) -> str:
-    """M0: the scored folder's model (its log-probs are the fold runs' reference), or ``given`` when it is the same.
+    """M0: ``given``, else the scored folder's model (its log-probs are the fold runs' reference; another model is
+    refused by :func:`trainer_plugin.selective.cross_fitted_difficulty`).
 
     Raises:
-        ConfigError: ``given`` is another model than the one that scored the folder.
+        ConfigError: no ``given`` model and the folder does not name the one that scored it.
     """
-    from scorers.models import model_fingerprint
-
-    scored_by = (scoring or {}).get("model") or {}
-    if given is None:
-        if not scored_by.get("name_or_path"):
-            raise ConfigError(f"{scored} does not name the model that scored it; give it with --model")
-        return scored_by["name_or_path"]
-    if scored_by.get("content_hash") and model_fingerprint(given).get("content_hash") != scored_by["content_hash"]:
-        raise ConfigError(f"{scored} was scored with {scored_by.get('name_or_path')}, not {given}: the cross-fit's "
-                          "reference must be the model that scored the pairs")
-    return given
+    if given is not None:
+        return given
+    name = (scoring.get("model") or {}).get("name_or_path")
+    if not name:
+        raise ConfigError(f"{scored} does not name the model that scored it; give it with --model")
+    return name

@@ -253,7 +253,8 @@ def test_cross_fitted_difficulty_is_each_pairs_loss_under_the_model_that_never_s
 def test_cli_crossfit_partitions_the_easiest_half_by_held_out_loss(tiny_model_dir, shared_data, smollm2_tokenizer,
                                                                    tmp_path, capsys):
     """`sdpo crossfit SCORED -o PART`: cross-fits the scored pairs, keeps the easiest half by the column, in one
-    chunk; the dropped half is counted as rejects; a rerun resumes the fold runs (same partition rows)."""
+    chunk; the dropped half is counted as rejects; the fold runs stay in PART.crossfit (a rerun resumes them:
+    test_cross_fitted_difficulty_is_each_pairs_loss_under_the_model_that_never_saw_it)."""
     from partitioner import ScoringConfig, score_preferences
     from partitioner.partition.folder import load_partition, verify_partition
     from sdpo_cli.main import main
@@ -320,8 +321,8 @@ def test_callback_kl_refresh_moves_the_live_reference_by_the_threshold(partition
 
 def test_cli_crossfit_refuses_another_model_than_the_scored_folders(tiny_model_dir, shared_data, smollm2_tokenizer,
                                                                    tmp_path, capsys):
-    """The scored log-probs are the cross-fit's reference: another --model is one error line (exit 2), and a fold
-    too small to train is one line too, never a traceback."""
+    """The scored log-probs are the cross-fit's reference: another --model or --max-length than the folder was
+    scored with is one error line (exit 2), and a fold too small to train is one line too, never a traceback."""
     from partitioner import ScoringConfig, score_preferences
     from sdpo_cli.main import main
 
@@ -332,6 +333,9 @@ def test_cli_crossfit_refuses_another_model_than_the_scored_folders(tiny_model_d
     assert main(["crossfit", str(scored), "-o", str(tmp_path / "p"), "--model", "bundled"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sdpo: error:") and "scored with" in err[0]
+    assert main(["crossfit", str(scored), "-o", str(tmp_path / "p"), "--max-length", str(MAX_LENGTH // 2)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"scored with max_length {MAX_LENGTH}, not {MAX_LENGTH // 2}" in err[0]
     code = main(["crossfit", str(scored), "-o", str(tmp_path / "p"), "--folds", "5", "--max-length", str(MAX_LENGTH)])
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("sdpo:")]
     assert code == 2 and len(err) == 1 and "fold" in err[0]

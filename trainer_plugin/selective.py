@@ -60,7 +60,7 @@ def crossfit_folds(row_ids: list[str], sources: list[str] | None, folds: int, se
 
 
 def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, crossfit: CrossFitConfig | None = None,
-                            config: StepwiseConfig | None = None):
+                            config: StepwiseConfig | None = None, scoring: dict | None = None):
     """``dataset`` with a ``crossfit_dpo_loss`` column (see the module docstring).
 
     Args:
@@ -70,20 +70,28 @@ def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, crossfi
         args: the ``trl.DPOConfig`` of every fold's training (``output_dir`` is replaced by ``work_dir/fold_j``).
         crossfit: folds and their seed (default: 2 folds, seed 0).
         config: the stepwise options of the fold runs (default: the precomputed reference).
+        scoring: the settings the dataset's log-probs were scored with (a scored folder's ``scoring.json``, as
+            ``partitioner.read_scored`` returns it): checked against ``model_path``, ``args`` and ``config``.
 
     Raises:
-        ConfigError: a fold without training or held-out pairs (fewer pairs than folds); one line.
+        ConfigError: a fold without training or held-out pairs (fewer pairs than folds), or log-probs scored with
+            another model, ``max_length``, ``truncation_mode`` or dtype than the fold runs use; one line.
     """
     from trainer_plugin.driver import train_stepwise
-    from trainer_plugin.reference import score_pairs
+    from trainer_plugin.reference import score_pairs, scores_differ
     from trainer_plugin.run_folder import load_step_model
 
+    config = config or StepwiseConfig(ref_mode="precomputed")
+    if scoring is not None and CHOSEN_LOGPS in dataset.column_names:
+        why = scores_differ(scoring, model_path, args.max_length, args.truncation_mode, config.dtype)
+        if why is not None:
+            raise ConfigError(f"the pairs were {why}: the cross-fit's reference must be M0's log-probs under the "
+                              "fold runs' settings")
     crossfit = crossfit or CrossFitConfig()
     folds, seed = crossfit.folds, crossfit.fold_seed
     work = Path(work_dir)
     ids = list(dataset[ROW_ID])
     fold_of = crossfit_folds(ids, list(dataset[SOURCE]) if SOURCE in dataset.column_names else None, folds, seed)
-    config = config or StepwiseConfig(ref_mode="precomputed")
     losses = [math.nan] * len(ids)
     record = read_json(work / CROSSFIT_RECORD, "cross-fit record") if (work / CROSSFIT_RECORD).exists() else {}
     record.update(folds=folds, seed=seed, pairs=len(ids), fold_seconds=record.get("fold_seconds", {}))
