@@ -19,20 +19,38 @@ class MissingDependencyError(UserError):
 
 
 def check_ranges(config) -> None:
-    """Raise :class:`ConfigError` for a field of the dataclass ``config`` outside the ``"min"`` / ``"max"`` or the
-    ``"choices"`` its ``field(metadata=...)`` declares (``None`` values pass: they mean "not set")."""
+    """Raise :class:`ConfigError` for a field of the dataclass ``config`` whose value does not fit what its
+    ``field(metadata=...)`` declares: ``"min"`` / ``"max"`` (inclusive; for a list, every number in it),
+    ``"choices"`` (of a string). ``None`` values pass: they mean "not set".
+
+    A number must also be finite, in every field, ranged or not: NaN would pass every range check (a comparison
+    with NaN is false) and mean nothing downstream; no option means by infinity what a large finite value does not
+    say as well, and the run records (JSON) would hold a non-standard ``Infinity``.
+    """
     import dataclasses
 
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, str) and "choices" in f.metadata:
             check_choice(f.name, value, f.metadata["choices"])
-        low, high = f.metadata.get("min"), f.metadata.get("max")
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
-            raise ConfigError(f"{f.name} must be {bounds}, got {value!r}")
+        for number in value if isinstance(value, (list, tuple)) else (value,):
+            check_number(f.name, number, f.metadata)
+
+
+def check_number(name: str, value, metadata) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite number inside the range ``metadata`` declares (see
+    :func:`check_ranges`); what is not a number passes (the field's type is checked by its converter)."""
+    import math
+
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high = metadata.get("min"), metadata.get("max")
+    bounds = "" if low is None and high is None else f" >= {low}" if high is None else f" <= {high}" if low is None \
+        else f" in [{low}, {high}]"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number{bounds}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"{name} must be{bounds}, got {value!r}")
 
 
 def check_choice(name: str, value, choices) -> None:

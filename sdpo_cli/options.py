@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import enum
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -96,9 +97,14 @@ def _convert_one(member, value, name: str):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{name}: expected a number, got {_short(value)}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{name}: expected a number, got {_short(value)}") from None
+        except OverflowError:  # an integer past float's range: infinite, as its text would parse
+            number = math.inf if value > 0 else -math.inf
+        if math.isnan(number):  # 'nan' parses as a float but means nothing as a setting (TRL's options too)
+            raise ConfigError(f"{name}: expected a number, not {_short(value)}")
+        return number
     if member is str or member is Path or (isinstance(member, type) and issubclass(member, enum.Enum)):
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected text (a string), got {_short(value)}")

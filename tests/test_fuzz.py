@@ -14,7 +14,9 @@ import dataclasses
 import gzip
 import json
 import lzma
+import math
 import tempfile
+import typing
 from pathlib import Path
 
 import pyarrow as pa
@@ -127,6 +129,7 @@ def test_arbitrary_json_values_in_every_field_of_every_layout(layout, data, ext)
 
 
 def _config_classes():
+    from sdpo_cli.crossfit import CrossFitCommand
     from sdpo_cli.inspect import InspectCommand
     from sdpo_cli.partition import PartitionCommand
     from sdpo_cli.score import ScoreCommand
@@ -137,9 +140,10 @@ def _config_classes():
     from partitioner.scoring.config import ScoringConfig
     from partitioner.scoring.ray_executor import RayConfig
     from trainer_plugin.config import StepwiseConfig
+    from trainer_plugin.selective import CrossFitConfig
 
-    return [LoadConfig, ScoringConfig, PartitionConfig, RunConfig, RayConfig, StepwiseConfig, TruthfulQACommand,
-            ScoreCommand, PartitionCommand, InspectCommand]
+    return [LoadConfig, ScoringConfig, PartitionConfig, RunConfig, RayConfig, StepwiseConfig, CrossFitConfig,
+            TruthfulQACommand, ScoreCommand, PartitionCommand, InspectCommand, CrossFitCommand]
 
 
 CLASSES = _config_classes()
@@ -168,3 +172,54 @@ def test_arbitrary_values_for_every_option(cls, data):
         build(cls, values)
     except UserError as e:
         assert str(e).strip() and "\n" not in str(e).strip()
+
+
+def float_options(cls) -> list[tuple[str, type, str, bool]]:
+    """``(option, dataclass, field, is_list)`` for every float or list-of-floats field of ``cls``, a nested config's
+    under its dotted and its flat option name."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if "section" in f.metadata:
+            for leaf, owner, name, is_list in float_options(f.metadata["section"]):
+                out += [(f"{f.name}.{leaf}", owner, name, is_list), (f.metadata.get("prefix", "") + leaf, owner, name,
+                                                                     is_list)]
+            continue
+        members = [a for a in typing.get_args(hints[f.name]) or (hints[f.name],) if a is not type(None)]
+        if float in members or list[float] in members:
+            out.append((f.name, cls, f.name, float not in members))
+    return out
+
+
+FLOAT_OPTIONS = sorted({(cls.__name__, *o): (cls, *o) for cls in CLASSES for o in float_options(cls)}.values(),
+                       key=lambda o: (o[0].__name__, o[1]))
+NON_FINITE = [math.nan, math.inf, -math.inf, "nan", "NaN", "inf", "-Infinity", 10**400]
+
+
+def _one_line_refusal(call) -> str:
+    with pytest.raises(UserError) as e:
+        call()
+    assert str(e.value).strip() and "\n" not in str(e.value).strip() and len(str(e.value)) < 300
+    return str(e.value)
+
+
+@pytest.mark.parametrize("cls, option, owner, name, is_list", FLOAT_OPTIONS,
+                         ids=[f"{o[0].__name__}-{o[1]}" for o in FLOAT_OPTIONS])
+def test_non_finite_values_for_every_float_option(cls, option, owner, name, is_list):
+    """NaN and ±infinity in every float field of every config (a list field: as one of its numbers) are refused
+    with one line, given as flag text or a YAML value (the command line's converters, then the config) or from
+    Python (the field's own dataclass): a comparison with NaN is false, so it passed every range check before."""
+    from sdpo_cli.options import Options, build
+
+    options = Options(argparse.ArgumentParser())
+    options.add_dataclass(cls)
+    assert option in options.converters
+    for raw in NON_FINITE:
+        given = ([0.5, raw] if not isinstance(raw, str) else f"0.5,{raw}") if is_list else raw
+        message = _one_line_refusal(lambda: build(cls, {option: options.converters[option](given)}))
+        assert name in message.replace("-", "_") or name in option
+    for value in (math.nan, math.inf, -math.inf):
+        _one_line_refusal(lambda: owner(**{name: [0.5, value] if is_list else value}))
+
