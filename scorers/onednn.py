@@ -80,12 +80,43 @@ def onednn_is_faster(in_features: int, out_features: int, tokens: int = 512, sec
 def onednn_faster_for(model) -> bool:
     """:func:`onednn_is_faster` for the shape class of ``model``'s linear layers: its widest ``nn.Linear`` below the
     LM head (the MLP's up projection in a decoder), the GEMMs that dominate a forward."""
+    shape = _widest_linear_shape(model, _swappable_linear)
+    return shape is not None and onednn_is_faster(*shape)
+
+
+def _widest_linear_shape(model, usable) -> tuple[int, int] | None:
     head = model.get_output_embeddings()
-    linears = [m for m in model.modules() if _swappable_linear(m) and m is not head]
+    linears = [m for m in model.modules() if usable(m) and m is not head]
     if not linears:
-        return False
+        return None
     widest = max(linears, key=lambda m: m.in_features * m.out_features)
-    return onednn_is_faster(widest.in_features, widest.out_features)
+    return widest.in_features, widest.out_features
+
+
+def auto_linear_kernel(model_name_or_path: str, dtype: str = "float32", device: str | None = None) -> str:
+    """What ``linear_kernel="auto"`` runs for the model at ``model_name_or_path`` in ``dtype`` on ``device`` on this
+    host, ``"onednn"`` or ``"torch"``, without loading its weights (its linear shapes come from a model built on the
+    meta device).
+
+    The answer is a timing (:func:`onednn_is_faster`) and can differ between two processes on a host where the two
+    GEMMs are close (AVX2-only x86): a job whose results must not depend on which process computed them (a resumed
+    scoring job, Ray actors) resolves it once and passes the answer on (``partitioner.scoring.config``)."""
+    import torch
+
+    if (device or "cpu") != "cpu" or dtype != "float32" or not onednn_linear_available():
+        return "torch"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import resolve_model_path
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model_name_or_path)))
+    except (OSError, ValueError, KeyError) as e:  # not a causal LM transformers builds: nothing to swap
+        logger.debug("linear shapes of %s unknown: %s", model_name_or_path, e)
+        return "torch"
+    shape = _widest_linear_shape(model, lambda m: type(m) is torch.nn.Linear)
+    return "onednn" if shape is not None and onednn_is_faster(*shape) else "torch"
 
 
 def _fused_gate_up(mlp, x):

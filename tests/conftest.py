@@ -20,6 +20,54 @@ except ImportError:
     pass
 
 
+AUTO_LINEAR_KERNELS = ("onednn", "torch")
+KERNEL_SITE = REPO_ROOT / "tests" / "kernel_site"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--auto-linear-kernel", choices=("measure", *AUTO_LINEAR_KERNELS), default="measure",
+        help="What linear_kernel='auto' picks in the test process and every subprocess it starts: this host's "
+             "measurement (default), or forced to oneDNN (what AVX-512 hosts measure) or torch/MKL (what some "
+             "AVX2-only hosts measure), to run the suite as another host would.")
+
+
+def pytest_configure(config):
+    forced = config.getoption("--auto-linear-kernel")
+    if forced != "measure":  # subprocesses: tests/kernel_site/sitecustomize.py applies the same choice
+        os.environ["SDPO_TESTS_AUTO_LINEAR_KERNEL"] = forced
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(KERNEL_SITE), os.environ.get("PYTHONPATH")) if p)
+
+
+def _force_auto_linear_kernel(monkeypatch, choice: str) -> None:
+    import scorers.onednn as onednn
+
+    monkeypatch.setattr(onednn, "onednn_is_faster", lambda *a, **kw: choice == "onednn")
+
+
+@pytest.fixture(autouse=True)
+def _forced_auto_linear_kernel(request, monkeypatch):
+    """This process's side of ``--auto-linear-kernel``."""
+    forced = request.config.getoption("--auto-linear-kernel")
+    if forced != "measure":
+        _force_auto_linear_kernel(monkeypatch, forced)
+
+
+@pytest.fixture(params=AUTO_LINEAR_KERNELS)
+def each_auto_linear_kernel(request, monkeypatch, _forced_auto_linear_kernel) -> str:
+    """Runs a kernel-dependent test once per outcome of linear_kernel='auto' (oneDNN, torch/MKL) whatever this host
+    measures, so CI checks the choice every other host may make."""
+    _force_auto_linear_kernel(monkeypatch, request.param)
+    return request.param
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a Python subprocess of a test: this checkout first on PYTHONPATH, the forced kernel site
+    (``--auto-linear-kernel``) kept."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

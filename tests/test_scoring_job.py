@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import real_pairs
+from conftest import real_pairs, subprocess_env
 
 from partitioner.io import read_arrow_stream
 from partitioner.data.tokenization import TokenizationError
@@ -20,6 +20,7 @@ from partitioner.scoring.config import ScoringConfig
 from partitioner.scoring.folder import ScoringError, read_scored
 from partitioner.scoring.job import score_preferences
 from scorers.models import ModelLoadError
+from scorers.onednn import onednn_linear_available
 from scorers.signals import get_signal, random_value
 from scorers.transformers_backend import TransformersBackend
 
@@ -169,10 +170,20 @@ def _score_cmd(data, out, model_dir):
     return [sys.executable, "-m", "sdpo_cli", *_score_args(data, out, model_dir)]
 
 
+# What linear_kernel="auto" measures, forced from outside the product: on an AVX2-only host oneDNN's and MKL's fp32
+# GEMMs are close, so two processes of one job can measure different winners.
+_FORCE_AUTO = """
+import os, signal, sys
+import scorers.onednn as onednn
+onednn.onednn_is_faster = lambda *a, **kw: {faster}
+"""
+_MAIN = """
+from sdpo_cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
 # The job, killed by SIGKILL right after it has written part 1 and its marker: the fault comes from outside the
 # product (a wrapper that patches the part writer), at an event, not after a time.
-_KILLED_AFTER_PART_1 = """
-import os, signal, sys
+_KILL_AFTER_PART_1 = """
 import partitioner.scoring.job as job
 write_part = job.write_part
 def write_then_die(out, k, table):
@@ -180,25 +191,36 @@ def write_then_die(out, k, table):
     if k == 1:
         os.kill(os.getpid(), signal.SIGKILL)
 job.write_part = write_then_die
-from sdpo_cli.main import main
-sys.exit(main(sys.argv[1:]))
 """
 
 
+def _score(data, out, model_dir, env, repo_root, *, faster: bool, killed: bool = False):
+    code = _FORCE_AUTO.format(faster=faster) + (_KILL_AFTER_PART_1 if killed else "") + _MAIN
+    return subprocess.run([sys.executable, "-c", code, *_score_args(data, out, model_dir)], env=env, cwd=repo_root,
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_resume_after_sigkill_is_byte_identical(tiny_model_dir, shared_data, tmp_path, repo_root):
+    """Killed after part 1 and resumed in a process whose auto kernel measurement picks the other GEMM (oneDNN in
+    the first process, MKL in the second, as on a host where the two are close): the folder's resolved kernel is
+    recorded when it is made and the resumed parts use it, so the result is byte-identical to an uninterrupted
+    run."""
     data = shared_data / "llamafactory_demo" / "dpo_en_demo.json"
-    env = {**os.environ, "PYTHONPATH": str(repo_root), "TOKENIZERS_PARALLELISM": "false"}
+    env = subprocess_env(TOKENIZERS_PARALLELISM="false")
     ref = tmp_path / "uninterrupted"
-    subprocess.run(_score_cmd(data, ref, tiny_model_dir), check=True, env=env, cwd=repo_root, capture_output=True)
+    proc = _score(data, ref, tiny_model_dir, env, repo_root, faster=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resolved = json.loads((ref / "settings.json").read_text())["linear_kernel_resolved"]
+    assert resolved == ("onednn" if onednn_linear_available() else "torch")
     out = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_PART_1, *_score_args(data, out, tiny_model_dir)],
-                            env=env, cwd=repo_root, capture_output=True, text=True, timeout=600)
+    killed = _score(data, out, tiny_model_dir, env, repo_root, faster=True, killed=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     done = sorted(p.name for p in (out / "parts").glob("*.done"))
     assert done == ["part-00000.done", "part-00001.done"] and not (out / "_SUCCESS").exists()
     n_parts = len(json.loads((ref / "scoring.json").read_text())["parts"])
     assert len(done) < n_parts
-    subprocess.run(_score_cmd(data, out, tiny_model_dir), check=True, env=env, cwd=repo_root, capture_output=True)
+    proc = _score(data, out, tiny_model_dir, env, repo_root, faster=False)  # this process would measure MKL
+    assert proc.returncode == 0, proc.stderr[-2000:]
     names = sorted(p.relative_to(ref).as_posix() for p in ref.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     for name in names:

@@ -53,8 +53,9 @@ class ScoringConfig:
     )
     seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the random signal."})
     linear_kernel: str = field(default="auto", metadata={
-        "help": "transformers backend: fp32 GEMM of the linear layers on CPU: auto (oneDNN where this torch has it), "
-                "onednn or torch (torch's default, MKL)."})
+        "help": "transformers backend: fp32 GEMM of the linear layers on CPU: auto (oneDNN where a short measurement "
+                "finds it faster on this host; resolved once per scored folder and recorded), onednn or torch "
+                "(torch's default, MKL)."})
     packed_attention: str = packed_attention_field()
     backend: str = field(default="transformers", metadata={
         "help": "Reference log-prob backend: transformers, vllm (offline engine) or vllm-server (a running server)."})
@@ -93,6 +94,35 @@ class ScoringConfig:
             raise ConfigError("rating_columns must name two columns: chosen's and rejected's")
         if self.backend == "vllm-server" and not self.server_url:
             raise ConfigError("backend vllm-server needs server_url (--server-url http://HOST:PORT)")
+
+
+def pin_linear_kernel(config: ScoringConfig, settings: dict, out) -> tuple[ScoringConfig, dict]:
+    """``linear_kernel="auto"`` resolved once for the scored folder ``out``, so every part of it is computed with the
+    same kernel whichever process computes it (a resumed job, Ray actors): the answer is a timing that can differ
+    between processes where oneDNN's and MKL's GEMMs are close (:func:`scorers.onednn.auto_linear_kernel`).
+
+    Returns the config the scorers run (``linear_kernel`` the resolved ``"onednn"``/``"torch"``) and the settings
+    with ``linear_kernel_resolved`` added. A rerun into a folder whose other settings match reuses the recorded
+    answer instead of measuring again; explicit ``"onednn"``/``"torch"`` and the vLLM backends pass unchanged.
+    """
+    import json
+    from pathlib import Path
+
+    from scorers.onednn import auto_linear_kernel
+
+    if config.linear_kernel != "auto" or config.backend != "transformers":
+        return config, settings
+    recorded = None
+    path = Path(out) / "settings.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        old = None  # prepare_folder reports an unreadable settings file
+    if isinstance(old, dict) and {k: v for k, v in old.items() if k != "linear_kernel_resolved"} == settings:
+        recorded = old.get("linear_kernel_resolved")
+    resolved = recorded if recorded in ("onednn", "torch") else auto_linear_kernel(config.model, config.dtype,
+                                                                                    config.device)
+    return dataclasses.replace(config, linear_kernel=resolved), {**settings, "linear_kernel_resolved": resolved}
 
 
 def job_settings(config: ScoringConfig, tokenizer, input_info: dict) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from scorers.columns import CANONICAL, ROW_ID
 
-from .config import ScoringConfig, job_settings
+from .config import ScoringConfig, job_settings, pin_linear_kernel
 from .folder import ScoringError, finish, part_done, prepare_folder, write_part
 from .part_scorer import PartScorer
 
@@ -94,6 +94,7 @@ def score_preferences(inputs, output_dir, config: ScoringConfig | None = None, *
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     settings = job_settings(config, tokenizer, {"fingerprint": _fingerprint(dataset), "rows": len(dataset),
                                                 "loader_rejects": len(loader_rejects)})
+    config, settings = pin_linear_kernel(config, settings, out)
     prepare_folder(out, settings, config.overwrite)
 
     kept, tok_rejects = tokenize_preferences(
