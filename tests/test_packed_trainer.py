@@ -107,6 +107,16 @@ def reward_floor(log: dict, beta: float) -> float:
     return beta * 8 * 2.0 ** (math.frexp(largest)[1] - 24)  # fp32 ulp: 24-bit significand
 
 
+def rewards_are_rounding_noise(log: dict, beta: float = 0.1) -> bool:
+    """Whether a step's logged rewards are all at fp32 rounding level: the policy equals its reference (step 1 with a
+    live reference, or the step after a refresh), so every pair's margin is the difference of two equal sums and
+    ``rewards/accuracies`` counts the signs of rounding noise. Which of those signs come out positive depends on the
+    kernels' summation order (oneDNN or MKL, AVX2 or AVX-512, flex or the loop), so the accuracy of such a step is
+    not compared between implementations; the rewards themselves are, within :func:`reward_floor`."""
+    floor = reward_floor(log, beta)
+    return all(abs(log[k]) <= floor for k in REWARDS)
+
+
 def assert_logs_match(trl_logs, ours_logs, floor_logs=None, beta=0.1):
     assert len(trl_logs) == len(ours_logs) > 0
     floor = {}
@@ -116,6 +126,8 @@ def assert_logs_match(trl_logs, ours_logs, floor_logs=None, beta=0.1):
     for step, (a, b) in enumerate(zip(trl_logs, ours_logs), start=1):
         assert a.keys() == b.keys()
         for k in a.keys() - NOT_METRICS:
+            if k == "rewards/accuracies" and rewards_are_rounding_noise(a, beta):
+                continue  # the fraction of positive rounding noise: host-dependent (see rewards_are_rounding_noise)
             tol = max(1e-4 * abs(a[k]), 1e-6, 3 * floor.get(k, 0.0))
             if k in REWARDS:
                 tol = max(tol, reward_floor(a, beta))
@@ -417,6 +429,8 @@ def test_driver_packs_by_default_and_the_drop_in_works_with_the_callback(tiny_mo
     for ours, trl in zip(steps[True], steps[False]):
         assert ours["trl"].keys() == trl["trl"].keys() and "rewards/margins" in trl["trl"]
         for k, v in trl["trl"].items():
+            if k == "rewards/accuracies":  # a mean over the step's logs, whose first has reference = policy (signs
+                continue  # of rounding noise); compared per log, where defined, by assert_logs_match below
             assert ours["trl"][k] == pytest.approx(v, rel=1e-4, abs=1e-4), k  # means over the step's logs
 
     data = concatenate_chunks(chunks).select_columns(["prompt", "chosen", "rejected", "stepwise_chunk"]).to_list()
@@ -431,7 +445,8 @@ def test_driver_packs_by_default_and_the_drop_in_works_with_the_callback(tiny_mo
         callback = StepwiseReferenceCallback().install(trainer)
         trainer.train()
         models[cls] = (model, [h for h in trainer.state.log_history if "loss" in h])
-        assert callback.refresh_steps == [2] and models[cls][1][2]["rewards/margins"] == 0  # reference = policy again
+        after_refresh = models[cls][1][2]
+        assert callback.refresh_steps == [2] and rewards_are_rounding_noise(after_refresh)  # reference = policy again
     assert_logs_match(models[DPOTrainer][1], models[PackedDPOTrainer][1])
     assert_updates_match(m0, models[DPOTrainer][0], models[PackedDPOTrainer][0])
 

@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import real_pairs
+from conftest import real_pairs, subprocess_env
 
 from partitioner.scoring.config import ScoringConfig
 from partitioner.scoring.folder import ScoringError, read_scored
@@ -237,7 +237,7 @@ def test_driver_crash_then_cli_resume(local_ray, tiny_model_dir, saved_pairs, sa
                                       repo_root):
     data, out = saved_pairs, tmp_path / "ray"
     script = _CRASHING_DRIVER.format(max_length=MAX_LENGTH, rows=ROWS_PER_PART)
-    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-c", script, str(data), str(out), str(tiny_model_dir), local_ray],
                           env=env, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 137, proc.stderr[-2000:]
@@ -320,7 +320,7 @@ def test_multi_node_cluster_survives_a_lost_node(tiny_model_dir, saved_pairs, sa
     script = _MULTI_NODE_DRIVER.format(max_length=MAX_LENGTH, rows=ROWS_PER_PART)
     with tempfile.TemporaryDirectory(prefix="sdpo-ray-") as ray_tmp:  # short socket paths; no /tmp/ray address file
         env = {**os.environ, "RAY_TMPDIR": ray_tmp,
-               "PYTHONPATH": os.pathsep.join([str(repo_root), str(repo_root / "tests")])}
+               "PYTHONPATH": os.pathsep.join([str(repo_root / "tests"), subprocess_env()["PYTHONPATH"]])}
         env.pop("RAY_ADDRESS", None)
         proc = subprocess.run([sys.executable, "-c", script, str(saved_pairs), str(out), str(tiny_model_dir),
                                str(events)], env=env, cwd=repo_root, capture_output=True, text=True, timeout=540)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 ARMS = ["dpo", "chunked_fixed_ref", "sdpo_by_source", "sdpo_easy_to_hard_2_per_token", "sdpo_easy_to_hard_2",
         "sdpo_random_2", "sdpo_hard_to_easy_2", "selective_dpo"]
@@ -31,7 +32,7 @@ def examples(repo_root, monkeypatch) -> Path:
 
 def script_env(repo_root) -> dict:
     """The example scripts import this checkout's packages (a script's own folder is first on sys.path)."""
-    return {**os.environ, "PYTHONPATH": str(repo_root), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess_env(TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
 
 
 def _short_pairs(shared_data, tokenizer, n: int, max_length: int):

@@ -69,6 +69,7 @@ def _trl_per_token(model_dir, rows, mode):
 
 
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+@pytest.mark.usefixtures("each_auto_linear_kernel")  # oneDNN and MKL: what auto picks on any host
 def test_matches_trl_precompute(tiny_model_dir, tiny_model, smollm2_tokenizer, pairs, tmp_path, mode):
     kept, rejects = _tokenized(pairs, smollm2_tokenizer, mode)
     n_trunc = sum(a or b for a, b in zip(kept["chosen_truncated"], kept["rejected_truncated"]))

@@ -43,6 +43,7 @@ def test_csv_choices_and_metrics(truthfulqa_csv, tmp_path):
         load_truthfulqa(tmp_path / "nope.csv")
 
 
+@pytest.mark.usefixtures("each_auto_linear_kernel")  # oneDNN and MKL: what auto picks on any host
 def test_continuation_scorer_equals_plain_forwards(tiny_model_dir):
     """Shared prefix kept as keys/values + packed answer pairs == one plain forward per (context, continuation)."""
     import torch
@@ -91,10 +92,13 @@ def test_equal_to_lm_eval_harness(repo_root, truthfulqa_csv, tmp_path, monkeypat
         for choice, value in t["loglik"].items():
             assert o["loglik"][choice] == pytest.approx(value, abs=1e-3), (o["index"], choice)
         # equal to 4 decimals: within half a unit of the 4th (rounding both could still split 0.16165 / 0.16164)
-        assert o["mc1"] == t["mc1"] and o["mc2"] == pytest.approx(t["mc2"], abs=5e-5)
+        assert o["mc2"] == pytest.approx(t["mc2"], abs=5e-5)
+        # MC1 is an argmax: equal wherever no two answers are within the log-likelihoods' tolerance of each other
+        # (two kernels' rounding could order closer ones either way, on another host)
+        lls = sorted(t["loglik"].values())
+        assert o["mc1"] == t["mc1"] or min(b - a for a, b in zip(lls, lls[1:])) <= 2e-3, o["index"]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-    assert mean(ours, "mc1") == mean(theirs, "mc1") and mean(ours, "mc2") == pytest.approx(mean(theirs, "mc2"),
-                                                                                           abs=5e-5)
+    assert mean(ours, "mc2") == pytest.approx(mean(theirs, "mc2"), abs=5e-5)
 
 
 @pytest.mark.slow
