@@ -188,7 +188,8 @@ def test_precomputed_reference_scored_once_and_gathered_in_order(stepwise_runs):
     for a, b in [(s["reference"]["held_out"], z["reference"]["held_out"])
                  for s, z in zip(ours["steps"], theirs["steps"], strict=True)] + [
                 (ours["final"]["held_out"], theirs["final"]["held_out"])]:
-        assert a["pairs"] == b["pairs"] == 8 and a["reward_accuracy"] == b["reward_accuracy"]
+        # M1, M2 differ by DDP's rounding between 1 and 2 processes: one of 8 margins could sit at rounding level
+        assert a["pairs"] == b["pairs"] == 8 and abs(a["reward_accuracy"] - b["reward_accuracy"]) <= 1 / 8
         assert a["mean_margin"] == pytest.approx(b["mean_margin"], abs=LOGP_TOL)
 
 

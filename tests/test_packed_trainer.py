@@ -215,8 +215,8 @@ def test_ten_steps_match_trl(request, m0, tmp_path, rows_name, mode):
     ours, ours_logs, ours_grads = train(PackedDPOTrainer, m0, rows, dpo_args(tmp_path, truncation_mode=mode))
     assert trl.state.global_step == ours.state.global_step == 10
     floor = assert_logs_match(trl_logs, ours_logs, floor_logs)
-    # fp32 summation order alone moves TRL's own rewards, by no more than the bound used for them
-    assert max(floor[k] for k in REWARDS) > 0
+    # fp32 summation order alone moves TRL's own rewards (by a nonzero amount on the hosts seen so far; a host whose
+    # kernels happen to sum both shapes alike would move them by 0), by no more than the bound used for them
     assert all(abs(a[k] - f[k]) <= reward_floor(a, 0.1) for a, f in zip(trl_logs, floor_logs) for k in REWARDS)
     assert_grads_match(trl_grads, ours_grads)
     assert_updates_match(m0, trl.model, ours.model)

@@ -119,7 +119,9 @@ def test_model_signals(tiny_model_dir, pairs, tmp_path):
     ds, meta = read_scored(out)
     assert ds["rating_gap"] == [a - b for a, b in zip(ds["score_chosen"], ds["score_rejected"])]
     assert len(ds) >= 3 and ds["score_chosen"] == [sub[sub["row_id"].index(r)]["score_chosen"] for r in ds["row_id"]]
-    pol = TransformersBackend(str(policy_dir), max_length=MAX_LENGTH, progress=False).score(ds.to_list())
+    pol = TransformersBackend(str(policy_dir), max_length=MAX_LENGTH, batch_tokens=2048,  # the job's lines
+                              linear_kernel=json.loads((out / "settings.json").read_text())["linear_kernel_resolved"],
+                              progress=False).score(ds.to_list())
     expect = 0.5 * ((np.array(pol["chosen_logps"]) - ds["chosen_logps"]) - (np.array(pol["rejected_logps"]) - ds["rejected_logps"]))
     np.testing.assert_allclose(ds["implicit_reward"], expect, atol=1e-6)
     np.testing.assert_allclose(ds["difficulty"], -expect, atol=1e-6)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 if importlib.util.find_spec("vllm") is None:  # not imported here: importing vllm changes os.environ
@@ -71,7 +72,10 @@ def test_vllm_chunking_does_not_change_results(vllm_engine, real_rows):
         split = vllm_engine.score(rows)
     finally:
         vllm_engine.chunk_tokens = 2000
-    assert split == whole
+    # another batch shape may sum in another order: equal token counts, sums within fp32 rounding of ~10^2 nats
+    assert split["chosen_tokens"] == whole["chosen_tokens"] and split["rejected_tokens"] == whole["rejected_tokens"]
+    for side in ("chosen_logps", "rejected_logps"):
+        np.testing.assert_allclose(split[side], whole[side], rtol=1e-6, atol=1e-4)
 
 
 def test_vllm_edge_rows(vllm_engine, tiny_model_dir):
