@@ -29,7 +29,10 @@ DEFAULT_SOURCES = {"orca": str(BUNDLED_DATA / "orca_dpo_pairs.jsonl"),
                    "hh_harmless": str(SHARED_DATA / "hh_rlhf_harmless" / "test.jsonl.gz")}
 DEFAULT_TRUTHFULQA = str(SHARED_DATA / "truthfulqa" / "TruthfulQA.csv")
 # Settings that change no number: a rerun may change them (more repetitions or arms, keeping the models or not).
-NOT_IDENTITY = ("output_dir", "rows_dir", "repetitions", "arms", "keep_models", "quick")
+NOT_IDENTITY = ("output_dir", "rows_dir", "repetitions", "arms", "keep_models", "quick", "pilot", "comparisons",
+                "bootstrap", "pilot_rule", "primary_sources", "run_folds")
+# What the report needs beside the identity (recorded in config.json as "analysis").
+ANALYSIS = ("comparisons", "bootstrap", "pilot_rule", "primary_sources", "train_sources")
 
 
 @dataclass
@@ -53,6 +56,10 @@ class ReproConfig:
         "help": "One seed per repetition: its fold assignment, training subsamples and training seed."})
     train_per_source: int = field(default=40, metadata={
         "help": "Training pairs per source of each fold's models, drawn from the other folds (same for all arms)."})
+    train_sources: list | None = field(default=None, metadata={
+        "help": "Sources the models train on (default: every source); the others are only held out."})
+    run_folds: list | None = field(default=None, metadata={
+        "help": "Folds whose models are trained and evaluated (default: all; the pilot runs one)."})
     gamma_probe_per_fold: int = field(default=96, metadata={
         "help": "Held-out rows of each fold on which γ_ref of every intermediate M(t) is measured."})
     truthfulqa: str | None = field(default=DEFAULT_TRUTHFULQA, metadata={"help": "TruthfulQA.csv; null: skip."})
@@ -61,7 +68,16 @@ class ReproConfig:
     truthfulqa_seed: int = field(default=0, metadata={"help": "Seed of the TruthfulQA subset."})
     arms: dict = field(default_factory=dict, metadata={
         "help": "{arm: PartitionConfig options}; 'reseed: true' draws the partition with the repetition's seed; "
-                "'stepwise: {...}' StepwiseConfig options of this arm only."})
+                "'stepwise: {...}' StepwiseConfig options and 'training: {...}' DPOConfig options of this arm only."})
+    comparisons: dict = field(default_factory=dict, metadata={
+        "help": "{family: {metrics: [...], strata: [...], pairs: ['A - B', ...]}}: every planned comparison, fixed "
+                "before the run; each family is Holm-corrected on its own (reproduce_report.py)."})
+    primary_sources: list | None = field(default=None, metadata={
+        "help": "Sources of the primary stratum, equally weighted (default: the training sources)."})
+    bootstrap: dict = field(default_factory=lambda: {"resamples": 100000, "seed": 0}, metadata={
+        "help": "Cluster bootstrap of the report: resamples and seed (recorded with the results)."})
+    pilot_rule: dict = field(default_factory=dict, metadata={
+        "help": "The pilot's choice rule (thresholds on the pilot arms' held-out metrics), written before the pilot."})
     training: dict = field(default_factory=dict, metadata={"help": "DPOConfig options shared by every arm."})
     stepwise: dict = field(default_factory=lambda: {"ref_mode": "precomputed"}, metadata={
         "help": "StepwiseConfig options shared by every arm."})
@@ -70,6 +86,8 @@ class ReproConfig:
     keep_models: bool = field(default=False, metadata={
         "help": "Keep every M(t)'s weights after its result is written (540 MB each for SmolLM2)."})
     quick: dict = field(default_factory=dict, metadata={"help": "Overrides applied by --quick."})
+    pilot: dict = field(default_factory=dict, metadata={
+        "help": "Overrides applied by --pilot: the learning-rate pilot's arms, repetition and fold."})
 
     def __post_init__(self):
         self.sources = dict(self.sources or DEFAULT_SOURCES)
@@ -84,26 +102,45 @@ class ReproConfig:
         if unknown:
             raise ConfigError(f"sample_per_source names unknown source(s) {', '.join(sorted(unknown))}")
         for key in ("output_dir", "max_length", "seed"):
-            if key in self.training:
+            if key in self.training or any(key in (a.get("training") or {}) for a in self.arms.values()):
                 raise ConfigError(f"training.{key} is set by the harness; use the top-level option instead")
+        self.train_sources = sorted(self.train_sources or self.sources)
+        self.primary_sources = sorted(self.primary_sources or self.train_sources)
+        unknown = (set(self.train_sources) | set(self.primary_sources)) - set(self.sources)
+        if unknown:
+            raise ConfigError(f"train_sources/primary_sources name unknown source(s) {', '.join(sorted(unknown))}")
+        if self.run_folds is not None and not set(self.run_folds) <= set(range(self.folds)):
+            raise ConfigError(f"run_folds must be among 0..{self.folds - 1}, got {self.run_folds}")
+        for name, fam in self.comparisons.items():
+            for pair in fam.get("pairs", []):
+                a, _, b = (x.strip() for x in str(pair).partition(" - "))
+                if not a or not b:
+                    raise ConfigError(f"comparison {pair!r} of family {name!r} is not 'A - B'")
 
     @classmethod
-    def from_yaml(cls, path, quick: bool = False, **overrides) -> ReproConfig:
-        """The config of a YAML file (with its ``quick:`` overrides applied when ``quick``), then ``overrides``."""
+    def from_yaml(cls, path, quick: bool = False, pilot: bool = False, **overrides) -> ReproConfig:
+        """The config of a YAML file (with its ``pilot:`` then ``quick:`` overrides applied when asked), then
+        ``overrides``."""
         import yaml
 
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
-        if quick:
-            for key, value in (raw.get("quick") or {}).items():
+        for block, wanted in (("pilot", pilot), ("quick", quick)):
+            for key, value in (raw.get(block) or {}).items() if wanted else ():
                 raw[key] = {**raw.get(key, {}), **value} if key in ("training", "stepwise") else value
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**raw)
 
+    def folds_run(self) -> list[int]:
+        return sorted(self.run_folds) if self.run_folds is not None else list(range(self.folds))
+
     def identity(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+
+    def analysis(self) -> dict:
+        return {k: getattr(self, k) for k in ANALYSIS}
 
     @property
     def beta(self) -> float:
@@ -146,10 +183,13 @@ def assign_folds(sample: dict, folds: int, rep: int) -> dict:
     return fold
 
 
-def training_ids(sample: dict, fold_of: dict, k: int, per_source: int, rep: int) -> list[str]:
-    """Fold k's training pairs: ``per_source`` per source from the other folds (seeded; the same for every arm)."""
+def training_ids(sample: dict, fold_of: dict, k: int, per_source: int, rep: int, sources=None) -> list[str]:
+    """Fold k's training pairs: ``per_source`` per source of ``sources`` (default all) from the other folds (seeded;
+    the same for every arm)."""
     out = []
     for i, src in enumerate(sorted(sample)):
+        if sources is not None and src not in sources:
+            continue
         pool = [rid for rid in sample[src] if fold_of[rid] != k]
         if len(pool) < per_source:
             raise ConfigError(f"source {src!r} has {len(pool)} pairs outside fold {k}; train_per_source is "

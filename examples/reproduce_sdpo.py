@@ -62,12 +62,14 @@ def score_rows(cfg: ReproConfig, rows, folder: Path):
 
 
 # ------------------------------------------------------------------------------------------------- one model
-def dpo_args(cfg: ReproConfig, output_dir: Path, seed: int):
+def dpo_args(cfg: ReproConfig, output_dir: Path, seed: int, arm: str | None = None):
+    """The arms' shared DPOConfig, with ``arm``'s own ``training:`` options (the pilot's learning rates) on top."""
     from trl import DPOConfig
 
     base = {"bf16": False, "use_cpu": True, "gradient_checkpointing": False, "report_to": [],
             "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True}
-    return DPOConfig(**{**base, **cfg.training, "output_dir": str(output_dir), "max_length": cfg.max_length,
+    own = cfg.arms[arm].get("training", {}) if arm else {}
+    return DPOConfig(**{**base, **cfg.training, **own, "output_dir": str(output_dir), "max_length": cfg.max_length,
                         "seed": seed})
 
 
@@ -96,7 +98,7 @@ def arm_partition(cfg: ReproConfig, out: Path, scored_train: Path, rep: int, k: 
     """
     from partitioner import PartitionConfig, partition_preferences
 
-    spec = {key: v for key, v in cfg.arms[arm].items() if key not in ("stepwise", "crossfit")}
+    spec = {key: v for key, v in cfg.arms[arm].items() if key not in ("stepwise", "crossfit", "training")}
     reseed, fixed_seed = spec.pop("reseed", False), spec.pop("seed", 0)
     folder = out / "partitions" / f"rep{rep}" / f"fold{k}" / arm
     if not (folder / "manifest.json").exists():
@@ -115,7 +117,7 @@ def crossfit_table(cfg: ReproConfig, out: Path, scored_train: Path, rep: int, k:
 
     crossfit = CrossFitConfig(**{"fold_seed": rep, **cfg.arms[arm]["crossfit"]})
     work = out / "crossfit" / f"rep{rep}" / f"fold{k}" / arm
-    return cross_fitted_difficulty(read_scored(scored_train)[0], cfg.model, args=dpo_args(cfg, work, rep),
+    return cross_fitted_difficulty(read_scored(scored_train)[0], cfg.model, args=dpo_args(cfg, work, rep, arm),
                                    work_dir=work, crossfit=crossfit)
 
 
@@ -129,7 +131,7 @@ def run_model(cfg: ReproConfig, out: Path, rep: int, k: int, arm: str, data: dic
     run_dir = out / "runs" / f"rep{rep}" / f"fold{k}" / arm
     started = time.perf_counter()
     stepwise = StepwiseConfig(**{**cfg.stepwise, **cfg.arms[arm].get("stepwise", {})})
-    records = train_stepwise(part, cfg.model, args=dpo_args(cfg, run_dir, rep), config=stepwise)
+    records = train_stepwise(part, cfg.model, args=dpo_args(cfg, run_dir, rep, arm), config=stepwise)
     trained = time.perf_counter()
     held, probe = data["held"][k], data["probe"][k]
     probe_scores = []
@@ -203,12 +205,12 @@ def prepare_repetition(cfg: ReproConfig, out: Path, rep: int, data: dict) -> dic
     rep_data = {"fold_of": fold_of, "held": {}, "probe": {}, "scored_train": {}, "questions": data["questions"],
                 "question_folds": question_folds(len(data["questions"]), cfg.folds, rep),
                 "tokenizer": data["tokenizer"]}
-    for k in range(cfg.folds):
+    for k in cfg.folds_run():
         held_ids = [rid for rid in m0["row_id"] if fold_of[rid] == k]
         rep_data["held"][k] = m0.select([m0_index[r] for r in held_ids])
         probe = np.random.default_rng([rep, k, 99]).permutation(len(held_ids))[: cfg.gamma_probe_per_fold]
         rep_data["probe"][k] = rep_data["held"][k].select(sorted(int(i) for i in probe))
-        train = training_ids(data["sample"], fold_of, k, cfg.train_per_source, rep)
+        train = training_ids(data["sample"], fold_of, k, cfg.train_per_source, rep, cfg.train_sources)
         folder = out / "scored" / f"rep{rep}_fold{k}_train"
         rows = data["loaded"].select([data["index"][r] for r in train])
         score_rows(cfg, rows, folder)
@@ -248,10 +250,11 @@ def run(cfg: ReproConfig, command: str = "reproduce_sdpo.run(config) from Python
     identity = json.loads(json.dumps(cfg.identity()))
     if config_file.exists() and read_json(config_file, "config")["identity"] != identity:
         raise UserError(f"{out} holds results of another configuration ({config_file}); use a new output_dir")
-    write_json(config_file, {"identity": identity, "repetitions": cfg.repetitions, "arms": cfg.arms})
+    write_json(config_file, {"identity": identity, "repetitions": cfg.repetitions, "arms": cfg.arms,
+                             "analysis": cfg.analysis()})
     invocation = {"command": command, "started": time.time()}
     data = prepare(cfg, out)
-    todo = [(rep, k, arm) for rep in cfg.repetitions for k in range(cfg.folds) for arm in cfg.arms]
+    todo = [(rep, k, arm) for rep in cfg.repetitions for k in cfg.folds_run() for arm in cfg.arms]
     rep_data: dict = {}
     for i, (rep, k, arm) in enumerate(todo, 1):
         result_file = out / "results" / f"rep{rep}" / f"fold{k}" / f"{arm}.json"
@@ -282,6 +285,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s).")
     p.add_argument("--quick", action="store_true", help="Apply the config's quick: overrides (a few minutes).")
+    p.add_argument("--pilot", action="store_true", help="Apply the config's pilot: overrides (the learning-rate "
+                                                          "pilot, run before the replication).")
     p.add_argument("--output-dir", help="Work folder (overrides the config's).")
     p.add_argument("--rows-dir", help="Per-row tables folder (overrides the config's).")
     p.add_argument("--repetitions", help="Comma-separated repetition seeds (overrides the config's).")
@@ -292,7 +297,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = ReproConfig.from_yaml(a.config, quick=a.quick, output_dir=a.output_dir, rows_dir=a.rows_dir,
+        cfg = ReproConfig.from_yaml(a.config, quick=a.quick, pilot=a.pilot, output_dir=a.output_dir, rows_dir=a.rows_dir,
                                     repetitions=[int(s) for s in a.repetitions.split(",")] if a.repetitions else None)
         if a.arms:
             missing = set(a.arms.split(",")) - set(cfg.arms)
