@@ -174,13 +174,14 @@ def draw_sample(cfg: ReproConfig, tokenizer) -> tuple[dict, object]:
 
 
 def assign_folds(sample: dict, folds: int, rep: int) -> dict:
-    """``{row_id: fold}``: within each source a seeded permutation dealt round-robin (folds differ by <= 1 row)."""
-    fold = {}
-    for i, src in enumerate(sorted(sample)):
-        rng = np.random.default_rng([rep, i])
-        for pos, j in enumerate(rng.permutation(len(sample[src]))):
-            fold[sample[src][j]] = pos % folds
-    return fold
+    """``{row_id: fold}``: the library's source-stratified fold assignment
+    (:func:`trainer_plugin.selective.crossfit_folds`, seeded by the repetition): within each source a seeded
+    permutation of its row ids dealt round-robin (folds differ by <= 1 row)."""
+    from trainer_plugin.selective import crossfit_folds
+
+    ids = [rid for src in sorted(sample) for rid in sample[src]]
+    sources = [src for src in sorted(sample) for _ in sample[src]]
+    return dict(zip(ids, crossfit_folds(ids, sources, folds, rep)))
 
 
 def training_ids(sample: dict, fold_of: dict, k: int, per_source: int, rep: int, sources=None) -> list[str]:

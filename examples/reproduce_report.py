@@ -20,6 +20,7 @@ import numpy as np
 from partitioner.io import atomic_write
 from partitioner.paired_stats import cluster_bootstrap, holm
 from scorers.errors import UserError
+from scorers.stats import dpo_losses, dpo_margins
 
 from reproduce_rows import load_tables
 
@@ -53,8 +54,8 @@ def pair_metrics(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, reje
     """
     c, j, c0, j0 = (np.asarray(x, dtype=np.float64) for x in (chosen, rejected, ref_chosen, ref_rejected))
     ct, jt = (np.maximum(np.asarray(x, dtype=np.float64), 1.0) for x in (chosen_tokens, rejected_tokens))
-    delta = beta * (c - c0) - beta * (j - j0)
-    return {"reward_accuracy": (delta > 0).astype(np.float64), "dpo_loss": np.logaddexp(0.0, -delta),
+    delta = dpo_margins(c, j, c0, j0, beta)
+    return {"reward_accuracy": (delta > 0).astype(np.float64), "dpo_loss": dpo_losses(c, j, c0, j0, beta),
             "own_accuracy": (c > j).astype(np.float64), "own_accuracy_per_token": (c / ct > j / jt).astype(np.float64),
             "margin_per_token": c / ct - j / jt, "chosen_change_per_token": (c - c0) / ct, "margin": c - j}
 

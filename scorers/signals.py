@@ -48,6 +48,7 @@ from .columns import (
     ROW_ID,
 )
 from .errors import ConfigError, UserError
+from .stats import dpo_margins
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def compute_signal(signal: Signal, cols: dict, *, beta: float = 0.1, seed: int =
         return [_per_token(a, x) - _per_token(b, y) for a, b, x, y in zip(c, r, nc, nr)]
     if name == "implicit_reward":
         c, r, pc, pr = need(CHOSEN_LOGPS, REJECTED_LOGPS, POLICY_CHOSEN_LOGPS, POLICY_REJECTED_LOGPS)
-        return [beta * ((a2 - a) - (b2 - b)) for a, b, a2, b2 in zip(c, r, pc, pr)]
+        return dpo_margins(pc, pr, c, r, beta).tolist()
     if name == "rating_gap":
         sc, sr = need(*rating_columns)
         return [math.nan if a is None or b is None else float(a) - float(b) for a, b in zip(sc, sr)]

@@ -15,6 +15,19 @@ def margins(chosen, rejected) -> np.ndarray:
     return np.asarray(chosen, dtype=np.float64) - np.asarray(rejected, dtype=np.float64)
 
 
+def dpo_margins(chosen, rejected, ref_chosen, ref_rejected, beta: float) -> np.ndarray:
+    """The DPO implicit-reward margin per pair, β((log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))), as
+    float64, in this one order of operations (the ``implicit_reward`` signal, SelectiveDPO's held-out loss and the
+    replication's metrics all compute it here, so they agree to the bit)."""
+    c, r, c0, r0 = (np.asarray(x, dtype=np.float64) for x in (chosen, rejected, ref_chosen, ref_rejected))
+    return beta * ((c - c0) - (r - r0))
+
+
+def dpo_losses(chosen, rejected, ref_chosen, ref_rejected, beta: float) -> np.ndarray:
+    """TRL's sigmoid DPO loss per pair, −log σ(margin) of :func:`dpo_margins`, computed stably (log 2 at π = π_ref)."""
+    return np.logaddexp(0.0, -dpo_margins(chosen, rejected, ref_chosen, ref_rejected, beta))
+
+
 def margin_stats(chosen, rejected) -> dict:
     """``{"pairs", "reward_accuracy", "mean_margin", "median_margin"}`` of the pairs (None values when empty)."""
     g = margins(chosen, rejected)

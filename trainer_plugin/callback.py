@@ -64,6 +64,7 @@ from partitioner.partition.folder import read_manifest, verify_partition
 from scorers.compat import set_train_sampler
 
 from .callback_scores import ScoredReference
+from .ref_refresh import reference_moves
 from .config import StepwiseConfig
 from .inputs import load_detached_chunks
 from .ref_refresh import kl_probe
@@ -309,23 +310,25 @@ class StepwiseReferenceCallback(TrainerCallback):
     def should_refresh(self, state, model=None) -> bool:
         """Whether the reference moves to the policy after the optimizer step ``state.global_step`` just ended:
         at each chunk boundary with ``ref_refresh`` 'step', never with 'never', and with 'kl' when the policy's KL
-        to the reference on the probe exceeds ``kl_threshold`` (the one place that decides)."""
-        mode = self.config.ref_refresh
-        if mode == "never" or state.global_step not in self.boundaries or state.global_step in self.refresh_steps:
+        to the reference on the probe exceeds ``kl_threshold`` (the rule: ``ref_refresh.reference_moves``)."""
+        if state.global_step not in self.boundaries or state.global_step in self.refresh_steps:
             return False
-        if mode == "step":
-            return True
-        from scorers.divergence import mean_token_kl
 
-        unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
-        max_length, truncation_mode = self._truncation
-        kl = mean_token_kl(unwrap(model), unwrap(self.ref_model), self._probe, max_length=max_length,
-                           truncation_mode=truncation_mode)
-        self.kl_measurements.append((state.global_step, kl))
-        if state.is_world_process_zero:
-            logger.info("step %d: chunk boundary, KL(policy ‖ reference) = %.4g nats/token (threshold %g)",
-                        state.global_step, kl, self.config.kl_threshold)
-        return kl > self.config.kl_threshold
+        def measure_kl() -> float:
+            from scorers.divergence import mean_token_kl
+
+            unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
+            max_length, truncation_mode = self._truncation
+            return mean_token_kl(unwrap(model), unwrap(self.ref_model), self._probe, max_length=max_length,
+                                 truncation_mode=truncation_mode)
+
+        moves, kl = reference_moves(self.config.ref_refresh, self.config.kl_threshold, measure_kl)
+        if kl is not None:
+            self.kl_measurements.append((state.global_step, kl))
+            if state.is_world_process_zero:
+                logger.info("step %d: chunk boundary, KL(policy ‖ reference) = %.4g nats/token (threshold %g)",
+                            state.global_step, kl, self.config.kl_threshold)
+        return moves
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.should_refresh(state, model):

@@ -33,6 +33,17 @@ def kl_probe(dataset, rows: int, seed: int):
     return dataset.select(sorted(random.Random(seed).sample(range(len(dataset)), min(rows, len(dataset)))))
 
 
+def reference_moves(mode: str, threshold: float, measure_kl: Callable[[], float]) -> tuple[bool, float | None]:
+    """The refresh rule, at a chunk boundary: whether the reference moves to the policy, and the KL measured for the
+    decision (``None`` unless ``mode`` is 'kl'). 'step': always; 'never': never; 'kl': when ``measure_kl()`` (the
+    mean per-token KL of the policy to the current reference on the probe) exceeds ``threshold``. The stepwise
+    driver (:class:`ReferenceSchedule`) and the drop-in callback (``trainer_plugin.callback``) both decide here."""
+    if mode == "kl":
+        kl = float(measure_kl())
+        return kl > threshold, kl
+    return mode == "step", None
+
+
 class ReferenceSchedule:
     """Decides and holds step t's reference M(j).
 
@@ -55,20 +66,18 @@ class ReferenceSchedule:
 
     def decide(self, t: int, policy) -> dict:
         """Choose step t's reference (call once per step, before :meth:`is_policy`); returns the record fields."""
-        info: dict = {}
-        if self.mode == "step" or t == 1:
-            self.current = t - 1
-        elif self.mode == "kl":
-            previous = self.current
-            kl = float(self.kl(policy, self.model(previous)))
-            info["kl_to_reference"] = kl
-            if kl > self.threshold:
-                self.current = t - 1
-            logger.info("step %d: KL(M(%d) ‖ M(%d)) = %.4g nats/token (threshold %g): reference = M(%d)", t, t - 1,
-                        previous, kl, self.threshold, self.current)
-        else:  # never
+        if t == 1:
             self.current = 0
-        return {"reference_step": self.current, **info}
+            return {"reference_step": 0}
+        previous = self.current
+        moves, kl = reference_moves(self.mode, self.threshold, lambda: self.kl(policy, self.model(previous)))
+        if moves:
+            self.current = t - 1
+        if kl is None:
+            return {"reference_step": self.current}
+        logger.info("step %d: KL(M(%d) ‖ M(%d)) = %.4g nats/token (threshold %g): reference = M(%d)", t, t - 1,
+                    previous, kl, self.threshold, self.current)
+        return {"reference_step": self.current, "kl_to_reference": kl}
 
     def is_policy(self, t: int) -> bool:
         """Whether step t's reference is the policy as it is now, M(t-1)."""
