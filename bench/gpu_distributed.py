@@ -13,7 +13,8 @@ whole) on every process after every refresh. With one GPU (N = 1) nothing is spl
 their own code paths (M(t) read back from ``step_t/``; the refresh of sharded parameters).
 
 All runs are fp32 (TF32 off), so the 1-process and N-process runs agree to rounding. Exit status 1 if a check fails.
-Needs CUDA GPUs; ZeRO-3 needs ``pip install deepspeed`` (skipped with a note otherwise).
+Needs CUDA GPUs; ZeRO-3 needs ``pip install deepspeed`` (skipped with a note otherwise). ``--dry-run`` only checks
+the arguments.
 """
 
 from __future__ import annotations
@@ -170,7 +171,11 @@ def main() -> int:
     p.add_argument("--loss-tolerance", type=float, default=1e-4)
     p.add_argument("--skip-callback", action="store_true")
     p.add_argument("--out", type=Path, default=Path("/tmp/gpu-distributed"))
+    p.add_argument("--dry-run", action="store_true", help="check the arguments, print them as JSON, run nothing")
     args = p.parse_args()
+    if args.dry_run:
+        print(json.dumps(vars(args), default=str))
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA GPU: this check needs one (tests/test_distributed.py covers 2 CPU processes)")
         return 1

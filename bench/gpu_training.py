@@ -11,7 +11,8 @@ at completion positions too, so the packed gain there is the shared prompt and t
     python bench/gpu_training.py --model /path/to/7b --batch 4 --gradient-checkpointing --packed-batch-tokens 16384
     python bench/gpu_training.py --packed-attention loop   # ours with the per-pair SDPA loop (before issue 24)
 
-Needs a CUDA GPU; ``--help`` and the argument checks run anywhere.
+Needs a CUDA GPU; ``--help`` and the argument checks (``--dry-run``: print the parsed arguments, run nothing) run
+anywhere.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--packed-attention", default="auto", choices=KERNELS,
                    help="ours: the packed layout's attention (packed_attention; auto = compiled FlexAttention "
                         "on CUDA, one kernel per layer; loop = per-pair SDPA, the path before issue 24)")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments, print them as JSON, run nothing")
     p.add_argument("--child", choices=("trl", "ours"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if min(a.pairs, a.batch, a.repeats, a.max_length) < 1 or a.warmup < 0:
@@ -145,6 +147,9 @@ def spawn(which: str, argv: list[str]) -> dict:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
+    if a.dry_run:
+        print(json.dumps(vars(a)))
+        return
     import torch
 
     if not torch.cuda.is_available():
