@@ -6,15 +6,15 @@ into the field's type and refuses anything else with one line:
 
 * booleans: ``true/false/yes/no/1/0`` (any case) and nothing else; ``--flag`` alone means true, ``--no-flag``
   false, and ``--flag false`` / ``--flag=false`` work as in TRL's and transformers' parsers;
-* integers and floats: numbers (a YAML list or a boolean is refused); strings (paths, names): strings only;
+* integers and floats: numbers (a YAML list, a boolean or NaN is refused); strings (paths, names): strings only;
 * lists: comma-separated text or a YAML list; mappings: JSON text or a YAML mapping.
 
 A nested config (a composition such as ``RunConfig``, its fields declared with :func:`scorers.errors.section`)
 gives each of its fields a flag ``--name`` (setting every nested field of that name where several share it) and
 ``--section.name`` (setting one); YAML takes them flat, dotted or nested.
 
-Values from a YAML file are checked the same way; flags on the command line win over the file. The YAML file is
-read with bounds on its size and on the nodes its aliases expand to, so an alias bomb fails fast with one line.
+Values from a YAML file (:mod:`sdpo_cli.config_file`) are checked the same way; flags on the command line win over
+the file.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 
 from scorers.errors import ConfigError
 
-MAX_CONFIG_BYTES = 1 << 20
-MAX_CONFIG_NODES = 100_000
+from .config_file import load_config
+
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 BOOL_WORDS = _TRUE + _FALSE
 
@@ -262,7 +262,8 @@ class Options:
 
     def values(self, namespace: argparse.Namespace, config_path: str | None) -> dict:
         """The options given: YAML values (checked), then flags over them."""
-        values = load_config(config_path, {**self.converters, **self.positional}) if config_path else {}
+        converters = {**self.converters, **self.positional}
+        values = load_config(config_path, converters, self.flat_owners) if config_path else {}
         given = {k: v for k, v in vars(namespace).items() if k in self.converters or k in self.positional}
         for dest in self.positional:
             if dest in given and given[dest] in ([], None):
@@ -316,84 +317,3 @@ def build(cls, values: dict, prefix: str = "", **overrides):
         return cls(**kwargs)
     except TypeError as e:  # a value of the wrong kind that the dataclass's own checks did not catch
         raise ConfigError(f"{cls.__name__}: {str(e).splitlines()[0]}") from e
-
-
-# ------------------------------------------------------------------------------------------------- YAML
-
-
-def _expanded_nodes(node, memo: dict, limit: int) -> int:
-    """Nodes ``node`` stands for once every alias is expanded (memoised per node, stops past ``limit``)."""
-    import yaml
-
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    memo[key] = limit + 1  # a node reached again while being counted: a recursive alias
-    if isinstance(node, yaml.SequenceNode):
-        total = 1 + sum(_expanded_nodes(c, memo, limit) for c in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        total = 1 + sum(_expanded_nodes(k, memo, limit) + _expanded_nodes(v, memo, limit) for k, v in node.value)
-    else:
-        total = 1
-    memo[key] = min(total, limit + 1)
-    return memo[key]
-
-
-def read_yaml(path: str) -> dict:
-    """A YAML mapping from ``path``, refusing files over 1 MiB and alias expansions past 100,000 nodes.
-
-    Raises:
-        ConfigError: unreadable, too large, not YAML, or not a mapping (one line).
-    """
-    import yaml
-
-    p = Path(path)
-    try:
-        if p.is_dir():
-            raise ConfigError(f"config {path} is a folder, not a YAML file")
-        size = p.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config {path} is {size} bytes; config files are limited to {MAX_CONFIG_BYTES}")
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config {path} is not UTF-8 text") from e
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None and _expanded_nodes(node, {}, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
-            raise ConfigError(f"config {path} expands to more than {MAX_CONFIG_NODES} YAML nodes (aliases)")
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"config {path} is not valid YAML: {first}") from None
-    except RecursionError:
-        raise ConfigError(f"config {path} nests too deeply") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a YAML mapping of option: value")
-    return data
-
-
-def load_config(path: str, converters: dict) -> dict:
-    """The options in a YAML config file, each converted and checked like its flag.
-
-    A nested config's options may be given flat (``seed: 1``), dotted (``scoring.seed: 1``) or nested
-    (``scoring: {seed: 1}``).
-    """
-    out = {}
-    for dest, key, value in _flat_items(read_yaml(path), "", converters):
-        if dest not in converters:
-            raise ConfigError(f"unknown option {key!r} in {path}")
-        out[dest] = converters[dest](value)
-    return out
-
-
-def _flat_items(data: dict, prefix: str, converters: dict):
-    for key, value in data.items():
-        dest = prefix + str(key).replace("-", "_")
-        if isinstance(value, dict) and dest not in converters and any(c.startswith(dest + ".") for c in converters):
-            yield from _flat_items(value, dest + ".", converters)
-        else:
-            yield dest, prefix + str(key), value
