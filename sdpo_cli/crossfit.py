@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from partitioner.partition.config import PartitionConfig
 from scorers.errors import ConfigError, section
@@ -50,8 +51,6 @@ def add_arguments(options) -> None:
 
 
 def run(values: dict) -> int:
-    from pathlib import Path
-
     from partitioner import partition_preferences, read_scored
     from partitioner.data.rejects import REJECTS_FILE, read_rejects
     from partitioner.partition.folder import read_manifest
@@ -73,6 +72,7 @@ def run(values: dict) -> int:
     _, args = dpo_config(values, output_dir=str(work), **as_scored)
     model = _scoring_model(scoring, cmd.model, scored)
     rejects = read_rejects(Path(scored) / REJECTS_FILE) if (Path(scored) / REJECTS_FILE).exists() else None
+    _check_partition(dataset, cmd.partition)
     with_loss = cross_fitted_difficulty(dataset, model, args=args, work_dir=work, crossfit=cmd.crossfit,
                                         scoring=scoring)
     out = partition_preferences(with_loss, cmd.output_dir, cmd.partition, rejects=rejects)
@@ -95,3 +95,28 @@ def _scoring_model(scoring: dict, given: str | None, scored) -> str:
     if not name:
         raise ConfigError(f"{scored} does not name the model that scored it; give it with --model")
     return name
+
+
+def _check_partition(dataset, config: PartitionConfig) -> None:
+    """Partition the pairs' key columns, with a stand-in loss, into a scratch folder before any fold run trains:
+    settings the cross-fitted pairs cannot meet (more chunks than the rows kept, ...) are refused now, by the
+    partitioner's own checks, instead of after K trainings. The rows kept and the equal or fractions chunks depend
+    on the number of pairs only; thresholds and quantiles cut the real losses, after the fold runs."""
+    import dataclasses
+    import tempfile
+
+    import pyarrow as pa
+
+    from partitioner import partition_preferences
+    from partitioner.partition.config import PartitionConfigError
+    from scorers.columns import ROW_ID, SOURCE
+
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    keys = dataset.select_columns([f.name for f in dataset.data.schema if f.name != CROSSFIT_LOSS and (
+        f.name in (ROW_ID, SOURCE) or any(is_(f.type) for is_ in numeric))]).with_format("arrow")[:]
+    keys = keys.append_column(CROSSFIT_LOSS, pa.array([0.0] * keys.num_rows))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            partition_preferences(keys, Path(tmp) / "part", dataclasses.replace(config, fsync=False), progress=False)
+        except PartitionConfigError as e:
+            raise ConfigError(f"the {keys.num_rows} cross-fitted pairs cannot be partitioned so: {e}") from e

@@ -49,10 +49,12 @@ class StepwiseConfig:
                               "all chunks, fixed for the run)."})
     sft_steps: int = field(
         default=0, metadata={"min": 0, "help": "MixDPO: the last N steps (the hardest chunks of an easy→hard "
-                             "partition) train with TRL's 'sft' loss (NLL of the chosen response) instead of DPO."})
+                             "partition) train with TRL's 'sft' loss (NLL of the chosen response) instead of DPO; at "
+                             "most the steps trained."})
     dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in.", "choices": DTYPES})
     steps: int | None = field(
-        default=None, metadata={"min": 1, "help": "Train only the first N chunks (default: all of them)."}
+        default=None, metadata={"min": 1, "help": "Train only the first N chunks (default: all of them; more than the "
+                                    "partition has is refused)."}
     )
     packing: bool = field(
         default=True,
@@ -103,3 +105,20 @@ class StepwiseConfig:
         if self.ref_refresh != "step" and self.ref_mode == "peft":
             raise ConfigError(f"ref_refresh {self.ref_refresh!r} needs ref_mode 'live' or 'precomputed' (in 'peft' mode the "
                               "reference is the merged previous steps)")
+
+    def steps_for(self, n_chunks: int) -> int:
+        """The number of steps this run trains on a partition of ``n_chunks`` chunks.
+
+        The driver asks before it loads anything but the chunks, so a count the partition cannot meet costs nothing.
+
+        Raises:
+            StepwiseInputError: ``steps`` more than the chunks, or ``sft_steps`` more than the steps (one line
+                naming both numbers).
+        """
+        if self.steps is not None and self.steps > n_chunks:
+            raise StepwiseInputError(f"steps {self.steps} is more than the partition's {n_chunks} chunks")
+        steps = n_chunks if self.steps is None else self.steps
+        if self.sft_steps > steps:
+            trained = f"the partition's {steps} chunks" if self.steps is None else f"the {steps} steps given (steps)"
+            raise StepwiseInputError(f"sft_steps {self.sft_steps} is more than {trained}")
+        return steps

@@ -74,6 +74,7 @@ def train_stepwise(
         raise StepwiseInputError("sync_ref_model cannot be combined with the stepwise driver (it sets the reference)")
     procs = processes_of(args)
     chunks, manifest = load_chunks(partition_dir)
+    n_steps = config.steps_for(len(chunks))  # the count options against the partition, before any model loads
     model_path = model if isinstance(model, (str, os.PathLike)) else None
     tokenizer = tokenizer or load_tokenizer(str(model_path) if model_path is not None else model_name_or_path(model.config))
     if config.check_tokenizer:
@@ -82,7 +83,6 @@ def train_stepwise(
     # fills max_length): the reference scores, the rows each process scores and the rows TRL trains stay aligned.
     with procs.main_first():
         chunks = [ensure_tokens(c, tokenizer, args.max_length, args.truncation_mode) for c in chunks]
-    n_steps = len(chunks) if config.steps is None else min(config.steps, len(chunks))
     if eval_dataset is None and config.held_out:
         eval_dataset = load_held_out(config.held_out)
     if eval_dataset is not None:

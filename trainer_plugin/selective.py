@@ -59,6 +59,17 @@ def crossfit_folds(row_ids: list[str], sources: list[str] | None, folds: int, se
     return fold
 
 
+def _check_folds(folds: int, sources: list) -> None:
+    """Refuse more folds than the pairs fill: within each source the pairs are dealt round-robin, so fold j holds
+    pairs only if some source has more than j; with every fold filled (and K >= 2) each also has training pairs."""
+    from collections import Counter
+
+    largest = max(Counter(sources).values(), default=0)
+    if folds > largest:
+        raise ConfigError(f"folds {folds} is more than {len(sources)} pairs can fill (each source's pairs are dealt "
+                          f"over the folds; the largest source has {largest}): use at most {largest} folds")
+
+
 def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, crossfit: CrossFitConfig | None = None,
                             config: StepwiseConfig | None = None, scoring: dict | None = None):
     """``dataset`` with a ``crossfit_dpo_loss`` column (see the module docstring).
@@ -74,24 +85,29 @@ def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, crossfi
             ``partitioner.read_scored`` returns it): checked against ``model_path``, ``args`` and ``config``.
 
     Raises:
-        ConfigError: a fold without training or held-out pairs (fewer pairs than folds), or log-probs scored with
-            another model, ``max_length``, ``truncation_mode`` or dtype than the fold runs use; one line.
+        ConfigError: more folds than the largest source's pairs (a fold would hold out none), or log-probs scored
+            with another model, ``max_length``, ``truncation_mode`` or dtype than the fold runs use; one line.
+        StepwiseInputError: ``config`` asks for more steps than a fold run's one chunk.
+        All are raised before any model is loaded.
     """
     from trainer_plugin.driver import train_stepwise
     from trainer_plugin.reference import score_pairs, scores_differ
     from trainer_plugin.run_folder import load_step_model
 
+    crossfit = crossfit or CrossFitConfig()
+    sources = list(dataset[SOURCE]) if SOURCE in dataset.column_names else None
+    _check_folds(crossfit.folds, sources or [""] * len(dataset))  # first: a refusal costs nothing
     config = config or StepwiseConfig(ref_mode="precomputed")
+    config.steps_for(1)  # each fold run trains one chunk
     if scoring is not None and CHOSEN_LOGPS in dataset.column_names:
         why = scores_differ(scoring, model_path, args.max_length, args.truncation_mode, config.dtype)
         if why is not None:
             raise ConfigError(f"the pairs were {why}: the cross-fit's reference must be M0's log-probs under the "
                               "fold runs' settings")
-    crossfit = crossfit or CrossFitConfig()
     folds, seed = crossfit.folds, crossfit.fold_seed
     work = Path(work_dir)
     ids = list(dataset[ROW_ID])
-    fold_of = crossfit_folds(ids, list(dataset[SOURCE]) if SOURCE in dataset.column_names else None, folds, seed)
+    fold_of = crossfit_folds(ids, sources, folds, seed)
     losses = [math.nan] * len(ids)
     record = read_json(work / CROSSFIT_RECORD, "cross-fit record") if (work / CROSSFIT_RECORD).exists() else {}
     record.update(folds=folds, seed=seed, pairs=len(ids), fold_seconds=record.get("fold_seconds", {}))
@@ -108,8 +124,6 @@ def cross_fitted_difficulty(dataset, model_path: str, *, args, work_dir, crossfi
     for j in range(folds):
         train = [i for i, f in enumerate(fold_of) if f != j]
         held = [i for i, f in enumerate(fold_of) if f == j]
-        if not train or not held:
-            raise ConfigError(f"fold {j} has {len(held)} held-out and {len(train)} training pairs; use fewer folds")
         run_dir = work / f"fold_{j}"
         fold_args = copy.deepcopy(args)
         fold_args.output_dir = str(run_dir)
