@@ -1,4 +1,5 @@
-"""``sdpo partition INPUT... -o PART``: order preference pairs easy -> hard and cut them into Arrow shards + manifest.
+"""``sdpo partition INPUT... -o PART``: order preference pairs easy -> hard and cut them into shards (Arrow or
+Parquet, ``--shard-format``) + a dataset card (``README.md``: ``datasets.load_dataset(PART)``) + manifest.
 
 INPUT is a scored folder (``sdpo score``), or the loader's inputs (files / globs / name=path): those are loaded
 and, for the score-based orders (easy_to_hard, hard_to_easy, by_source), scored first into ``--scored-dir``
@@ -51,5 +52,6 @@ def run(values: dict) -> int:
     m = read_manifest(out)
     sizes = ", ".join(str(c["rows"]) for c in m["chunks"])
     print(f"partitioned {m['rows_kept']} of {m['rows_in']} rows into {len(m['chunks'])} chunks ({sizes}) in {out}"
-          f" ({m['rows_rejected']} rejected); order {m['ordering']['order']}")
+          f" ({m['rows_rejected']} rejected); order {m['ordering']['order']}; a dataset repository: "
+          f"datasets.load_dataset({str(out)!r}) reads the chunks as splits")
     return 0

@@ -1,4 +1,5 @@
-"""``sdpo verify PART``: check a partition's checksums, row accounting and schema (exit status 1 on a mismatch)."""
+"""``sdpo verify PART``: check a partition's checksums (shards, rejects, dataset card), row accounting and schema
+(exit status 1 on a mismatch); Arrow and Parquet shards alike."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def run(values: dict) -> int:
     except PartitionError as e:
         print(f"sdpo: verify failed: {' '.join(str(e).split())[:300]}", file=sys.stderr)
         return 1
+    card = " (dataset card included)" if m.get("card_sha256") else ""
     print(f"ok: {len(m['chunks'])} chunks, {m['rows_kept']} rows kept + {m['rows_rejected']} rejected"
-          f" = {m['rows_in']} rows in; checksums, row counts and schema match")
+          f" = {m['rows_in']} rows in; checksums{card}, row counts and schema match")
     return 0

@@ -82,6 +82,26 @@ def test_partition_folder_matches(folders, repo_root):
         _check(t["`chunks` entry"], chunk, optional={"parquet"})
 
 
+def test_parquet_partition_folder_matches(folders, repo_root, tmp_path):
+    """With Parquet shards: the documented files are there (Parquet instead of Arrow chunks), the manifest has the
+    documented keys plus the optional rejects_parquet."""
+    from partitioner import PartitionConfig, partition_preferences
+
+    part = partition_preferences(folders[0], tmp_path / "part", PartitionConfig(chunks=2, shard_format="parquet"),
+                                 progress=False)
+    t = _tables(repo_root)
+    for name in _files(repo_root, "3. Partition folder"):
+        if not name.startswith("chunk-000.arrow"):
+            assert list(part.glob(name.replace("NNN", "*").split(",")[0])), f"{name} missing"
+    assert not list(part.glob("chunk-*.arrow"))
+    manifest = json.loads((part / "manifest.json").read_text())
+    _check(t["`manifest.json`"] | {"rejects_parquet"}, manifest, optional={"rejects_parquet"})
+    assert set(manifest["rejects_parquet"]) == {"file", "sha256"}
+    for chunk in manifest["chunks"]:
+        _check(t["`chunks` entry"], chunk, optional={"parquet"})
+        assert chunk["file"].endswith(".parquet") and "parquet" not in chunk
+
+
 def test_training_run_folder_matches(folders, repo_root):
     run = folders[2]
     t = _tables(repo_root)

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences, tokenize_row
-from partitioner.io import sha256_file
+from partitioner.io import StorageError, sha256_file
 from partitioner.partition.folder import MANIFEST, PartitionError, load_partition, read_manifest, verify_partition
+from partitioner.partition.layout import shard_dataset
 from scorers.columns import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS, ROW_ID
 from scorers.models import chat_template_sha256
 
@@ -42,7 +43,7 @@ def load_chunks(partition) -> tuple[list, dict | None]:
 
 
 def load_detached_chunks(path, manifest: dict) -> list:
-    """The partition's chunks, detached from their files (:func:`detach_from_file`)."""
+    """The partition's chunks (Arrow or Parquet shards), detached from their files (:func:`detach_from_file`)."""
     return [detach_from_file(ds, c["sha256"]) for ds, c in zip(load_partition(path), manifest["chunks"], strict=True)]
 
 
@@ -109,12 +110,12 @@ def ensure_tokens(dataset, tokenizer, max_length, truncation_mode):
 
 
 def load_held_out(path: str):
-    """Held-out pairs: an Arrow stream file, or every chunk of a partition folder.
+    """Held-out pairs: an Arrow stream or Parquet file (a partition's shard, say), or every chunk of a partition folder.
 
     Raises:
-        StepwiseInputError: the path is missing, or a folder that is not a partition.
+        StepwiseInputError: the path is missing or unreadable, or a folder that is not a partition.
     """
-    from datasets import Dataset, concatenate_datasets
+    from datasets import concatenate_datasets
 
     p = Path(path)
     if p.is_dir():
@@ -123,4 +124,7 @@ def load_held_out(path: str):
         raise StepwiseInputError(f"held-out folder {p} is not a partition (no {MANIFEST})")
     if not p.is_file():
         raise StepwiseInputError(f"held-out file does not exist: {p}")
-    return detach_from_file(Dataset.from_file(str(p)), sha256_file(p))
+    try:
+        return detach_from_file(shard_dataset(p), sha256_file(p))
+    except StorageError as e:
+        raise StepwiseInputError(f"held-out file {e}") from None

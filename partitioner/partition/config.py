@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from scorers.errors import check_ranges
 
 from .folder import PartitionError
+from .layout import SHARD_FORMATS
 
 ORDERS = ("easy_to_hard", "hard_to_easy", "random", "by_source", "column", "grid_2d")
 SCORE_ORDERS = ("easy_to_hard", "hard_to_easy", "by_source", "grid_2d")
@@ -98,7 +99,11 @@ class PartitionConfig:
         default=1, metadata={"min": 0, "help": "Chunks smaller than this are merged into the previous chunk (next for the first)."}
     )
     shuffle_within: bool = field(default=False, metadata={"help": "Seeded shuffle of the rows inside each chunk."})
-    parquet: bool = field(default=False, metadata={"help": "Also write chunk-NNN.parquet copies."})
+    shard_format: str = field(
+        default="arrow", metadata={"choices": SHARD_FORMATS, "help": "Chunk files: 'arrow' (Arrow IPC streams, "
+                                   "memory-mapped: local training), 'parquet' (compressed: to share or upload to the "
+                                   "Hub) or 'both' (Arrow shards plus Parquet copies)."},
+    )
     fsync: bool = field(default=True, metadata={"help": "fsync shards before the manifest (survives power loss)."})
     batch_rows: int = field(default=8192, metadata={"min": 1, "help": "Rows per output record batch (bounds memory)."})
     overwrite: bool = field(default=True, metadata={"help": "Replace a previous partition in the output folder."})

@@ -1,10 +1,11 @@
-"""Partition folders on disk: Arrow IPC stream shards, ``rejects.arrow`` and ``manifest.json``.
+"""Partition folders on disk: chunk shards, ``rejects.arrow``, the dataset card ``README.md`` and ``manifest.json``.
 
 Layout (CONTRACTS.md section 3)::
 
-    OUT/chunk-000.arrow, chunk-001.arrow, ...   Arrow IPC *stream* files, curriculum order
-    OUT/chunk-000.parquet, ...                  optional copies (``PartitionConfig.parquet``)
+    OUT/chunk-000.arrow, chunk-001.arrow, ...   Arrow IPC *stream* files, curriculum order (shard_format arrow)
+    OUT/chunk-000.parquet, ...                  Parquet shards (shard_format parquet) or copies (both)
     OUT/rejects.arrow                           rejected rows carried over from loading/scoring
+    OUT/README.md                               dataset card: configs (a split per chunk, rejects) and statistics
     OUT/manifest.json                           written last, atomically (temp file + rename)
 
 A folder without ``manifest.json`` is not a partition: the writer removes an old manifest before touching any
@@ -28,6 +29,7 @@ from scorers.errors import UserError
 
 from ..data.rejects import REJECTS_FILE
 from ..io import TMP_INFIX, StorageError, fsync_dir, read_arrow_stream, read_json, sha256_file, write_json
+from .layout import CARD, REJECTS_PARQUET, chunk_name, is_card, read_shard, shard_dataset  # noqa: F401 - chunk_name
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -35,10 +37,6 @@ SCHEMA_VERSION = 1
 
 class PartitionError(UserError):
     """A partition folder is missing, incomplete or does not match its manifest (one-line message)."""
-
-
-def chunk_name(index: int, suffix: str = "arrow") -> str:
-    return f"chunk-{index:03d}.{suffix}"
 
 
 def schema_columns(schema: pa.Schema) -> list[dict]:
@@ -56,8 +54,9 @@ def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Pa
         raise PartitionError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     entries = [p for p in out.iterdir()]
-    ours = [p for p in entries if p.name in (MANIFEST, REJECTS_FILE)
-            or p.name.startswith(("chunk-", ".chunk-", ".buckets-", f".{MANIFEST}{TMP_INFIX}", f".{REJECTS_FILE}"))]
+    ours = [p for p in entries if p.name in (MANIFEST, REJECTS_FILE, REJECTS_PARQUET) or (p.name == CARD and is_card(p))
+            or p.name.startswith(("chunk-", ".chunk-", ".buckets-", f".{MANIFEST}{TMP_INFIX}", f".{REJECTS_FILE}",
+                                  f".{REJECTS_PARQUET}", f".{CARD}{TMP_INFIX}"))]
     if len(ours) != len(entries):
         foreign = sorted(p.name for p in entries if p not in ours)
         raise PartitionError(f"output folder {out} is not empty and not a partition (contains {foreign[0]})")
@@ -133,8 +132,13 @@ def check_manifest(m: dict, path) -> None:
             isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("type"), str)
             for c in m["columns"])):
         raise PartitionError(f"{path}: columns must be a list of {{name, type}} objects")
-    if m.get("rejects_sha256") is not None and not isinstance(m["rejects_sha256"], str):
-        raise PartitionError(f"{path}: rejects_sha256 must be text, got {_short(m['rejects_sha256'])}")
+    for key in ("rejects_sha256", "card_sha256"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise PartitionError(f"{path}: {key} must be text, got {_short(m[key])}")
+    rp = m.get("rejects_parquet")
+    if rp is not None and not (isinstance(rp, dict) and rp.get("file") == REJECTS_PARQUET
+                               and isinstance(rp.get("sha256"), str)):
+        raise PartitionError(f"{path}: rejects_parquet must be {{file: {REJECTS_PARQUET}, sha256}}, got {_short(rp)}")
     chunks = m["chunks"]
     if not isinstance(chunks, list):
         raise PartitionError(f"{path}: chunks must be a list, got {_short(chunks)}")
@@ -157,20 +161,21 @@ def check_manifest(m: dict, path) -> None:
             raise PartitionError(f"{path}: chunk {i} rows must be a non-negative integer, got {_short(c.get('rows'))}")
 
 
-def _shard_file(d: Path, name: str) -> Path:
+def _shard_file(d: Path, name: str, what: str = "shard") -> Path:
     """``d / name`` when it is a regular file (not a folder, not a link that could lead outside ``d``)."""
     path = d / name
     if path.is_symlink():
-        raise PartitionError(f"shard {name} is a symbolic link; refusing to follow it out of {d}")
+        raise PartitionError(f"{what} {name} is a symbolic link; refusing to follow it out of {d}")
     if not path.exists():
-        raise PartitionError(f"shard {name} listed in {d / MANIFEST} is missing")
+        raise PartitionError(f"{what} {name} listed in {d / MANIFEST} is missing")
     if not path.is_file():
-        raise PartitionError(f"shard {name} is not a regular file (a folder?)")
+        raise PartitionError(f"{what} {name} is not a regular file (a folder?)")
     return path
 
 
 def load_partition(partition_dir: str | os.PathLike, verify: bool = False) -> list:
-    """The chunks of a partition as memory-mapped ``datasets.Dataset`` objects, in curriculum order.
+    """The chunks of a partition as ``datasets.Dataset`` objects, in curriculum order (Arrow shards memory-mapped,
+    Parquet shards decoded into memory).
 
     Row counts are always checked against the manifest; ``verify=True`` runs :func:`verify_partition` first
     (checksums, schema, row ids).
@@ -178,8 +183,6 @@ def load_partition(partition_dir: str | os.PathLike, verify: bool = False) -> li
     Raises:
         PartitionError: no manifest, a missing shard or a row-count mismatch.
     """
-    from datasets import Dataset
-
     d = Path(partition_dir)
     if verify:
         verify_partition(d)
@@ -188,10 +191,9 @@ def load_partition(partition_dir: str | os.PathLike, verify: bool = False) -> li
     for c in manifest["chunks"]:
         path = _shard_file(d, c["file"])
         try:
-            ds = Dataset.from_file(str(path))
-        except (OSError, ValueError) as e:
-            raise PartitionError(f"shard {c['file']} is not a readable Arrow stream ({str(e).splitlines()[0][:120]})") \
-                from None
+            ds = shard_dataset(path)
+        except StorageError as e:
+            raise PartitionError(f"shard {e}") from None
         if ds.num_rows != c["rows"]:
             raise PartitionError(f"shard {c['file']} has {ds.num_rows} rows, manifest says {c['rows']}")
         out.append(ds)
@@ -210,7 +212,8 @@ def verify_partition(partition_dir: str | os.PathLike) -> dict:
 
     Checks: every shard (and Parquet copy) exists and has the manifest's sha256; row counts per shard; the
     same columns and types in every shard as the manifest lists; row ids unique across shards; rows in
-    chunks == rows_kept; rows_kept + rows_rejected == rows_in; ``rejects.arrow`` holds rows_rejected rows.
+    chunks == rows_kept; rows_kept + rows_rejected == rows_in; ``rejects.arrow`` holds rows_rejected rows; the
+    card ``README.md`` has the manifest's ``card_sha256`` (partitions written before the card have none).
 
     Raises:
         PartitionError: the first mismatch found, as one line.
@@ -236,7 +239,7 @@ def _verify(d: Path) -> dict:
         digest = sha256_file(path)
         if digest != c["sha256"]:
             raise PartitionError(f"shard {c['file']} checksum mismatch (sha256 {digest[:12]}, manifest {c['sha256'][:12]})")
-        table = read_arrow_stream(path)
+        table = read_shard(path)
         if table.num_rows != c["rows"]:
             raise PartitionError(f"shard {c['file']} has {table.num_rows} rows, manifest says {c['rows']}")
         if expected_cols is not None and schema_columns(table.schema) != expected_cols:
@@ -270,4 +273,15 @@ def _verify(d: Path) -> dict:
             raise PartitionError(f"{REJECTS_FILE} has {n} rows, manifest rows_rejected is {m['rows_rejected']}")
         if m.get("rejects_sha256") and sha256_file(rej) != m["rejects_sha256"]:
             raise PartitionError(f"{REJECTS_FILE} checksum mismatch")
+    if m.get("rejects_parquet"):
+        rp = _shard_file(d, REJECTS_PARQUET, "rejects copy")
+        if sha256_file(rp) != m["rejects_parquet"]["sha256"]:
+            raise PartitionError(f"{REJECTS_PARQUET} checksum mismatch")
+        if (n := read_shard(rp).num_rows) != m["rows_rejected"]:
+            raise PartitionError(f"{REJECTS_PARQUET} has {n} rows, manifest rows_rejected is {m['rows_rejected']}")
+    if m.get("card_sha256"):
+        card = _shard_file(d, CARD, "dataset card")
+        if sha256_file(card) != m["card_sha256"]:
+            raise PartitionError(f"{CARD} (the dataset card) checksum mismatch: edited after the partition was "
+                                 "written? rerun sdpo partition to write it again")
     return m

@@ -1,9 +1,9 @@
 """``partition_preferences``: order rows into a curriculum and write its shards, ``rejects.arrow`` and manifest.
 
 Steps: open the input (memory-mapped, :mod:`.inputs`), compute the order (:mod:`.ordering`), cut it into chunks
-(:mod:`.chunking`), copy the rows into the shards (:mod:`.shards`), write ``rejects.arrow`` and, last, the
-manifest (:mod:`.folder`). Only the small key columns are sorted in memory, so memory stays flat however large the
-input is.
+(:mod:`.chunking`), copy the rows into the shards (:mod:`.shards`), write ``rejects.arrow``, the dataset card
+(:mod:`.card`) and, last, the manifest (:mod:`.folder`). Only the small key columns are sorted in memory, so memory
+stays flat however large the input is.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from scorers.columns import DIFFICULTY, ROW_ID, SOURCE
 from ..data.rejects import REJECTS_FILE, REJECTS_SCHEMA, reason_counts, write_rejects
 from ..io import StorageError, library_version
 from .chunking import chunk_sizes
+from .card import write_card
 from .config import PartitionConfig
 from .folder import SCHEMA_VERSION, PartitionError, prepare_output_dir, schema_columns, write_manifest
 from .inputs import open_input
 from .ordering import compute_order, numeric_column, source_codes
-from .shards import write_shards
+from .layout import REJECTS_PARQUET
+from .shards import write_parquet, write_shards
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ def _summary(values: np.ndarray | None) -> dict | None:
 
 def partition_preferences(data, output_dir: str | os.PathLike, config: PartitionConfig | None = None, *,
                           rejects=None, progress: bool = True) -> Path:
-    """Order ``data`` into a curriculum and write it as chunk shards + ``rejects.arrow`` + ``manifest.json``.
+    """Order ``data`` into a curriculum and write it as chunk shards + ``rejects.arrow`` + ``README.md`` (the
+    dataset card) + ``manifest.json``.
 
     Args:
         data: a scored folder (path), or a ``datasets.Dataset`` / ``pyarrow.Table`` with a ``row_id`` column
@@ -132,6 +135,8 @@ def _write(inp, perm, bounds, out: Path, config: PartitionConfig, chunk_entries:
     if rej_table is None:
         rej_table = REJECTS_SCHEMA.empty_table()
     rejects_sha = write_rejects(rej_table, out / REJECTS_FILE)
+    # beside Parquet shards the rejects are Parquet too: datasets reads every config of a folder with one builder
+    rejects_parquet = write_parquet(rej_table, out / REJECTS_PARQUET) if config.shard_format != "arrow" else None
     rows_rejected = rej_table.num_rows
     rows_in = inp.rows_in if inp.rows_in is not None else n + rows_rejected
     if rows_in != n + rows_rejected:
@@ -161,9 +166,12 @@ def _write(inp, perm, bounds, out: Path, config: PartitionConfig, chunk_entries:
         "rows_rejected": int(rows_rejected),
         "reject_reasons": reason_counts(rej_table),
         "rejects_sha256": rejects_sha,
+        **({"rejects_parquet": rejects_parquet} if rejects_parquet else {}),
+        "card_sha256": None,
         "columns": schema_columns(inp.schema),
         "chunks": chunk_entries,
     }
+    manifest["card_sha256"] = write_card(out, manifest)  # the card's statistics are read from the shards written
     write_manifest(out, manifest)
     logger.info("partitioned %d rows into %d chunks %s in %s", n, len(sizes), [c["rows"] for c in chunk_entries], out)
     return out

@@ -1,6 +1,6 @@
 """Writing the chunk shards: rows copied into curriculum order with bounded memory, each shard atomic and hashed.
 
-:class:`ShardWriter` writes one shard (Arrow IPC stream, optional Parquet copy) through
+:class:`ShardWriter` writes one shard (Arrow IPC stream, Parquet file, or both) through
 :func:`partitioner.io.atomic_file`: under a temporary name, hashed while written, renamed into place on
 :meth:`~ShardWriter.commit`. :func:`write_shards` moves the rows by an external distribution sort.
 """
@@ -17,55 +17,70 @@ import pyarrow as pa
 
 from ..io import atomic_file
 from .config import PartitionConfig
-from .folder import chunk_name
 from .inputs import PartitionInput
+from .layout import chunk_name
 
 BUCKET_BYTES = 48 << 20  # rows are distributed into buckets of about this size, then each bucket is sorted
 
 
-class ShardWriter:
-    """Write one shard (Arrow IPC stream, optional Parquet copy) under a temporary name; ``commit`` renames it.
+def _parquet_writer(sink, schema: pa.Schema):
+    import pyarrow.parquet as pq
 
-    Assumptions: every batch has the schema given at construction.
+    return pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema)
+
+
+def write_parquet(table: pa.Table, path: Path, fsync: bool = True) -> dict:
+    """``table`` as a Parquet file written like a shard (atomically, hashed while written); the manifest entry."""
+    with atomic_file(path, fsync=fsync) as sink:
+        writer = _parquet_writer(sink, table.schema)
+        writer.write_table(table)
+        writer.close()
+    return {"file": path.name, "sha256": sink.sha.hexdigest()}
+
+
+class ShardWriter:
+    """Write one shard under temporary names; ``commit`` renames it into place.
+
+    ``shard_format``: ``arrow`` (an Arrow IPC stream), ``parquet`` (a Parquet file) or ``both`` (the Arrow stream
+    plus a Parquet copy, the manifest entry's ``parquet``). Assumptions: every batch has the schema given at
+    construction.
     """
 
-    def __init__(self, out_dir: Path, index: int, schema: pa.Schema, parquet: bool = False, fsync: bool = True):
-        self.path = out_dir / chunk_name(index)
+    def __init__(self, out_dir: Path, index: int, schema: pa.Schema, shard_format: str = "arrow", fsync: bool = True):
         self.rows = 0
         self._files = contextlib.ExitStack()
-        self._sink = self._files.enter_context(atomic_file(self.path, fsync=fsync))
-        self._writer = pa.ipc.new_stream(pa.PythonFile(self._sink, mode="w"), schema)
-        self._pq = self._pq_sink = None
-        if parquet:
-            import pyarrow.parquet as pq
-
-            self.parquet_path = out_dir / chunk_name(index, "parquet")
-            self._pq_sink = self._files.enter_context(atomic_file(self.parquet_path, fsync=fsync))
-            self._pq = pq.ParquetWriter(pa.PythonFile(self._pq_sink, mode="w"), schema)
+        self._writers = []  # (path, hashing sink, writer): the primary shard first
+        if shard_format in ("arrow", "both"):
+            path = out_dir / chunk_name(index)
+            sink = self._files.enter_context(atomic_file(path, fsync=fsync))
+            self._writers.append((path, sink, pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), schema)))
+        if shard_format in ("parquet", "both"):
+            path = out_dir / chunk_name(index, "parquet")
+            sink = self._files.enter_context(atomic_file(path, fsync=fsync))
+            self._writers.append((path, sink, _parquet_writer(sink, schema)))
+        self.path = self._writers[0][0]
 
     def write(self, batch: pa.RecordBatch) -> None:
-        self._writer.write_batch(batch)
-        if self._pq is not None:
-            self._pq.write_batch(batch)
+        for _, _, writer in self._writers:
+            writer.write_batch(batch)
         self.rows += batch.num_rows
 
     def commit(self) -> dict:
         """Close, fsync and rename into place; returns the manifest entry's file fields."""
-        self._writer.close()
-        if self._pq is not None:
-            self._pq.close()
-        self._files.close()  # the atomic files rename into place (Parquet first: the Arrow shard is the last)
-        entry = {"file": self.path.name, "rows": self.rows, "sha256": self._sink.sha.hexdigest()}
-        if self._pq is not None:
-            entry["parquet"] = {"file": self.parquet_path.name, "sha256": self._pq_sink.sha.hexdigest()}
+        for _, _, writer in self._writers:
+            writer.close()
+        self._files.close()  # the atomic files rename into place (a Parquet copy first: the primary is the last)
+        (path, sink, _), *copies = self._writers
+        entry = {"file": path.name, "rows": self.rows, "sha256": sink.sha.hexdigest()}
+        for path, sink, _ in copies:
+            entry["parquet"] = {"file": path.name, "sha256": sink.sha.hexdigest()}
         return entry
 
     def abort(self) -> None:
         """Drop the temporary files (the shard never appears)."""
-        for closer in (self._writer.close, getattr(self._pq, "close", None)):
+        for _, _, writer in self._writers:
             with contextlib.suppress(Exception):
-                if closer is not None:
-                    closer()
+                writer.close()
         err = _Aborted()
         with contextlib.suppress(_Aborted):
             self._files.__exit__(_Aborted, err, None)
@@ -139,7 +154,7 @@ def write_shards(inp: PartitionInput, perm: np.ndarray, bounds: np.ndarray, out:
             done = 0
             while done < len(wanted):
                 if writer is None:
-                    writer = ShardWriter(out, ci, inp.schema, parquet=config.parquet, fsync=config.fsync)
+                    writer = ShardWriter(out, ci, inp.schema, shard_format=config.shard_format, fsync=config.fsync)
                 buffered = sum(t.num_rows for t in pending)
                 take_n = min(int(bounds[ci + 1]) - (first + done), len(wanted) - done, config.batch_rows - buffered)
                 pending.append(src.take(pa.array(local[done:done + take_n])))

@@ -26,41 +26,46 @@ from scorers.columns import (
 )
 from scorers.stats import margin_stats
 
+from ..io import StorageError
 from .folder import PartitionError, read_manifest
+from .layout import iter_shard
 
 QUANTILES = (0.1, 0.5, 0.9)
 
 
-def _read_columns(path: Path, names: list[str]) -> dict[str, pa.ChunkedArray]:
-    """Columns ``names`` (those present) of an Arrow stream shard, memory-mapped: only their pages are read."""
+def _read_columns(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Columns ``names`` (those present) of a shard as numpy arrays, a list column (token ids) as its lengths:
+    read batch by batch, only those columns (Arrow pages memory-mapped, Parquet column chunks)."""
     if not path.exists():
         raise PartitionError(f"shard {path.name} is missing")
-    with pa.memory_map(str(path), "r") as source:
-        table = pa.ipc.open_stream(source).read_all()
-    return {n: table.column(n) for n in names if n in table.column_names}
-
-
-def _lengths(col: pa.ChunkedArray) -> np.ndarray:
-    return pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.float64)
+    parts: dict[str, list] = {}
+    try:
+        for batch in iter_shard(path, names):
+            for name, col in zip(batch.schema.names, batch.columns):
+                value = pc.list_value_length(col) if pa.types.is_list(col.type) else col
+                parts.setdefault(name, []).append(value.to_numpy(zero_copy_only=False))
+    except StorageError as e:
+        raise PartitionError(f"shard {e}") from None
+    return {n: np.concatenate(v) for n, v in parts.items()}
 
 
 def _chunk_row(index: int, rows: int, total: int, cols: dict) -> dict:
     row: dict = {"chunk": index, "rows": rows, "share": rows / total if total else 0.0}
     if DIFFICULTY in cols:
-        d = cols[DIFFICULTY].to_numpy().astype(np.float64)
+        d = cols[DIFFICULTY].astype(np.float64)
         row.update(difficulty_mean=float(d.mean()), difficulty_std=float(d.std()),
                    difficulty_min=float(d.min()), difficulty_max=float(d.max()),
                    **{f"difficulty_q{int(q * 100)}": float(np.quantile(d, q)) for q in QUANTILES})
     if CHOSEN_LOGPS in cols and REJECTED_LOGPS in cols:
-        m = margin_stats(cols[CHOSEN_LOGPS].to_numpy(), cols[REJECTED_LOGPS].to_numpy())
+        m = margin_stats(cols[CHOSEN_LOGPS], cols[REJECTED_LOGPS])
         row.update(reward_accuracy=m["reward_accuracy"], mean_gamma=m["mean_margin"])
     if PROMPT_IDS in cols:
-        row["prompt_tokens_mean"] = float(_lengths(cols[PROMPT_IDS]).mean())
+        row["prompt_tokens_mean"] = float(cols[PROMPT_IDS].astype(np.float64).mean())
     for ids, count, name in ((CHOSEN_IDS, CHOSEN_TOKENS, "chosen"), (REJECTED_IDS, REJECTED_TOKENS, "rejected")):
         if count in cols:
-            row[f"{name}_tokens_mean"] = float(cols[count].to_numpy().astype(np.float64).mean())
+            row[f"{name}_tokens_mean"] = float(cols[count].astype(np.float64).mean())
         elif ids in cols:
-            row[f"{name}_tokens_mean"] = float(_lengths(cols[ids]).mean())
+            row[f"{name}_tokens_mean"] = float(cols[ids].astype(np.float64).mean())
     return row
 
 
@@ -78,17 +83,22 @@ def partition_stats(partition_dir: str | os.PathLike):
 
     d = Path(partition_dir)
     manifest = read_manifest(d)
+    return pl.DataFrame(chunk_stats(d, manifest["chunks"], manifest["rows_kept"]))
+
+
+def chunk_stats(partition_dir: Path, chunks: list[dict], total: int) -> list[dict]:
+    """:func:`partition_stats`'s rows as dicts, from the manifest's ``chunks`` entries and their shards (the dataset
+    card's table is made from them before the manifest is written)."""
     wanted = [DIFFICULTY, CHOSEN_LOGPS, REJECTED_LOGPS, PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS, CHOSEN_TOKENS,
               REJECTED_TOKENS]
-    total = manifest["rows_kept"]
     rows = []
-    for c in manifest["chunks"]:
-        cols = _read_columns(d / c["file"], wanted)
+    for c in chunks:
+        cols = _read_columns(Path(partition_dir) / c["file"], wanted)
         row = _chunk_row(c["index"], c["rows"], total, cols)
         srcs = sorted(c.get("sources", {}).items(), key=lambda kv: (-kv[1], kv[0]))
         row["sources"] = ", ".join(f"{s} {n}" for s, n in srcs)
         rows.append(row)
-    return pl.DataFrame(rows)
+    return rows
 
 
 def plot_partition(partition_dir: str | os.PathLike, path: str | os.PathLike | None = None):
@@ -107,7 +117,7 @@ def plot_partition(partition_dir: str | os.PathLike, path: str | os.PathLike | N
     ax_d, ax_s = fig.subplots(1, 2)
     diffs = [_read_columns(d / c["file"], [DIFFICULTY]).get(DIFFICULTY) for c in chunks]
     if all(x is not None for x in diffs):
-        data = [x.to_numpy().astype(np.float64) for x in diffs]
+        data = [x.astype(np.float64) for x in diffs]
         ax_d.boxplot(data, showfliers=False, widths=0.6)
         ax_d.set_xticks(range(1, len(chunks) + 1), labels)
         ax_d.set_ylabel("difficulty (higher = harder)")
