@@ -1,7 +1,7 @@
 """A partition folder is a dataset repository: its card's configs load with ``datasets.load_dataset`` (the chunks as
 splits in curriculum order, the rejects as their own config), Parquet shards are a first-class output that
 ``datasets``, polars, pyarrow, ``sdpo verify`` and ``sdpo train`` read, and the folder is laid out to be uploaded
-as it is."""
+as it is. Also the two selection recipes: keep the easy share or the hard share of a curriculum."""
 
 from __future__ import annotations
 
@@ -193,15 +193,15 @@ def test_sdpo_train_reads_a_parquet_partition(parts, tiny_model_dir, tmp_path):
     verify_partition(parts["parquet"])  # training wrote nothing into the partition
 
 
-def test_cli_shard_format_choices(scored_dir, tmp_path, capsys):
-    for flag, value in (("--shard-format", "feather"),):
+def test_cli_shard_format_and_keep_from_choices(scored_dir, tmp_path, capsys):
+    for flag, value in (("--shard-format", "feather"), ("--keep-from", "middle")):
         assert sdpo_main(["partition", str(scored_dir), "-o", str(tmp_path / "o"), flag, value, "--no-progress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("sdpo: error:") and value in err[0]
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
-# ------------------------------------------------------------------------------------------ no rejects
+# ------------------------------------------------------------------------------------ selection both ways
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +230,43 @@ def gap_scored(shared_data, tmp_path_factory):
                              "formula": "beta*[(logpi-logref)(chosen) - (logpi-logref)(rejected)]"}],
                 "difficulty": {"signal": "implicit_reward", "column": "difficulty", "direction": "higher_is_harder"}}
     return finish(path, settings, 1, [], len(ds), len(ds)), ds
+
+
+def _kept_gaps(part) -> list[float]:
+    return [g for c in load_partition(part) for g in c["implicit_reward"]]
+
+
+def test_keep_easy_recipe_selective_dpo_and_bees(gap_scored, tmp_path):
+    """SelectiveDPO / BeeS: easy_to_hard + keep_fraction (keep_from start) keeps the largest gaps, easiest first."""
+    scored, ds = gap_scored
+    out = tmp_path / "easy"
+    assert sdpo_main(["partition", str(scored), "-o", str(out), "--signal", "implicit_reward", "--keep-fraction",
+                      "0.25", "--chunks", "2", "--no-progress"]) == 0
+    gaps, all_gaps = _kept_gaps(out), sorted(ds["implicit_reward"], reverse=True)
+    assert gaps == all_gaps[:10]  # the 10 largest gaps, largest (easiest) first
+    m = verify_partition(out)
+    assert (m["rows_kept"], m["rows_rejected"]) == (10, 30)
+    assert m["ordering"]["keep_from"] == "start" and m["ordering"]["signal"] == "implicit_reward"
+
+
+def test_keep_hard_recipe_small_implicit_reward_gaps(gap_scored, tmp_path):
+    """arXiv 2508.04149: the same order with keep_from end keeps the smallest gaps, still trained easy -> hard."""
+    scored, ds = gap_scored
+    out = tmp_path / "hard"
+    assert sdpo_main(["partition", str(scored), "-o", str(out), "--signal", "implicit_reward", "--keep-fraction",
+                      "0.25", "--keep-from", "end", "--chunks", "2", "--no-progress"]) == 0
+    gaps, all_gaps = _kept_gaps(out), sorted(ds["implicit_reward"], reverse=True)
+    assert gaps == all_gaps[-10:]  # the 10 smallest gaps, in curriculum order (larger gap first)
+    m = verify_partition(out)
+    assert (m["rows_kept"], m["rows_rejected"], m["ordering"]["keep_from"]) == (10, 30, "end")
+    rejects = read_arrow_stream(out / "rejects.arrow")
+    assert set(rejects.column("detail").to_pylist()) == {"keep_fraction 0.25: the last 10 of 40 rows of the order "
+                                                         "were kept"}
+    assert "- keep from: `end`" in (out / "README.md").read_text()
+    # the kept rows are exactly the hard_to_easy order's kept rows, reversed: same selection, easy-first training
+    hard_first = partition_preferences(scored, tmp_path / "h2e", PartitionConfig(
+        order="hard_to_easy", signal="implicit_reward", keep_fraction=0.25, chunks=2), progress=False)
+    assert _kept_gaps(hard_first) == gaps[::-1]
 
 
 def test_no_rejects_no_rejects_config(gap_scored, tmp_path):

@@ -17,8 +17,10 @@ Orderings (``order``):
                     (per diagonal for ``sum_pd``)
 Ties are broken by ``row_id``, so the order is deterministic and independent of the input's row order.
 
-``keep_fraction`` < 1 keeps only the first share of the ordered rows (the easiest, for an easy→hard order:
-SelectiveDPO's filter, Gao et al. 2025, arXiv 2502.09650); the others are counted rejects (``beyond_keep_fraction``).
+``keep_fraction`` < 1 keeps only a share of the ordered rows, from the start of the order (``keep_from='start'``: the
+easiest for an easy→hard order, SelectiveDPO's filter, Gao et al. 2025, arXiv 2502.09650, and BeeS's large margins,
+arXiv 2502.14560) or from its end (``keep_from='end'``: the hardest, the small DPO implicit-reward gaps of arXiv
+2508.04149); the kept rows keep their order, the others are counted rejects (``beyond_keep_fraction``).
 
 Chunkings: ``n`` equal chunks (``chunks``), explicit ``fractions`` (sum to 1), ``thresholds`` on the order key,
 ``quantiles`` of the order key, one chunk per source (``by_source``'s default); ``min_chunk_size`` merges a
@@ -38,6 +40,7 @@ ORDERS = ("easy_to_hard", "hard_to_easy", "random", "by_source", "column", "grid
 SCORE_ORDERS = ("easy_to_hard", "hard_to_easy", "by_source", "grid_2d")
 CHUNKINGS = ("auto", "equal", "fractions", "thresholds", "quantiles", "source", "grid")
 GRID_STRATEGIES = ("sum_pd", "pc_first", "pd_first")
+KEEP_FROM = ("start", "end")
 
 
 class PartitionConfigError(PartitionError):
@@ -76,8 +79,13 @@ class PartitionConfig:
     )
     keep_fraction: float = field(
         default=1.0,
-        metadata={"min": 0, "max": 1, "help": "Keep only this share of the rows, the first along the order (at least "
-                  "one row); the rest are rejects with reason beyond_keep_fraction (SelectiveDPO keeps 0.5)."},
+        metadata={"min": 0, "max": 1, "help": "Keep only this share of the rows (at least one), taken from keep_from's "
+                  "end of the order; the rest are rejects with reason beyond_keep_fraction (SelectiveDPO keeps 0.5)."},
+    )
+    keep_from: str = field(
+        default="start", metadata={"choices": KEEP_FROM, "help": "Which end of the order keep_fraction keeps: 'start' "
+                                   "(the easiest for easy_to_hard: SelectiveDPO, BeeS) or 'end' (the hardest: "
+                                   "small implicit-reward gaps); the kept rows stay in the order."},
     )
     column: str | None = field(default=None, metadata={"help": "Numeric column for order='column'."})
     ascending: bool = field(default=True, metadata={"help": "order='column': ascending (True) or descending."})

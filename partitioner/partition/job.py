@@ -63,7 +63,7 @@ def partition_preferences(data, output_dir: str | os.PathLike, config: Partition
     inp = open_input(data, rejects=rejects)
     perm, key, ordering = compute_order(inp, config)
     if config.keep_fraction < 1:
-        perm, key = _keep_first(inp, perm, key, config.keep_fraction, ordering)
+        perm, key = _keep_share(inp, perm, key, config.keep_fraction, config.keep_from, ordering)
     n = len(perm)
     sizes = chunk_sizes(n, config, key, source_rank=key if config.order in ("by_source", "grid_2d") else None)
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -104,21 +104,25 @@ def partition_preferences(data, output_dir: str | os.PathLike, config: Partition
         raise PartitionError(f"{reason}; {out} holds no manifest (no partition) until a rerun completes") from e
 
 
-def _keep_first(inp, perm, key, fraction: float, ordering: dict):
-    """The first ``fraction`` of the order (at least one row); the others join the input's rejects."""
+def _keep_share(inp, perm, key, fraction: float, keep_from: str, ordering: dict):
+    """``fraction`` of the order (at least one row) from its start or its end, in order; the others join the input's
+    rejects."""
     from ..data.rejects import reject_record, rejects_table
 
     keep = max(1, math.floor(len(perm) * fraction + 1e-9))
-    dropped = np.sort(perm[keep:])
+    kept = slice(0, keep) if keep_from == "start" else slice(len(perm) - keep, len(perm))
+    dropped = np.sort(np.concatenate([perm[:kept.start], perm[kept.stop:]]))
     ids = inp.column(ROW_ID).take(pa.array(dropped)).to_pylist()
     sources = inp.column(SOURCE).take(pa.array(dropped)).to_pylist() if SOURCE in inp.schema.names else [None] * len(ids)
-    detail = f"keep_fraction {fraction:g}: the first {keep} of {len(perm)} rows of the order were kept"
+    which = "first" if keep_from == "start" else "last"
+    detail = f"keep_fraction {fraction:g}: the {which} {keep} of {len(perm)} rows of the order were kept"
     new = rejects_table([reject_record(s, None, "partition", "beyond_keep_fraction", detail, {ROW_ID: r})
                          for r, s in zip(ids, sources)])
     inp.rejects = new if inp.rejects is None else pa.concat_tables([inp.rejects, new])
     ordering["keep_fraction"] = fraction
+    ordering["keep_from"] = keep_from
     inp.release()
-    return perm[:keep], (None if key is None else key[:keep])
+    return perm[kept], (None if key is None else key[kept])
 
 
 def _write(inp, perm, bounds, out: Path, config: PartitionConfig, chunk_entries: list, sizes, ordering: dict, n: int,
