@@ -3,21 +3,10 @@
 Canonical form (what DPOTrainer reads): ``prompt``, ``chosen``, ``rejected``, either all text (*standard*)
 or all lists of ``{"role", "content"}`` messages (*conversational*), with an explicit prompt.
 
-Layouts read (``format=`` names):
-  ``standard``           TRL standard, explicit prompt: ``prompt``/``chosen``/``rejected`` strings
-  ``standard_implicit``  TRL standard, implicit prompt: ``chosen``/``rejected`` strings sharing a prefix
-  ``conversational``     TRL conversational, explicit prompt: message lists
-  ``conversational_implicit``  TRL conversational, implicit prompt: full conversations in chosen/rejected
-  ``openai``             OpenAI DPO fine-tuning rows: ``input.messages``, ``preferred_output``, ``non_preferred_output``
-  ``sharegpt``           ``conversations`` of ``{"from", "value"}`` turns, ``chosen``/``rejected`` turns, optional ``system``
-  ``messages``           ``chosen_messages``/``rejected_messages``: full conversations (content as text or parts)
-  ``hh``                 Anthropic-HH transcripts: ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` in chosen and rejected
-  ``ultrafeedback``      ``prompt``/``instruction`` + ``completions``: objects with a response and a rating
-  ``rated_responses``    ``prompt``/``instruction`` + ``responses`` + ``ratings`` (or ``scores``), parallel lists
-  ``chosen_rejected_lists``  ``prompt`` + ``chosen``/``rejected`` as lists of responses (texts or message lists)
-  ``mapping``            any columns, named by a column mapping (``prompt``, ``chosen``, ``rejected``, optional ``system``)
+Layouts read (``format=`` names): :data:`LAYOUTS`, each declared once with its help text (README.md's layout table
+shows it), the columns it consumes and its conversion.
 
-The three multi-response layouts expand each row into several pairs (Curri-DPO; :mod:`.multi_response`).
+The multi-response layouts (no conversion here) expand each row into several pairs (Curri-DPO; :mod:`.multi_response`).
 
 Detection (:func:`detect_format`) is a vote: every row of a large sample gets its own layout
 (:func:`detect_row_format`; a field that is null counts as absent) and the layout most rows fit wins. Every row is
@@ -35,28 +24,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from scorers.errors import UserError
 
 from .fields import RowReject, field_value, messages_value, text_value
 
-FORMATS = (
-    "standard",
-    "standard_implicit",
-    "conversational",
-    "conversational_implicit",
-    "openai",
-    "sharegpt",
-    "messages",
-    "hh",
-    "ultrafeedback",
-    "rated_responses",
-    "chosen_rejected_lists",
-    "mapping",
-)
-# Layouts with several responses per prompt: each row becomes several pairs (:mod:`.multi_response`).
-MULTI_FORMATS = ("ultrafeedback", "rated_responses", "chosen_rejected_lists")
 PROMPT_KEYS = ("prompt", "instruction")  # the prompt of a multi-response row, first present wins
 
 # The keys of LoadConfig.column_mapping (system optional).
@@ -196,19 +170,99 @@ def _parse_hh(text: str, what: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- conversion
+def _standard(row: Mapping, mapping) -> tuple:
+    return _check_standard(field_value(row, "prompt"), field_value(row, "chosen"), field_value(row, "rejected"))
+
+
+def _standard_implicit(row: Mapping, mapping) -> tuple:
+    c, r = text_value(field_value(row, "chosen"), "chosen"), text_value(field_value(row, "rejected"), "rejected")
+    return _check_standard(*extract_prompt(c, r))
+
+
+def _conversational(row: Mapping, mapping) -> tuple:
+    return _check_conversational(
+        messages_value(field_value(row, "prompt"), "prompt"),
+        messages_value(field_value(row, "chosen"), "chosen"),
+        messages_value(field_value(row, "rejected"), "rejected"),
+    )
+
+
+def _full_conversations(ck: str, rk: str):
+    """Rows whose columns ``ck``/``rk`` hold whole conversations; the prompt is their common turns (TRL's)."""
+
+    def convert(row: Mapping, mapping) -> tuple:
+        c_all, r_all = messages_value(field_value(row, ck), ck), messages_value(field_value(row, rk), rk)
+        for name, turns in ((ck, c_all), (rk, r_all)):
+            if not any(m["role"] == "assistant" for m in turns):
+                raise RowReject("no_assistant_turn", f"{name} has no assistant turn")
+        return _check_conversational(*extract_prompt(c_all, r_all))
+
+    return convert
+
+
+def _openai(row: Mapping, mapping) -> tuple:
+    inp = field_value(row, "input")
+    if not isinstance(inp, Mapping):
+        raise RowReject("non_text", f"input is {type(inp).__name__}, expected an object with 'messages'")
+    return _check_conversational(
+        messages_value(inp.get("messages"), "input.messages"),
+        messages_value(field_value(row, "preferred_output"), "preferred_output"),
+        messages_value(field_value(row, "non_preferred_output"), "non_preferred_output"),
+    )
+
+
+def _sharegpt(row: Mapping, mapping) -> tuple:
+    turns = messages_value(field_value(row, "conversations"), "conversations", "from", "value")
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise RowReject("non_text", f"system is {type(system).__name__}, expected text")
+    if system and system.strip() and not any(m["role"] == "system" for m in turns):
+        turns = [{"role": "system", "content": system}] + turns
+    return _check_conversational(
+        turns,
+        messages_value(field_value(row, "chosen"), "chosen", "from", "value"),
+        messages_value(field_value(row, "rejected"), "rejected", "from", "value"),
+    )
+
+
+def _hh(row: Mapping, mapping) -> tuple:
+    ct = _parse_hh(text_value(field_value(row, "chosen"), "chosen"), "chosen")
+    rt = _parse_hh(text_value(field_value(row, "rejected"), "rejected"), "rejected")
+    if ct[-1]["role"] != "assistant" or rt[-1]["role"] != "assistant":
+        raise RowReject("no_assistant_turn", "transcript does not end with an Assistant: turn")
+    if ct[:-1] != rt[:-1]:
+        raise RowReject("prompt_mismatch", "chosen and rejected transcripts have different contexts")
+    for m in ct + rt:
+        if m["role"] == "user" and not m["content"].strip():
+            raise RowReject("empty_text", "a Human: turn is empty")
+    if not ct[-1]["content"].strip() or not rt[-1]["content"].strip():
+        raise RowReject("empty_text", "the final Assistant: turn is empty")
+    return _check_conversational(ct[:-1], ct[-1:], rt[-1:])
+
+
+def _mapped(row: Mapping, mapping) -> tuple:
+    return _convert_mapped(row, mapping or {})
+
+
+def _pair_layout(fmt: str) -> Layout:
+    """The layout ``fmt``, which must convert a row into one pair.
+
+    Raises:
+        PreferenceDataError: an unknown layout, or a multi-response one (a caller's mistake, not the data's).
+    """
+    layout = LAYOUTS.get(fmt)
+    if layout is None:
+        raise PreferenceDataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if layout.convert is None:
+        raise PreferenceDataError(f"format {fmt!r} gives several pairs a row: expand it with "
+                                  "partitioner.data.multi_response.expand_row")
+    return layout
+
+
 def consumed_columns(fmt: str, mapping: Mapping | None = None) -> set[str]:
     """The input columns layout ``fmt`` turns into prompt/chosen/rejected (the others pass through)."""
-    return {
-        "standard": {"prompt", "chosen", "rejected"},
-        "standard_implicit": {"prompt", "chosen", "rejected"},  # a null prompt (absent) is not passed through
-        "conversational": {"prompt", "chosen", "rejected"},
-        "conversational_implicit": {"prompt", "chosen", "rejected"},
-        "openai": {"input", "preferred_output", "non_preferred_output"},
-        "sharegpt": {"conversations", "chosen", "rejected", "system"},
-        "messages": {"chosen_messages", "rejected_messages"},
-        "hh": {"prompt", "chosen", "rejected"},
-        "mapping": set((mapping or {}).values()),
-    }[fmt]
+    layout = _pair_layout(fmt)
+    return set((mapping or {}).values()) if layout.consumes is None else set(layout.consumes)
 
 
 def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple[dict, dict]:
@@ -223,65 +277,7 @@ def convert_row(row: Mapping, fmt: str, mapping: Mapping | None = None) -> tuple
         own = detect_row_format(row)
         if own is not None and own != fmt and (fmt, own) not in _PROMPT_MISSING:
             raise RowReject("mixed_format", f"row looks like {own!r} in a {fmt!r} input")
-    if fmt == "standard":
-        p, c, r = _check_standard(field_value(row, "prompt"), field_value(row, "chosen"), field_value(row, "rejected"))
-    elif fmt == "standard_implicit":
-        c, r = text_value(field_value(row, "chosen"), "chosen"), text_value(field_value(row, "rejected"), "rejected")
-        p, c, r = _check_standard(*extract_prompt(c, r))
-    elif fmt == "conversational":
-        p, c, r = _check_conversational(
-            messages_value(field_value(row, "prompt"), "prompt"),
-            messages_value(field_value(row, "chosen"), "chosen"),
-            messages_value(field_value(row, "rejected"), "rejected"),
-        )
-    elif fmt in ("conversational_implicit", "messages"):
-        ck, rk = ("chosen", "rejected") if fmt == "conversational_implicit" else ("chosen_messages", "rejected_messages")
-        c_all, r_all = messages_value(field_value(row, ck), ck), messages_value(field_value(row, rk), rk)
-        for name, turns in ((ck, c_all), (rk, r_all)):
-            if not any(m["role"] == "assistant" for m in turns):
-                raise RowReject("no_assistant_turn", f"{name} has no assistant turn")
-        p, c, r = _check_conversational(*extract_prompt(c_all, r_all))
-    elif fmt == "openai":
-        inp = field_value(row, "input")
-        if not isinstance(inp, Mapping):
-            raise RowReject("non_text", f"input is {type(inp).__name__}, expected an object with 'messages'")
-        p, c, r = _check_conversational(
-            messages_value(inp.get("messages"), "input.messages"),
-            messages_value(field_value(row, "preferred_output"), "preferred_output"),
-            messages_value(field_value(row, "non_preferred_output"), "non_preferred_output"),
-        )
-    elif fmt == "sharegpt":
-        turns = messages_value(field_value(row, "conversations"), "conversations", "from", "value")
-        system = row.get("system")
-        if system is not None and not isinstance(system, str):
-            raise RowReject("non_text", f"system is {type(system).__name__}, expected text")
-        if system and system.strip() and not any(m["role"] == "system" for m in turns):
-            turns = [{"role": "system", "content": system}] + turns
-        p, c, r = _check_conversational(
-            turns,
-            messages_value(field_value(row, "chosen"), "chosen", "from", "value"),
-            messages_value(field_value(row, "rejected"), "rejected", "from", "value"),
-        )
-    elif fmt == "hh":
-        ct = _parse_hh(text_value(field_value(row, "chosen"), "chosen"), "chosen")
-        rt = _parse_hh(text_value(field_value(row, "rejected"), "rejected"), "rejected")
-        if ct[-1]["role"] != "assistant" or rt[-1]["role"] != "assistant":
-            raise RowReject("no_assistant_turn", "transcript does not end with an Assistant: turn")
-        if ct[:-1] != rt[:-1]:
-            raise RowReject("prompt_mismatch", "chosen and rejected transcripts have different contexts")
-        for m in ct + rt:
-            if m["role"] == "user" and not m["content"].strip():
-                raise RowReject("empty_text", "a Human: turn is empty")
-        if not ct[-1]["content"].strip() or not rt[-1]["content"].strip():
-            raise RowReject("empty_text", "the final Assistant: turn is empty")
-        p, c, r = _check_conversational(ct[:-1], ct[-1:], rt[-1:])
-    elif fmt == "mapping":
-        p, c, r = _convert_mapped(row, mapping or {})
-    elif fmt in MULTI_FORMATS:  # a caller's mistake, not the data's: these rows expand into several pairs
-        raise PreferenceDataError(f"format {fmt!r} gives several pairs a row: expand it with "
-                                  "partitioner.data.multi_response.expand_row")
-    else:
-        raise PreferenceDataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    p, c, r = _pair_layout(fmt).convert(row, mapping)
     consumed = consumed_columns(fmt, mapping)
     extras = {k: v for k, v in row.items() if k not in consumed}
     return {"prompt": p, "chosen": c, "rejected": r}, extras
@@ -316,3 +312,45 @@ def _convert_mapped(row: Mapping, mapping: Mapping) -> tuple:
             [{"role": "assistant", "content": text_value(rejected, "rejected")}],
         )
     return _check_standard(prompt, chosen, rejected)
+
+
+# --------------------------------------------------------------------------------------------- the layouts
+@dataclass(frozen=True)
+class Layout:
+    """A preference-data layout (``LoadConfig.format``)."""
+
+    name: str
+    help: str  # README.md's layout table shows it
+    consumes: tuple[str, ...] | None  # the columns turned into prompt/chosen/rejected; None: the column mapping's
+    convert: Callable | None  # (row, column mapping) -> (prompt, chosen, rejected); None: several pairs a row
+
+
+_PAIR = ("prompt", "chosen", "rejected")  # an implicit-prompt layout's null prompt (absent) is not passed through
+# In detection's tie order (vote_format: the first wins).
+LAYOUTS = {layout.name: layout for layout in (
+    Layout("standard", "TRL standard, explicit prompt: `prompt`/`chosen`/`rejected` strings", _PAIR, _standard),
+    Layout("standard_implicit", "TRL standard, implicit prompt: `chosen`/`rejected` strings sharing a prefix",
+           _PAIR, _standard_implicit),
+    Layout("conversational", "TRL conversational, explicit prompt: `prompt`/`chosen`/`rejected` message lists",
+           _PAIR, _conversational),
+    Layout("conversational_implicit", "TRL conversational, implicit prompt: whole conversations in "
+           "`chosen`/`rejected`", _PAIR, _full_conversations("chosen", "rejected")),
+    Layout("openai", "OpenAI DPO fine-tuning rows: `input.messages`, `preferred_output`, `non_preferred_output`",
+           ("input", "preferred_output", "non_preferred_output"), _openai),
+    Layout("sharegpt", "ShareGPT: `conversations` of `from`/`value` turns, `chosen`/`rejected` turns, optional "
+           "`system`", ("conversations", "chosen", "rejected", "system"), _sharegpt),
+    Layout("messages", "`chosen_messages`/`rejected_messages`: whole conversations (content as text or parts)",
+           ("chosen_messages", "rejected_messages"), _full_conversations("chosen_messages", "rejected_messages")),
+    Layout("hh", "Anthropic-HH transcripts: `Human:`/`Assistant:` turns in `chosen` and `rejected`", _PAIR, _hh),
+    Layout("ultrafeedback", "`prompt` or `instruction`, and `completions`: objects with a response and a rating "
+           "(several pairs a row)", (), None),
+    Layout("rated_responses", "`prompt` or `instruction`, `responses` and `ratings` (or `scores`) of the same "
+           "length (several pairs a row)", (), None),
+    Layout("chosen_rejected_lists", "`prompt`, and `chosen`/`rejected` as lists of responses (texts or message "
+           "lists), every chosen one above every rejected one (several pairs a row)", (), None),
+    Layout("mapping", "any columns, named by a column mapping (`--column-mapping`: `prompt`, `chosen`, `rejected`, "
+           "optional `system`)", None, _mapped),
+)}
+FORMATS = tuple(LAYOUTS)
+# Layouts with several responses per prompt: each row becomes several pairs (:mod:`.multi_response`).
+MULTI_FORMATS = tuple(layout.name for layout in LAYOUTS.values() if layout.convert is None)
