@@ -7,6 +7,8 @@ TRL's own names are used where TRL reads the column (``prompt``/``chosen``/``rej
 which TRL treats as precomputed reference log-probs). Our own columns never start with ``ref_``.
 """
 
+from enum import StrEnum
+
 ROW_ID = "row_id"  # content hash of the pair (see partitioner.data.loading.pair_content_hash); stable across reruns
 SOURCE = "source"  # the input's tag (name given, or the file stem)
 PROMPT, CHOSEN, REJECTED = "prompt", "chosen", "rejected"
@@ -37,7 +39,17 @@ TRL_REF_CHOSEN, TRL_REF_REJECTED = "ref_chosen_logps", "ref_rejected_logps"
 # The difficulty the partitioner orders by: higher = harder. Each signal also keeps its own column.
 DIFFICULTY = "difficulty"
 
+
+class Direction(StrEnum):
+    """Which way a signal's values point, as scoring.json and the partition manifest record it (the value's text).
+
+    A ``StrEnum``, so a direction read back from JSON compares equal to its member.
+    """
+
+    HIGHER_IS_EASIER = "higher_is_easier"
+    HIGHER_IS_HARDER = "higher_is_harder"  # the direction of ``difficulty``
+
+
 # Settings shared by every stage that tokenizes, scores or trains.
 TRUNCATION_MODES = ("keep_start", "keep_end")  # DPOConfig.truncation_mode
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("transformers", "vllm", "vllm-server")

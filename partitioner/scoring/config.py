@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from scorers.columns import BACKENDS, DIFFICULTY, DTYPES, TRUNCATION_MODES
+from scorers.columns import DIFFICULTY, DTYPES, TRUNCATION_MODES, Direction
 from scorers.errors import ConfigError, check_choice, check_ranges
 from scorers.flex_attention import packed_attention_field
 from scorers.onednn import LINEAR_KERNELS
-from scorers.signals import parse_signals
+from scorers.signals import check_models, parse_signals
 
 from ..io import library_version
+from .backends import BACKEND_NAMES
 
 SCHEMA_VERSION = 1
 # vLLM server client options that change how requests travel, never a number.
@@ -83,13 +84,10 @@ class ScoringConfig:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         check_choice("linear_kernel", self.linear_kernel, LINEAR_KERNELS)
-        check_choice("backend", self.backend, BACKENDS)
+        check_choice("backend", self.backend, BACKEND_NAMES)
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if "implicit_reward" in self.signals and not self.policy_model:
-            raise ConfigError("signal implicit_reward needs policy_model (the model compared with the reference)")
-        if "reward_model" in self.signals and not self.reward_model:
-            raise ConfigError("signal reward_model needs reward_model (a sequence-classification model path)")
+        check_models(parse_signals(self.signals), self)
         if len(self.rating_columns) != 2:
             raise ConfigError("rating_columns must name two columns: chosen's and rejected's")
         if self.backend == "vllm-server" and not self.server_url:
@@ -144,7 +142,8 @@ def job_settings(config: ScoringConfig, tokenizer, input_info: dict) -> dict:
     }
     model = model_fingerprint(values.pop("model"))
     dtype = values.pop("dtype")
-    difficulty = {"signal": values.pop("difficulty_signal"), "column": DIFFICULTY, "direction": "higher_is_harder"}
+    difficulty = {"signal": values.pop("difficulty_signal"), "column": DIFFICULTY,
+                  "direction": Direction.HIGHER_IS_HARDER.value}
     for name in ("policy_model", "reward_model"):
         values[name] = model_fingerprint(values[name]) if values[name] else None
     values["vllm_options"] = {k: v for k, v in sorted(values["vllm_options"].items())

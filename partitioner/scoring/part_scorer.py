@@ -6,86 +6,56 @@ decides a number.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 
-from scorers.backend import LogProbBackend
-from scorers.columns import (
-    CHOSEN_LOGPS,
-    CHOSEN_TOKENS,
-    DIFFICULTY,
-    POLICY_CHOSEN_LOGPS,
-    POLICY_REJECTED_LOGPS,
-    PROMPT_LOGPS,
-    PROMPT_TOKENS,
-    REJECTED_LOGPS,
-    REJECTED_TOKENS,
-    REWARD_CHOSEN,
-    REWARD_REJECTED,
-)
-from scorers.errors import ConfigError
-from scorers.signals import compute_signal, needs_prompt_logps, parse_signals, prompt_rows, to_difficulty
+from scorers.columns import CHOSEN_LOGPS, CHOSEN_TOKENS, DIFFICULTY, REJECTED_LOGPS, REJECTED_TOKENS
+from scorers.signals import compute_signal, parse_signals, passes_to_run, to_difficulty
 
+from .backends import make_backend
 from .config import ScoringConfig
 
 
-def make_backend(config: ScoringConfig) -> LogProbBackend:
-    """The reference backend ``config.backend`` names, with ``config.vllm_options`` passed on to a vLLM backend.
+def _policy_model(config: ScoringConfig):
+    """The policy model, scored as the reference is on the transformers backend, with the same settings."""
+    return make_backend(dataclasses.replace(config, model=config.policy_model, backend="transformers"))
 
-    Raises:
-        ConfigError: a vLLM option the backend does not take.
-    """
-    from scorers.transformers_backend import TransformersBackend
 
-    common = dict(max_length=config.max_length, truncation_mode=config.truncation_mode, progress=config.progress)
-    if config.backend == "transformers":
-        return TransformersBackend(config.model, dtype=config.dtype, batch_tokens=config.batch_tokens,
-                                   packed=config.packed, device=config.device, linear_kernel=config.linear_kernel,
-                                   packed_attention=config.packed_attention, **common)
-    if config.backend == "vllm":
-        from scorers.vllm_backend import VLLMBackend
+class _RewardScores:
+    """A reward model's scores keyed by side, as the reward pass reads them."""
 
-        cls, args = VLLMBackend, dict(model=config.model, tokenizer=config.tokenizer, dtype=config.dtype)
-    else:
-        from scorers.vllm_server_backend import VLLMServerBackend
+    def __init__(self, config: ScoringConfig):
+        from scorers.reward_model import RewardModelScorer
 
-        cls, args = VLLMServerBackend, dict(url=config.server_url, model=config.model,
-                                            served_model_name=config.server_model,
-                                            tokenizer=config.tokenizer or config.model)
-    options = dict(config.vllm_options or {})
-    allowed = set(inspect.signature(cls).parameters) - set(args) - set(common)
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown {config.backend} option(s) {', '.join(unknown)}; known: "
-                          f"{', '.join(sorted(allowed))}")
-    return cls(**args, **common, **options)
+        self.model = RewardModelScorer(config.reward_model, dtype=config.dtype, device=config.device,
+                                       batch_tokens=config.batch_tokens, progress=config.progress)
+
+    def score(self, rows) -> dict:
+        chosen, rejected = self.model.score(rows)
+        return {"chosen": chosen, "rejected": rejected}
+
+    def close(self):
+        self.model.close()
+
+
+# How the model a pass's option names is loaded (scorers.signals.ModelPass.model_option); None: the reference backend.
+MODEL_LOADERS = {"policy_model": _policy_model, "reward_model": _RewardScores}
 
 
 class PartScorer:
     """Scores parts: reference log-probs, optional policy / reward-model scores, every signal, ``difficulty``."""
 
     def __init__(self, config: ScoringConfig):
-        from scorers.transformers_backend import TransformersBackend
-
         self.config, self.signals = config, parse_signals(config.signals)
         self.backend = make_backend(config)
-        self.policy = None
-        if config.policy_model:
-            self.policy = TransformersBackend(
-                config.policy_model, dtype=config.dtype, max_length=config.max_length,
-                truncation_mode=config.truncation_mode, batch_tokens=config.batch_tokens, packed=config.packed,
-                device=config.device, progress=config.progress, linear_kernel=config.linear_kernel,
-                packed_attention=config.packed_attention)
-        self.reward = None
-        if config.reward_model:
-            from scorers.reward_model import RewardModelScorer
-
-            self.reward = RewardModelScorer(config.reward_model, dtype=config.dtype, device=config.device,
-                                            batch_tokens=config.batch_tokens, progress=config.progress)
+        # each model pass to run, with what runs it: the reference backend, or the model its option names
+        self.passes = [(p, MODEL_LOADERS[p.model_option](config) if p.model_option else self.backend)
+                       for p in passes_to_run(self.signals, config)]
 
     def close(self):
-        for b in (self.backend, self.policy, self.reward):
-            if b is not None:
-                b.close()
+        self.backend.close()
+        for model_pass, model in self.passes:
+            if model_pass.model_option:
+                model.close()
 
     def score_part(self, part):
         """The part (a ``datasets.Dataset`` of tokenized rows) as a ``pyarrow.Table`` with the score columns."""
@@ -101,18 +71,10 @@ class PartScorer:
             CHOSEN_TOKENS: (scores["chosen_tokens"], pa.int64()),
             REJECTED_TOKENS: (scores["rejected_tokens"], pa.int64()),
         }
-        if needs_prompt_logps(self.signals):
-            prompts = self.backend.score(prompt_rows(rows))
-            new[PROMPT_LOGPS] = (prompts["chosen_logps"], pa.float64())
-            new[PROMPT_TOKENS] = (prompts["chosen_tokens"], pa.int64())
-        if self.policy is not None:
-            p = self.policy.score(rows)
-            new[POLICY_CHOSEN_LOGPS] = (p["chosen_logps"], pa.float64())
-            new[POLICY_REJECTED_LOGPS] = (p["rejected_logps"], pa.float64())
-        if self.reward is not None:
-            rc, rr = self.reward.score(rows)
-            new[REWARD_CHOSEN] = (rc, pa.float64())
-            new[REWARD_REJECTED] = (rr, pa.float64())
+        for model_pass, model in self.passes:
+            result = model.score(model_pass.rows(rows))
+            for column, key, type_name in model_pass.writes:
+                new[column] = (result[key], pa.type_for_alias(type_name))
         cols.update({k: v for k, (v, _) in new.items()})
         c = self.config
         difficulty = None
