@@ -6,15 +6,20 @@ rows are never touched here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scorers.columns import CHOSEN_LOGPS, DIFFICULTY, REJECTED_LOGPS, ROW_ID, SOURCE
+from scorers.columns import CHOSEN_LOGPS, DIFFICULTY, REJECTED_LOGPS, ROW_ID, SOURCE, Direction
 from scorers.stats import margin_stats_by
 
 from .config import PartitionConfig, PartitionConfigError
 from .inputs import PartitionInput
+
 
 def numeric_column(inp: PartitionInput, name: str, what: str) -> np.ndarray:
     if name not in inp.schema.names:
@@ -50,7 +55,7 @@ def _signal(inp: PartitionInput, config: PartitionConfig, name: str | None = Non
     spec = signals[name]
     col = spec.get("column", name)
     values = numeric_column(inp, col, f"signal {name!r}")
-    return name, values, col, spec.get("direction", "higher_is_harder") != "higher_is_easier"
+    return name, values, col, spec.get("direction", Direction.HIGHER_IS_HARDER) != Direction.HIGHER_IS_EASIER
 
 
 def reward_accuracy_by_source(inp: PartitionInput) -> dict[str, float]:
@@ -128,29 +133,29 @@ def _argsort(key: np.ndarray | None, row_ids, descending: bool = False) -> np.nd
     return _index_array(pc.sort_indices(pa.table(cols), sort_keys=sort_keys))
 
 
-def compute_order(inp: PartitionInput, config: PartitionConfig) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Row positions in curriculum order, the order key aligned with them (or None), and the manifest's 'ordering'."""
-    row_ids = _row_id_keys(inp)
-    info: dict = {"order": config.order, "seed": config.seed}
-    if config.order in ("easy_to_hard", "hard_to_easy"):
-        name, values, col, higher_is_harder = _signal(inp, config)
-        desc = (config.order == "hard_to_easy") == higher_is_harder
-        perm = _argsort(values, row_ids, descending=desc)
-        info.update(signal=name, column=col, ascending=not desc,
-                    direction="higher_is_harder" if higher_is_harder else "higher_is_easier")
-        return perm, values[perm], info
-    if config.order == "column":
-        values = numeric_column(inp, config.column, "order")
-        perm = _argsort(values, row_ids, descending=not config.ascending)
-        info.update(column=config.column, ascending=config.ascending)
-        return perm, values[perm], info
-    if config.order == "grid_2d":
-        return _grid_order(inp, config, row_ids, info)
-    if config.order == "random":
-        base = _argsort(None, row_ids)
-        perm = base[np.random.default_rng(config.seed).permutation(len(base))]
-        return perm, None, info
-    # by_source
+def _by_signal(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict, *, hardest_first: bool):
+    name, values, col, higher_is_harder = _signal(inp, config)
+    desc = hardest_first == higher_is_harder
+    perm = _argsort(values, row_ids, descending=desc)
+    direction = Direction.HIGHER_IS_HARDER if higher_is_harder else Direction.HIGHER_IS_EASIER
+    info.update(signal=name, column=col, ascending=not desc, direction=direction.value)
+    return perm, values[perm], info
+
+
+def _by_column(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict):
+    values = numeric_column(inp, config.column, "order")
+    perm = _argsort(values, row_ids, descending=not config.ascending)
+    info.update(column=config.column, ascending=config.ascending)
+    return perm, values[perm], info
+
+
+def _random(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict):
+    base = _argsort(None, row_ids)
+    perm = base[np.random.default_rng(config.seed).permutation(len(base))]
+    return perm, None, info
+
+
+def _by_source(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict):
     acc = reward_accuracy_by_source(inp)
     codes, names = source_codes(inp)
     ranked = sorted(acc, key=lambda s: (-acc[s], s))
@@ -170,7 +175,6 @@ def compute_order(inp: PartitionInput, config: PartitionConfig) -> tuple[np.ndar
     info.update(sources=ranked, reward_accuracy={s: acc[s] for s in ranked},
                 within_source="difficulty ascending" if within is not None else "row_id")
     return perm, (rank_of_code[codes])[perm], info
-
 
 
 def _levels(harder: np.ndarray, row_ids, levels: int) -> np.ndarray:
@@ -206,3 +210,36 @@ def _grid_order(inp: PartitionInput, config: PartitionConfig, row_ids, info: dic
                 cells={f"pc{a}_pd{b}": int(((pc_level == a) & (pd_level == b)).sum())
                        for a in range(n_levels) for b in range(n_levels)})
     return perm, group[perm].astype(np.float64), info
+
+
+@dataclass(frozen=True)
+class Order:
+    """A curriculum order (``PartitionConfig.order``)."""
+
+    name: str
+    help: str  # README.md's order table shows it
+    needs_scores: bool  # reads the scored columns: a data file is scored first (partitioner.run)
+    key_is_group: bool  # the order key is a group per row (source rank, grid cell): chunkings 'source'/'grid' cut it
+    compute: Callable  # (input, config, row ids, manifest info) -> (permutation, key along it or None, info)
+
+
+ORDERS = {o.name: o for o in (
+    Order("easy_to_hard", "by the difficulty signal (`--signal`, default the `difficulty` column), easiest first",
+          True, False, partial(_by_signal, hardest_first=False)),
+    Order("hard_to_easy", "the reverse: hardest first", True, False, partial(_by_signal, hardest_first=True)),
+    Order("random", "a seeded permutation (`--seed`; the paper's ablation)", False, False, _random),
+    Order("by_source", "each source together, sources sorted by M0's reward accuracy on them, highest first (the "
+          "paper's order)", True, True, _by_source),
+    Order("column", "any numeric column (`--column`, `--ascending`)", False, False, _by_column),
+    Order("grid_2d", "2D-Curri-DPO's grid of prompt-complexity × distinguishability levels (see its section)",
+          True, True, _grid_order),
+)}
+ORDER_NAMES = tuple(ORDERS)
+
+
+def compute_order(inp: PartitionInput, config: PartitionConfig) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Row positions in curriculum order, the order key aligned with them (or None), and the manifest's 'ordering'."""
+    order = ORDERS.get(config.order)
+    if order is None:
+        raise PartitionConfigError(f"unknown order {config.order!r}; choose one of {', '.join(ORDERS)}")
+    return order.compute(inp, config, _row_id_keys(inp), {"order": config.order, "seed": config.seed})
