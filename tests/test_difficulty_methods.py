@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.test_trainer import MAX_LENGTH, _differs, _load, _partition, _rows, _state, dpo_args
+from tests.test_trainer import MAX_LENGTH, _differs, _load, _partition, _rows, _state, dpo_args, when_training_starts
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def test_kl_refresh_keeps_or_moves_the_reference_by_the_threshold(partition3, ti
     runs = {}
     for tag, threshold in (("always", 0.0), ("never", 1e9)):
         out = tmp_path / tag
-        runs[tag] = train_stepwise(partition3, str(tiny_model_dir), args=dpo_args(out), trainer_hook=hook(tag),
+        runs[tag] = train_stepwise(partition3, str(tiny_model_dir), args=dpo_args(out),
+                                   callbacks=[when_training_starts(hook(tag))],
                                    config=StepwiseConfig(ref_mode=ref_mode, ref_refresh="kl", kl_threshold=threshold,
                                                          kl_probe_rows=4))
     assert [r["reference_step"] for r in runs["always"]] == [0, 1, 2]
@@ -113,15 +114,18 @@ def test_sft_steps_train_the_last_chunks_with_trls_sft_loss(partition3, tiny_mod
     from trainer_plugin.config import StepwiseConfig
     from trainer_plugin.driver import train_stepwise
 
-    losses = {}
+    from transformers import TrainerCallback
 
-    def hook(t, trainer):
-        losses[t] = list(trainer.args.loss_type)
+    losses = []
 
-    records = train_stepwise(partition3, str(tiny_model_dir), args=dpo_args(tmp_path / "run"), trainer_hook=hook,
+    class LossType(TrainerCallback):  # shared by the steps' trainers, which train one after the other
+        def on_train_begin(self, args, state, control, **kwargs):
+            losses.append(list(args.loss_type))  # the step's own DPOConfig
+
+    records = train_stepwise(partition3, str(tiny_model_dir), args=dpo_args(tmp_path / "run"), callbacks=[LossType()],
                              config=StepwiseConfig(ref_mode="precomputed", sft_steps=1))
     assert [r["loss"] for r in records] == ["dpo", "dpo", "sft"]
-    assert losses == {1: ["sigmoid"], 2: ["sigmoid"], 3: ["sft"]}
+    assert losses == [["sigmoid"], ["sigmoid"], ["sft"]]
     # A random tiny model's NLL per token is near log(vocab) ~ 10.8; a DPO loss starts near log 2.
     assert records[2]["train_loss"] > 5 > 1 > records[0]["train_loss"]
 

@@ -226,7 +226,7 @@ def test_the_drivers_kernel_option_reaches_training_and_reference_scoring(partit
     import torch.nn.attention.flex_attention as flex_module
 
     from partitioner.io import read_arrow_stream
-    from test_trainer import dpo_args
+    from test_trainer import dpo_args, when_training_starts
     from trainer_plugin.config import StepwiseConfig
     from trainer_plugin.driver import train_stepwise
 
@@ -237,7 +237,7 @@ def test_the_drivers_kernel_option_reaches_training_and_reference_scoring(partit
         try:
             train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(tmp_path / kernel),
                            config=StepwiseConfig(ref_mode="precomputed", packed_attention=kernel),
-                           trainer_hook=lambda t, trainer: kernels.append(trainer.packed_attention))
+                           callbacks=[when_training_starts(lambda t, tr: kernels.append(tr.packed_attention))])
         finally:
             flex_module.flex_attention = flex
         assert kernels == [kernel, kernel] and bool(calls) == (kernel == "flex_eager")

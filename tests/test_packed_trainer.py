@@ -411,6 +411,7 @@ def test_driver_packs_by_default_and_the_drop_in_works_with_the_callback(tiny_mo
     from trainer_plugin.driver import train_stepwise
     from trainer_plugin.packed import PackedDPOTrainer
     from trainer_plugin.trainer import PackedStepwiseDPOTrainer, StepwiseDPOTrainer
+    from test_trainer import when_training_starts
 
     options = Options(argparse.ArgumentParser())
     cli.add_arguments(options)
@@ -424,7 +425,8 @@ def test_driver_packs_by_default_and_the_drop_in_works_with_the_callback(tiny_mo
     for packing in (True, False):
         args = dpo_args(tmp_path / str(packing), per_device_train_batch_size=2, max_steps=-1, num_train_epochs=1)
         steps[packing] = train_stepwise(chunks, str(tiny_model_dir), args=args, config=StepwiseConfig(packing=packing),
-                                        trainer_hook=lambda t, trainer, p=packing: kinds.setdefault(p, type(trainer)))
+                                        callbacks=[when_training_starts(lambda t, trainer, p=packing:
+                                                                        kinds.setdefault(p, type(trainer)))])
     assert kinds == {True: PackedStepwiseDPOTrainer, False: StepwiseDPOTrainer}
     for ours, trl in zip(steps[True], steps[False]):
         assert ours["trl"].keys() == trl["trl"].keys() and "rewards/margins" in trl["trl"]

@@ -64,6 +64,22 @@ def dpo_args(output_dir, **kw):
     return DPOConfig(**{**base, **kw})
 
 
+def when_training_starts(see):
+    """A ``train_stepwise(callbacks=[...])`` entry that calls ``see(t, trainer)`` as step t's trainer starts
+    training: a function of each step's trainer returning the ``TrainerCallback`` that watches it (the driver's
+    public way to give a callback its trainer, as TRL's ``LogCompletionsCallback(trainer)`` needs)."""
+    from transformers import TrainerCallback
+
+    class Watch(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            see(self.trainer.stepwise_step, self.trainer)
+
+    return lambda trainer: Watch(trainer)  # a class would be built by the trainer, without arguments
+
+
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -97,8 +113,8 @@ def test_live_reference_of_step2_is_m1(partition2, partition3, tiny_model_dir, t
 
     out = tmp_path / "run"
     held_out = load_partition(partition3)[2]
-    steps = train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(out), ref_mode="live", trainer_hook=hook,
-                           eval_dataset=held_out)
+    steps = train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(out), ref_mode="live",
+                           callbacks=[when_training_starts(hook)], eval_dataset=held_out)
     m0 = _state(_load(tiny_model_dir))
     m1 = _state(_load(out / "step_1"))
     _assert_same(seen[1], m0)
@@ -140,7 +156,8 @@ def test_precomputed_reference_equals_m1_scores(partition2, tiny_model_dir, smol
         seen[t] = (trainer.ref_model, trainer.precompute_ref_logps)
 
     out = tmp_path / "run"
-    train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(out), ref_mode="precomputed", trainer_hook=hook)
+    train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(out), ref_mode="precomputed",
+                   callbacks=[when_training_starts(hook)])
     assert seen[2] == (None, True)  # no reference model in memory during training
     ours = read_arrow_stream(out / "step_2" / "reference_logps.arrow").to_pydict()
 
@@ -174,7 +191,8 @@ def test_ref_refresh_never_keeps_m0_as_every_steps_reference(partition2, tiny_mo
         seen[t] = _state(trainer.accelerator.unwrap_model(trainer.ref_model))
 
     live = tmp_path / "live"
-    records = train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(live), trainer_hook=hook,
+    records = train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(live),
+                             callbacks=[when_training_starts(hook)],
                              config=StepwiseConfig(ref_mode="live", ref_refresh="never"))
     m0 = _state(_load(tiny_model_dir))
     _assert_same(seen[1], m0)
@@ -204,18 +222,20 @@ def test_peft_reference_of_step2_is_merged_m1(partition2, tiny_model_dir, tmp_pa
     from trainer_plugin.driver import train_stepwise
     from trainer_plugin.run_folder import load_step_model
 
+    from transformers import TrainerCallback
+
     seen = {}
 
-    def hook(t, trainer):
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        with model.disable_adapter():  # what TRL uses as the reference
-            base = model.get_base_model()
-            seen[t] = {k: v.detach().clone() for k, v in base.state_dict().items() if "lora_" not in k}
+    class AdapterDisabled(TrainerCallback):  # shared by the steps' trainers, which train one after the other
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            with model.disable_adapter():  # what TRL uses as the reference
+                base = model.get_base_model()
+                seen[len(seen) + 1] = {k: v.detach().clone() for k, v in base.state_dict().items() if "lora_" not in k}
 
     out = tmp_path / "run"
     config = StepwiseConfig(ref_mode="peft", lora_r=4, lora_alpha=8)
     train_stepwise(partition2, str(tiny_model_dir), args=dpo_args(out, learning_rate=2e-2), config=config,
-                   trainer_hook=hook)
+                   callbacks=[AdapterDisabled()])
     m0 = _state(_load(tiny_model_dir))
     m1 = _state(PeftModel.from_pretrained(_load(tiny_model_dir), str(out / "step_1")).merge_and_unload())
 
@@ -443,3 +463,21 @@ def test_rescore_between_steps_reorders_remaining_by_m1(partition3, tiny_model_d
     margins = [a - b for a, b in zip(c, r)]
     assert min(margins[: len(new2)]) >= max(margins[len(new2):]) - 1e-4
     assert read_arrow_stream(out / "step_2" / "reference_logps.arrow").column("row_id").to_pylist() == new2
+
+
+def test_a_resumed_adaptive_run_trains_its_recorded_order(tmp_path):
+    """The order recorded after a completed step is re-created on resume (same rows, same chunk sizes); one recorded
+    after a step that did not complete (killed between its order and its marker) is not."""
+    from datasets import Dataset
+
+    from partitioner.io import write_json, write_marker
+    from trainer_plugin.run_folder import RunFolder
+
+    chunks = [Dataset.from_dict({"row_id": ids}) for ids in (["a", "b"], ["c", "d", "e"], ["f", "g"])]
+    identity = {"ref_mode": "precomputed", "chunks": [2, 3, 2]}
+    (tmp_path / "step_1").mkdir()
+    write_marker(tmp_path / "step_1" / "_COMPLETE", {"step": 1})
+    write_json(tmp_path / "run.json", {**identity, "rescored_orders": {"1": [["g", "e", "c"], ["d", "f"]],
+                                                                        "2": [["c", "d"]]}})
+    resumed = RunFolder(tmp_path, identity, {}).resumed_order(chunks)
+    assert [list(c["row_id"]) for c in resumed] == [["a", "b"], ["g", "e", "c"], ["d", "f"]]

@@ -7,6 +7,10 @@ after the last completed step; seeds are derived per step (``args.seed + t - 1``
 to an uninterrupted one. How the reference is held is the ``ref_mode`` (:mod:`trainer_plugin.ref_modes`).
 Under ``torchrun`` / ``accelerate launch`` every process runs this driver (:mod:`trainer_plugin.distributed`:
 the main process writes, the scoring passes are split by rows).
+
+:func:`train_stepwise` is three parts: :meth:`_StepwiseRun.prepare` (inputs, checks, run folder, resume point,
+reference schedule), :meth:`_StepwiseRun.step` (train chunk t, save M(t), record) and :meth:`_StepwiseRun.finish`
+(the final records).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from scorers.compat import drop_trl_forward_patch, model_name_or_path
 from scorers.stats import margin_stats
 
 from .config import StepwiseConfig, StepwiseInputError
-from .distributed import check_saves_whole, processes_of, weights_are_sharded
+from .distributed import Processes, check_saves_whole, processes_of, weights_are_sharded
 from .inputs import check_tokenizer, ensure_tokens, load_chunks, load_held_out
-from .ref_modes import LiveReference, PeftReference, PrecomputedReference
+from .ref_modes import LiveReference, reference_mode
 from .ref_refresh import ReferenceSchedule, kl_probe
 from .reference import score_pairs, scores_differ
 from .run_folder import RunFolder
@@ -47,7 +51,6 @@ def train_stepwise(
     eval_dataset=None,
     peft_config=None,
     callbacks: list | None = None,
-    trainer_hook: Callable[[int, Any], None] | None = None,
 ) -> list[dict]:
     """Run stepwise DPO over a partition's chunks; returns the per-step records (also in ``steps.json``).
 
@@ -59,28 +62,152 @@ def train_stepwise(
         ref_mode: overrides ``config.ref_mode``.
         eval_dataset: held-out pairs; γ_ref of every M(t) on it is logged.
         peft_config: LoRA config for ``ref_mode='peft'`` (default: built from ``config.lora_*``).
-        trainer_hook: called as ``hook(t, trainer)`` after each step's trainer is built, before it trains.
+        callbacks: as ``DPOTrainer``'s (``TrainerCallback`` instances or classes), given to every step's trainer.
+            An entry that is any other callable is called with each step's trainer once it is built and returns
+            the ``TrainerCallback`` added to that trainer: how TRL's callbacks that take the trainer run here
+            (``functools.partial(trl.LogCompletionsCallback, num_prompts=8)``). Such a callback is added after the
+            trainer's ``__init__``: its ``on_init_end`` is not called, ``on_train_begin`` and the later events are.
 
     Raises:
         StepwiseInputError: bad partition (missing chunks, failed verification), tokenizer mismatch, or an output
             folder that belongs to another run; raised before any training starts.
     """
-    from scorers.models import load_tokenizer
-
     config = config or StepwiseConfig()
     if ref_mode is not None:
         config = dataclasses.replace(config, ref_mode=ref_mode)
-    if getattr(args, "sync_ref_model", False):
-        raise StepwiseInputError("sync_ref_model cannot be combined with the stepwise driver (it sets the reference)")
-    procs = processes_of(args)
-    chunks, manifest = load_chunks(partition_dir)
-    n_steps = config.steps_for(len(chunks))  # the count options against the partition, before any model loads
-    model_path = model if isinstance(model, (str, os.PathLike)) else None
-    tokenizer = tokenizer or load_tokenizer(str(model_path) if model_path is not None else model_name_or_path(model.config))
-    if config.check_tokenizer:
-        check_tokenizer(tokenizer, chunks, manifest)
-    # Chunks of an unscored partition are tokenized here, once, as DPOTrainer would (dropping pairs whose prompt
-    # fills max_length): the reference scores, the rows each process scores and the rows TRL trains stay aligned.
+    run = _StepwiseRun.prepare(partition_dir, model, args, config, tokenizer, eval_dataset, peft_config, callbacks)
+    for t in range(len(run.folder.completed) + 1, run.n_steps + 1):
+        run.step(t)
+    return run.finish()
+
+
+@dataclasses.dataclass
+class _StepwiseRun:
+    """A stepwise run between its steps: the inputs, the reference mode, the run folder and the policy M(t)."""
+
+    model: Any  # M0 as given: what M(t) is rebuilt from under sharded training
+    model_path: str | os.PathLike | None
+    args: Any
+    config: StepwiseConfig
+    procs: Processes
+    tokenizer: Any
+    chunks: list  # in training order (a resumed adaptive run's recorded order)
+    eval_dataset: Any
+    score: Callable  # (model, dataset) -> (chosen, rejected) summed log-probs, split over the processes
+    mode: LiveReference
+    folder: RunFolder
+    n_steps: int
+    policy: Any  # M(k) after k completed steps
+    callbacks: list | None  # given to every step's trainer
+    callback_makers: list  # called with each step's trainer: its own callback
+
+    @classmethod
+    def prepare(cls, partition_dir, model, args, config, tokenizer, eval_dataset, peft_config, callbacks):
+        """Load and check the inputs, open the run folder and load M(k), k the steps it has completed.
+
+        Raises:
+            StepwiseInputError: see :func:`train_stepwise`; every check runs before a model is trained.
+        """
+        from scorers.models import load_tokenizer
+
+        if getattr(args, "sync_ref_model", False):
+            raise StepwiseInputError("sync_ref_model cannot be combined with the stepwise driver (it sets the "
+                                     "reference)")
+        procs = processes_of(args)
+        chunks, manifest = load_chunks(partition_dir)
+        n_steps = config.steps_for(len(chunks))  # the count options against the partition, before any model loads
+        model_path = model if isinstance(model, (str, os.PathLike)) else None
+        tokenizer = tokenizer or load_tokenizer(str(model_path) if model_path is not None
+                                                else model_name_or_path(model.config))
+        if config.check_tokenizer:
+            check_tokenizer(tokenizer, chunks, manifest)
+        chunks, eval_dataset = _tokenized(procs, chunks, eval_dataset, tokenizer, args, config)
+        score = _scorer(procs, tokenizer, args, config)
+        if config.ref_refresh == "kl" and (getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)):
+            raise StepwiseInputError("ref_refresh 'kl' measures the KL with whole models: not under FSDP / DeepSpeed")
+        mode = reference_mode(config, score, _can_reuse_scores(manifest, model_path, args, config), peft_config)
+        with procs.main_first():  # the main process checks and cleans the folder before the others read it
+            folder = RunFolder(args.output_dir, _identity(config, partition_dir, chunks, manifest, args),
+                               dataclasses.asdict(config), write=procs.is_main)
+        procs.agree(folder.completed, "completed steps", folder.path)
+        k = len(folder.completed)
+        policy = _on_device(mode.load_policy(model, folder, k, config.dtype), args, config)  # M(k): after step k
+        if config.ref_refresh != "step":  # the reference is some M(j), not always M(t-1): a schedule picks j
+            mode.schedule = _schedule(config, model_path, folder, args, tokenizer, chunks)
+        chunks = folder.resumed_order(chunks)  # an adaptive run's order after its completed steps
+        shared, makers = _split_callbacks(callbacks)
+        return cls(model, model_path, args, config, procs, tokenizer, chunks, eval_dataset, score, mode, folder,
+                   n_steps, policy, shared, makers)
+
+    def step(self, t: int) -> None:
+        """Train M(t-1) on chunk t against the step's reference, save M(t) and complete the step's record."""
+        config, chunk = self.config, self.chunks[t - 1]
+        if self.procs.is_main:
+            logger.info("stepwise step %d/%d: %d pairs (%s mode)", t, self.n_steps, len(chunk), self.mode.name)
+        started = time.perf_counter()
+        schedule = self.mode.schedule
+        decision = schedule.decide(t, self.policy) if schedule is not None else {"reference_step": t - 1}
+        ref = self.mode.reference(t, self.policy, chunk)  # sDPO: the reference of step t is M(t-1), the policy now
+        record: dict = {"step": t, "chunk": t - 1, "rows": len(chunk), "ref_mode": self.mode.name, **decision,
+                        "loss": "sft" if t > self.n_steps - config.sft_steps else "dpo",
+                        "reference_source": ref.source, "ref_refresh_seconds": time.perf_counter() - started,
+                        "reference": _reference_stats(config, self.score, self.policy, ref, self.eval_dataset)}
+
+        trainer = _step_trainer(t, self.policy, ref, self.mode, self.args, self.eval_dataset, self.tokenizer,
+                                self.callbacks, self.folder, config, sft=record["loss"] == "sft")
+        check_saves_whole(trainer)
+        record["rows_trained"] = len(trainer.train_dataset)
+        if record["rows_trained"] != len(chunk) and self.procs.is_main:
+            logger.warning("step %d: TRL dropped %d pair(s) whose prompt fills max_length=%s", t,
+                           len(chunk) - record["rows_trained"], self.args.max_length)
+        for make in self.callback_makers:
+            trainer.add_callback(make(trainer))
+        result = trainer.train()
+        record.update(optimizer_steps=trainer.state.global_step, train_runtime=result.metrics.get("train_runtime"),
+                      train_loss=result.metrics.get("train_loss"), trl=_trl_metrics(trainer.state.log_history))
+        if self.procs.is_main:
+            logger.info("step %d %s", t, json.dumps({"stepwise/step": t, **_flat_stats(record["reference"]),
+                                                     **record["trl"]}))
+        self._save_and_advance(t, trainer, ref)
+        del trainer, ref
+        gc.collect()
+
+        if config.rescore_between_steps and t < len(self.chunks):
+            self.chunks, orders = _rescore_remaining(self.score, self.policy, self.chunks, t)
+            self.folder.record_order(t, orders)
+            record["rescored_remaining"] = sum(len(o) for o in orders)
+        self.folder.complete_step(t, record)
+
+    def _save_and_advance(self, t: int, trainer, ref) -> None:
+        """Save M(t) to ``step_t/`` (with the tokenizer; every process takes part, the main one writes) and make it
+        the policy."""
+        trainer.save_model(str(self.folder.step_dir(t)))
+        if self.folder.write:
+            self.mode.save_step(self.folder.step_dir(t), ref)
+        if weights_are_sharded(trainer):  # FSDP / ZeRO-3: each process holds a shard; M(t) is read back whole
+            self.procs.wait()
+            m0 = _reload_base(self.model, self.mode)
+            self.policy = _on_device(self.mode.load_policy(m0, self.folder, t, self.config.dtype), self.args,
+                                     self.config)
+        else:
+            self.policy = self.mode.after_step(trainer)  # M(t)
+        drop_trl_forward_patch(self.policy)
+
+    def finish(self) -> list[dict]:
+        """γ_ref of the last M(T) on the held-out pairs (when every step ran) and ``steps.json``'s final form."""
+        final = {}
+        if self.eval_dataset is not None and self.n_steps == len(self.folder.records):
+            final["held_out"] = margin_stats(*self.score(self.policy, self.eval_dataset))
+        self.folder.finish(final, self.mode.name)
+        return self.folder.records
+
+
+def _tokenized(procs, chunks, eval_dataset, tokenizer, args, config):
+    """The chunks and the held-out pairs (``config.held_out`` when none are given) with TRL's token ids.
+
+    Chunks of an unscored partition are tokenized here, once, as DPOTrainer would (dropping pairs whose prompt
+    fills max_length): the reference scores, the rows each process scores and the rows TRL trains stay aligned.
+    """
     with procs.main_first():
         chunks = [ensure_tokens(c, tokenizer, args.max_length, args.truncation_mode) for c in chunks]
     if eval_dataset is None and config.held_out:
@@ -88,82 +215,38 @@ def train_stepwise(
     if eval_dataset is not None:
         with procs.main_first():  # tokenizing may write a datasets cache file beside the held-out file
             eval_dataset = ensure_tokens(eval_dataset, tokenizer, args.max_length, args.truncation_mode)
+    return chunks, eval_dataset
 
-    def score_rows(m, tokenized):  # M's summed log-probs of chosen and rejected, as DPOTrainer's reference has them
+
+def _scorer(procs, tokenizer, args, config):
+    """``score(model, dataset)``: the model's summed log-probs of chosen and rejected, as DPOTrainer's reference
+    has them; each row is scored once, on one process, and every process gets all."""
+
+    def score_rows(m, tokenized):
         return score_pairs(m, tokenized, max_length=args.max_length, truncation_mode=args.truncation_mode,
                            batch_tokens=config.score_batch_tokens, packed_attention=config.packed_attention)
 
-    split_score = procs.split_scoring(score_rows)  # each row scored once, on one process; every process gets all
+    split_score = procs.split_scoring(score_rows)
 
     def score(m, dataset):
         # Tokenize (dropping, as DPOTrainer does, pairs whose prompt fills max_length) before the rows are split:
         # every process then splits the same kept rows, and the gathered scores stay aligned with them.
         return split_score(m, ensure_tokens(dataset, tokenizer, args.max_length, args.truncation_mode))
-    if config.ref_refresh == "kl" and (getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)):
-        raise StepwiseInputError("ref_refresh 'kl' measures the KL with whole models: not under FSDP / DeepSpeed")
-    mode = _reference_mode(config, score, _can_reuse_scores(manifest, model_path, args, config), peft_config)
-    with procs.main_first():  # the main process checks and cleans the folder before the others read it
-        run = RunFolder(args.output_dir, _identity(config, partition_dir, chunks, manifest, args),
-                        dataclasses.asdict(config), write=procs.is_main)
-    procs.agree(run.completed, "completed steps", run.path)
-    k = len(run.completed)
-    policy = _on_device(mode.load_policy(model, run, k, config.dtype), args, config)  # M(k): after step k
-    if config.ref_refresh != "step":  # the reference is some M(j), not always M(t-1): a schedule picks j
-        mode.schedule = _schedule(config, model_path, run, args, tokenizer, chunks)
-    for t, orders in sorted(((int(t), o) for t, o in run.rescored_orders.items())):
-        if t <= k:
-            chunks = _apply_order(chunks, t, orders)
 
-    for t in range(k + 1, n_steps + 1):
-        if procs.is_main:
-            logger.info("stepwise step %d/%d: %d pairs (%s mode)", t, n_steps, len(chunks[t - 1]), mode.name)
-        started = time.perf_counter()
-        decision = mode.schedule.decide(t, policy) if mode.schedule is not None else {"reference_step": t - 1}
-        ref = mode.reference(t, policy, chunks[t - 1])  # sDPO: the reference of step t is M(t-1), the policy now
-        record: dict = {"step": t, "chunk": t - 1, "rows": len(chunks[t - 1]), "ref_mode": mode.name, **decision,
-                        "loss": "sft" if t > n_steps - config.sft_steps else "dpo",
-                        "reference_source": ref.source, "ref_refresh_seconds": time.perf_counter() - started,
-                        "reference": _reference_stats(config, score, policy, ref, eval_dataset)}
+    return score
 
-        trainer = _step_trainer(t, policy, ref, mode, args, eval_dataset, tokenizer, callbacks, run, config,
-                                sft=record["loss"] == "sft")
-        check_saves_whole(trainer)
-        record["rows_trained"] = len(trainer.train_dataset)
-        if record["rows_trained"] != len(chunks[t - 1]) and procs.is_main:
-            logger.warning("step %d: TRL dropped %d pair(s) whose prompt fills max_length=%s", t,
-                           len(chunks[t - 1]) - record["rows_trained"], args.max_length)
-        if trainer_hook is not None:
-            trainer_hook(t, trainer)
-        result = trainer.train()
-        record.update(optimizer_steps=trainer.state.global_step, train_runtime=result.metrics.get("train_runtime"),
-                      train_loss=result.metrics.get("train_loss"), trl=_trl_metrics(trainer.state.log_history))
-        if procs.is_main:
-            logger.info("step %d %s", t, json.dumps({"stepwise/step": t, **_flat_stats(record["reference"]),
-                                                     **record["trl"]}))
 
-        trainer.save_model(str(run.step_dir(t)))  # with the tokenizer; every process takes part, the main one writes
-        if run.write:
-            mode.save_step(run.step_dir(t), ref)
-        if weights_are_sharded(trainer):  # FSDP / ZeRO-3: each process holds a shard; M(t) is read back whole
-            procs.wait()
-            policy = _on_device(mode.load_policy(_reload_base(model, mode), run, t, config.dtype), args, config)
-        else:
-            policy = mode.after_step(trainer)  # M(t)
-        drop_trl_forward_patch(policy)
-        del trainer, ref
-        gc.collect()
+def _split_callbacks(callbacks) -> tuple[list | None, list]:
+    """``callbacks`` as :func:`train_stepwise` takes them: ``(those every step's trainer is built with, the
+    functions that make a callback for each step's trainer)``. A class is the trainer's to build, as DPOTrainer does."""
+    from transformers import TrainerCallback
 
-        if config.rescore_between_steps and t < len(chunks):
-            chunks, orders = _rescore_remaining(score, policy, chunks, t)
-            run.record_order(t, orders)
-            record["rescored_remaining"] = sum(len(o) for o in orders)
-        run.complete_step(t, record)
+    def makes_one(c):
+        return callable(c) and not isinstance(c, (type, TrainerCallback))
 
-    final = {}
-    if eval_dataset is not None and n_steps == len(run.records):
-        final["held_out"] = margin_stats(*score(policy, eval_dataset))
-    run.finish(final, mode.name)
-    return run.records
+    if callbacks is None:
+        return None, []
+    return [c for c in callbacks if not makes_one(c)], [c for c in callbacks if makes_one(c)]
 
 
 def _on_device(policy, args, config):
@@ -212,19 +295,6 @@ def _schedule(config, model_path, run, args, tokenizer, chunks) -> ReferenceSche
                              truncation_mode=args.truncation_mode)
 
     return ReferenceSchedule(config, load, kl, run.records)
-
-
-def _reference_mode(config: StepwiseConfig, score, reuse_scores: bool, peft_config):
-    if config.ref_mode == "precomputed":
-        return PrecomputedReference(score, reuse_scores)
-    if config.ref_mode == "peft":
-        if peft_config is None:
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                     target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
-        return PeftReference(peft_config)
-    return LiveReference()
 
 
 def _identity(config, partition_dir, chunks, manifest, args) -> dict:
@@ -322,12 +392,3 @@ def _rescore_remaining(score, policy, chunks, t) -> tuple[list, list[list[str]]]
         new.append(pool.select(order[start : start + len(ch)]))
         start += len(ch)
     return new, [list(ch[ROW_ID]) for ch in new[t:]]
-
-
-def _apply_order(chunks, t, row_orders: list[list[str]]):
-    """Re-create the recorded adaptive order of chunks t+1..T (resume of a rescored run)."""
-    from datasets import concatenate_datasets
-
-    pool = concatenate_datasets(chunks[t:])
-    where = {rid: i for i, rid in enumerate(pool[ROW_ID])}
-    return list(chunks[:t]) + [pool.select([where[r] for r in ids]) for ids in row_orders]

@@ -155,3 +155,18 @@ class PeftReference(LiveReference):
 
     def after_step(self, trainer):
         return trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+
+
+def reference_mode(config, score: Scorer, reuse_partition_scores: bool, peft_config=None) -> LiveReference:
+    """The strategy object of ``config.ref_mode`` (a ``StepwiseConfig``); ``peft_config`` defaults to a LoRA config
+    built from ``config.lora_*``."""
+    if config.ref_mode == "precomputed":
+        return PrecomputedReference(score, reuse_partition_scores)
+    if config.ref_mode == "peft":
+        if peft_config is None:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                     target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+        return PeftReference(peft_config)
+    return LiveReference()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from partitioner.io import read_json, read_marker, write_json, write_marker
 from partitioner.training_record import RUN_FILE, STEP_DIR, STEP_MARKER, STEPS_FILE
+from scorers.columns import ROW_ID
 
 from .config import StepwiseInputError
 
@@ -67,6 +68,18 @@ class RunFolder:
     @property
     def rescored_orders(self) -> dict:
         return self.run["rescored_orders"]
+
+    def resumed_order(self, chunks: list) -> list:
+        """``chunks`` in the order the run trains them after its completed steps: the adaptive orders recorded
+        after those steps re-created (an order recorded after a step that did not complete is ignored)."""
+        from datasets import concatenate_datasets
+
+        for t, orders in sorted((int(t), o) for t, o in self.rescored_orders.items()):
+            if t <= len(self.completed):
+                pool = concatenate_datasets(chunks[t:])
+                where = {rid: i for i, rid in enumerate(pool[ROW_ID])}
+                chunks = list(chunks[:t]) + [pool.select([where[r] for r in ids]) for ids in orders]
+        return chunks
 
     def record_order(self, t: int, orders: list[list[str]]) -> None:
         """Record the adaptive order of the chunks after step ``t``."""
