@@ -11,14 +11,17 @@ def header_lines(tables: dict, summary: dict) -> list[str]:
     run = tables["run"]
     ident = run["config"]["identity"]
     analysis = summary["analysis"]
-    reps = run["config"]["repetitions"]
-    runs = sorted({tuple(r) for c in summary["comparisons"] for r in c["runs"]})
+    planned = run["config"]["repetitions"]
+    reps = sorted({int(r["repetition"]) for r in tables["arms"]})
+    runs = sorted({(int(r["repetition"]), int(r["fold"])) for r in tables["arms"]})
+    unrun = [rep for rep in planned if rep not in reps]
     boot = analysis.get("bootstrap") or {}
     return [
         f"Sample: {len(tables['m0'])} pairs ({', '.join(f'{s} {n}' for s, n in sorted(run['sample'].items()))}), "
         f"every one held out once per repetition over {ident['folds']} folds stratified by source; "
         f"{len(reps)} repetition(s) (seeds {', '.join(map(str, reps))}), so {len(runs) or '–'} independent training "
-        f"runs per arm. Each run's models train on {ident['train_per_source']} pairs per training source "
+        f"runs per arm" + (f" (planned: {len(planned)} repetitions; not run: {', '.join(map(str, unrun))})"
+                           if unrun else "") + f". Each run's models train on {ident['train_per_source']} pairs per training source "
         f"({', '.join(analysis.get('train_sources') or sorted(run['sample']))}) from the other fold (the same pairs "
         f"for every arm); max_length {ident['max_length']}, prompts of at most {ident['max_prompt_tokens']} tokens; "
         f"model {ident['model']}.",

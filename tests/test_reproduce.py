@@ -16,12 +16,26 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
-ARMS = ["dpo", "chunked_fixed_ref", "sdpo_by_source", "sdpo_easy_to_hard_2_per_token", "sdpo_easy_to_hard_2",
-        "sdpo_random_2", "sdpo_hard_to_easy_2", "selective_dpo"]
-# The quick test runs these arms (--arms): the replication's, and of the curriculum-DPO methods only SelectiveDPO,
-# the one with harness code of its own (cross-fitting before the partition); grid_2d, ref_refresh 'kl' and
-# sft_steps are partition/driver options, tested in tests/test_difficulty_methods.py. It keeps the suite's time.
+ARMS = ["dpo", "sdpo", "sdpo_fixed_ref", "sdpo_random_2", "selective_dpo"]
+# The quick test runs the replication's arms and, of the curriculum-DPO methods, SelectiveDPO (added to a copy of the
+# config): the one method with harness code of its own (cross-fitting before the partition); grid_2d, ref_refresh
+# 'kl' and sft_steps are partition/driver options, tested in tests/test_difficulty_methods.py. It keeps the suite's
+# time. TruthfulQA (null in the CPU config) is switched on in the copy, so the harness's TruthfulQA path runs too.
 SUBSET = {"selective_dpo": 3}  # arms trained on a subset of the fold's pairs: how many
+EXTRA_ARMS = {"selective_dpo": {"order": "column", "column": "crossfit_dpo_loss", "keep_fraction": 0.5, "chunks": 2,
+                                "crossfit": {"folds": 2}, "stepwise": {"ref_refresh": "never"}}}
+
+
+def quick_config(repo_root, shared_data, tmp_path) -> Path:
+    """examples/configs/reproduce.yaml with SelectiveDPO added and TruthfulQA on (6 questions in --quick)."""
+    import yaml
+
+    raw = yaml.safe_load((repo_root / "examples" / "configs" / "reproduce.yaml").read_text())
+    raw["arms"].update(EXTRA_ARMS)
+    raw["truthfulqa"] = str(shared_data / "truthfulqa" / "TruthfulQA.csv")
+    path = tmp_path / "reproduce_quick.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 @pytest.fixture()
@@ -99,6 +113,27 @@ def test_paired_statistics():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
+def test_cluster_bootstrap_counts_runs_and_strata():
+    """Strata equally weighted; runs that disagree widen the interval beyond the row-only one; a fixed seed gives the
+    same interval; the p-value is floored at 1 / resamples."""
+    import numpy as np
+
+    from partitioner.paired_stats import cluster_bootstrap
+
+    rng = np.random.default_rng(1)
+    big, small = rng.normal(0.0, 0.1, 400), rng.normal(1.0, 0.1, 20)  # equal weights: mean ~0.5, not ~0.05
+    r = cluster_bootstrap([[big, small]], levels=(0.95,), resamples=20000)
+    assert r["mean"] == pytest.approx((big.mean() + small.mean()) / 2) and r["runs"] == 1 and r["n"] == 420
+    assert r["p_value"] == pytest.approx(1 / 20000)
+    runs = [[rng.normal(shift, 1.0, 200)] for shift in (-0.3, 0.5, 0.1, 0.9)]  # runs disagree beyond row error
+    both = cluster_bootstrap(runs, levels=(0.95,), resamples=20000, seed=3)
+    rows_only = cluster_bootstrap(runs, levels=(0.95,), resamples=20000, seed=3, resample_clusters=False)
+    width = lambda x: x["intervals"][0.95][1] - x["intervals"][0.95][0]  # noqa: E731
+    assert width(both) > 1.5 * width(rows_only) and both["between_run_sd"] == pytest.approx(
+        np.std([r[0].mean() for r in runs], ddof=1))
+    assert cluster_bootstrap(runs, resamples=20000, seed=3)["intervals"] == both["intervals"]
+
+
 def test_bad_settings_are_one_line_errors(examples, tmp_path, capsys):
     from reproduce_sdpo import main
 
@@ -128,38 +163,39 @@ def _run(cmd, repo_root, timeout=900) -> str:
 
 
 @pytest.mark.slow
-def test_quick_mode_killed_resumes_and_reports(repo_root, tmp_path):
+def test_quick_mode_killed_resumes_and_reports(repo_root, shared_data, tmp_path):
     """--quick on SmolLM2, cross-fitted: killed inside a stepwise run once its step 1 is complete; the rerun keeps the
     finished results, resumes that run after step 1 and finishes the rest; every sampled pair is held out exactly
-    once, never trained on by its own fold's models; --report fills a RESULTS.md from the per-row tables."""
+    once, never trained on by its own fold's models, and HH (held out only) never trained on; --report fills a
+    RESULTS.md from the per-row tables."""
     import gzip
 
     out = tmp_path / "quick"
     cmd = [sys.executable, str(repo_root / "examples" / "reproduce_sdpo.py"), "--quick", "--output-dir", str(out),
-           "--arms", ",".join(ARMS)]
+           "--config", str(quick_config(repo_root, shared_data, tmp_path))]
     proc = subprocess.Popen(cmd, cwd=repo_root, env=script_env(repo_root), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     in_arm, killed, first = False, False, []
     for line in proc.stdout:
         first.append(line)
-        in_arm = in_arm or "fold 0 sdpo_by_source: training" in line
-        if in_arm and "stepwise step 2/3" in line:  # logged once step 1 of the 3-step arm is complete
+        in_arm = in_arm or "fold 0 sdpo: training" in line
+        if in_arm and "stepwise step 2/2" in line:  # logged once step 1 of the 2-step arm is complete
             os.killpg(proc.pid, signal.SIGKILL)
             killed = True
             break
     proc.wait(timeout=60)
     assert killed, "".join(first)[-3000:]
-    run_dir = out / "runs" / "rep0" / "fold0" / "sdpo_by_source"
+    run_dir = out / "runs" / "rep0" / "fold0" / "sdpo"
     step1 = (run_dir / "step_1" / "_COMPLETE").stat().st_mtime_ns
     finished = {p: p.read_bytes() for p in (out / "results").glob("rep0/fold0/*.json")}
-    assert sorted(p.stem for p in finished) == sorted(ARMS[:2])
+    assert sorted(p.stem for p in finished) == ["dpo"]
 
     second = _run(cmd, repo_root)
     assert {p: p.read_bytes() for p in finished} == finished
-    assert "fold 0 dpo: training" not in second and "fold 0 sdpo_by_source: training" in second
+    assert "fold 0 dpo: training" not in second and "fold 0 sdpo: training" in second
     assert (run_dir / "step_1" / "_COMPLETE").stat().st_mtime_ns == step1  # step 1 kept, not retrained
-    resumed = second.split("fold 0 sdpo_by_source: training")[1].split("fold 0 sdpo_easy_to_hard_2_per_token")[0]
-    assert "stepwise step 1/3" not in resumed and "stepwise step 2/3" in resumed
+    resumed = second.split("fold 0 sdpo: training")[1].split("fold 0 sdpo_fixed_ref")[0]
+    assert "stepwise step 1/2" not in resumed and "stepwise step 2/2" in resumed
 
     sample = json.loads((out / "sample.json").read_text())
     sampled = {r for ids in sample.values() for r in ids}
@@ -179,17 +215,18 @@ def test_quick_mode_killed_resumes_and_reports(repo_root, tmp_path):
                 assert train is None or rows == train  # every arm trains the same pairs
                 train = rows
             assert not rows & set(r["row_id"])  # never a pair of its own fold
+            assert not rows & set(sample["hh_harmless"])  # HH is held out only
             held.setdefault(arm, []).extend(r["row_id"])
             assert len(r["probe_scores"]) == len(r["chunks"]) - 1 and len(r["truthfulqa"]) == 3
             assert not list((out / "runs" / "rep0" / f"fold{k}" / arm).glob("step_*/*.safetensors"))
         assert len(train) == 6
     for arm in ARMS:
         assert sorted(held[arm]) == sorted(sampled)  # each pair held out exactly once
-    fixed = json.loads((out / "results" / "rep0" / "fold0" / "chunked_fixed_ref.json").read_text())
-    stepwise = json.loads((out / "results" / "rep0" / "fold0" / "sdpo_by_source.json").read_text())
-    assert fixed["chunks"] == stepwise["chunks"] == [2, 2, 2]
+    fixed = json.loads((out / "results" / "rep0" / "fold0" / "sdpo_fixed_ref.json").read_text())
+    stepwise = json.loads((out / "results" / "rep0" / "fold0" / "sdpo.json").read_text())
+    assert fixed["chunks"] == stepwise["chunks"] == [3, 3]
     assert all("M0" in s for s in fixed["reference_source"])
-    assert stepwise["reference_source"][1:] == ["scored with M(1)", "scored with M(2)"]
+    assert stepwise["reference_source"][1:] == ["scored with M(1)"]
 
     rows_dir = out / "rows"
     with gzip.open(rows_dir / "arms.csv.gz", "rt") as f:
@@ -203,8 +240,9 @@ def test_quick_mode_killed_resumes_and_reports(repo_root, tmp_path):
     text = report.read_text()
     assert text.split("<!-- BEGIN")[0] == template.split("<!-- BEGIN")[0]
     assert text.split("<!-- END generated -->")[1] == template.split("<!-- END generated -->")[1]
-    assert "| sdpo_by_source − chunked_fixed_ref | implicit-reward accuracy vs M0 |" in text
-    assert "| sdpo_by_source | 3 (2, 2, 2) |" in text and "TruthfulQA MC2" in text
+    assert "| primary | sdpo − sdpo_fixed_ref | held-out DPO loss vs M0 | primary |" in text
+    assert "| hh_harmless | sdpo − dpo | own preference accuracy (summed log-probs) | hh_harmless |" in text
+    assert "*Stratum hh_harmless*" in text and "2000 resamples, seed 0" in text
     assert (report.parent / "reproduce_differences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name: p.read_bytes() for p in rows_dir.glob("*.csv.gz")} == tables  # --report only reads them
 
@@ -228,7 +266,7 @@ def test_notebook_executes_at_ci_size(repo_root, tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
-    assert "arms ['dpo', 'sdpo_by_source']" in text and "p (Holm)" in text
+    assert "arms ['dpo', 'sdpo']" in text and "p (Holm)" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # the partition plot and the two results plots
     assert len(list((tmp_path / "nb" / "results").glob("rep0/fold*/*.json"))) == 4
 
@@ -245,3 +283,17 @@ def test_trl_with_callback_script(repo_root, tiny_model_dir, tmp_path):
     ends = [sum(math.ceil(n / 2) for n in sizes[: i + 1]) for i in range(len(sizes))]  # batch 2
     assert len(sizes) == 3 and [int(x) for x in m.group(2).split(",")] == ends[:-1] and int(m.group(3)) == ends[-1]
     assert (tmp_path / "cb" / "model" / "model.safetensors").exists()
+
+
+def test_reading_cites_only_generated_figures(examples, repo_root):
+    """Every figure the reading of examples/RESULTS.md cites is one of its generated section (tables written by
+    --report from the committed per-row tables), sign included: the reading can claim only what the numbers say."""
+    from reproduce_report import BEGIN, END
+
+    text = (repo_root / "examples" / "RESULTS.md").read_text(encoding="utf-8").replace("−", "-")
+    generated = text.split(BEGIN)[1].split(END)[0]
+    reading = text.split("\n## Reading\n", 1)[1]
+    figures = re.findall(r"(?<![\w.])[-+]?\d+\.\d+", reading)
+    assert len(figures) >= 10, "the reading cites its figures"
+    missing = [f for f in figures if not re.search(r"(?<![\d.])" + re.escape(f) + r"(?![\d])", generated)]
+    assert not missing, f"figures of the reading not in the generated section: {missing}"
