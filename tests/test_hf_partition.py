@@ -193,12 +193,25 @@ def test_sdpo_train_reads_a_parquet_partition(parts, tiny_model_dir, tmp_path):
     verify_partition(parts["parquet"])  # training wrote nothing into the partition
 
 
+def test_a_readme_not_ours_is_never_overwritten(gap_scored, tmp_path):
+    from partitioner.partition.folder import PartitionError
+
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "README.md").write_text("# my dataset\n")
+    with pytest.raises(PartitionError, match="not a partition .contains README.md"):
+        partition_preferences(gap_scored[0], out, PartitionConfig(chunks=2), progress=False)
+    assert (out / "README.md").read_text() == "# my dataset\n"
+
+
 def test_cli_shard_format_and_keep_from_choices(scored_dir, tmp_path, capsys):
     for flag, value in (("--shard-format", "feather"), ("--keep-from", "middle")):
         assert sdpo_main(["partition", str(scored_dir), "-o", str(tmp_path / "o"), flag, value, "--no-progress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("sdpo: error:") and value in err[0]
     assert not (tmp_path / "o" / "manifest.json").exists()
+    assert sdpo_main(["partition", str(scored_dir), "-o", str(tmp_path / "o"), "--keep-from", "end"]) == 2
+    assert "needs a keep_fraction below 1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ selection both ways

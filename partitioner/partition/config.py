@@ -131,6 +131,8 @@ class PartitionConfig:
                                        f"{', '.join(GRID_STRATEGIES)}")
         if not 0 < self.keep_fraction <= 1:
             raise PartitionConfigError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if self.keep_from != "start" and self.keep_fraction == 1:
+            raise PartitionConfigError(f"keep_from {self.keep_from!r} needs a keep_fraction below 1 (all rows are kept)")
         if self.chunking == "auto":
             default = {"by_source": "source", "grid_2d": "grid"}.get(self.order, "equal")
             self.chunking = given[0] if given else default
