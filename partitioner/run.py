@@ -24,7 +24,8 @@ from pathlib import Path
 from scorers.errors import section
 
 from .data.loading import LoadConfig
-from .partition.config import SCORE_ORDERS, PartitionConfig
+from .partition.config import PartitionConfig
+from .partition.ordering import ORDERS
 from .scoring.config import ScoringConfig
 
 BUNDLED_DATA = Path(__file__).resolve().parent / "bundled"
@@ -73,7 +74,7 @@ def score_and_partition(inputs, partition_dir, *, load: LoadConfig | None = None
     rejects = scored = None
     if isinstance(single, (str, os.PathLike)) and is_scored_folder(single):
         data = scored = Path(single)
-    elif always_score or partition.order in SCORE_ORDERS:
+    elif always_score or ORDERS[partition.order].needs_scores:
         scored_dir = scored_dir or f"{str(partition_dir).rstrip('/')}.scored"
         data = scored = score_preferences(inputs, scored_dir, scoring, load=load)
     else:

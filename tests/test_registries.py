@@ -83,7 +83,6 @@ def test_command_line_choices_are_the_registries_names():
     """The configs the flags come from check (and list in their help) exactly the registries' names."""
     assert partition_config.ORDERS == ORDER_NAMES
     assert partition_config.CHUNKINGS == ("auto",) + CHUNKING_NAMES  # auto: picked from the options given
-    assert partition_config.SCORE_ORDERS == tuple(o.name for o in ORDERS.values() if o.needs_scores)
     fields = {f.name: f for f in dataclasses.fields(LoadConfig)}
     assert tuple(fields["format"].metadata["choices"]) == FORMATS == tuple(LAYOUTS)
     with pytest.raises(ValueError, match="backend must be one of " + ", ".join(BACKEND_NAMES)):

@@ -37,7 +37,6 @@ from .folder import PartitionError
 from .layout import SHARD_FORMATS
 
 ORDERS = ("easy_to_hard", "hard_to_easy", "random", "by_source", "column", "grid_2d")
-SCORE_ORDERS = ("easy_to_hard", "hard_to_easy", "by_source", "grid_2d")
 CHUNKINGS = ("auto", "equal", "fractions", "thresholds", "quantiles", "source", "grid")
 GRID_STRATEGIES = ("sum_pd", "pc_first", "pd_first")
 KEEP_FROM = ("start", "end")

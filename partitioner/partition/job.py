@@ -26,7 +26,7 @@ from .card import write_card
 from .config import PartitionConfig
 from .folder import SCHEMA_VERSION, PartitionError, prepare_output_dir, schema_columns, write_manifest
 from .inputs import open_input
-from .ordering import compute_order, numeric_column, source_codes
+from .ordering import ORDERS, compute_order, numeric_column, source_codes
 from .layout import REJECTS_PARQUET
 from .shards import write_parquet, write_shards
 
@@ -65,7 +65,7 @@ def partition_preferences(data, output_dir: str | os.PathLike, config: Partition
     if config.keep_fraction < 1:
         perm, key = _keep_share(inp, perm, key, config.keep_fraction, config.keep_from, ordering)
     n = len(perm)
-    sizes = chunk_sizes(n, config, key, source_rank=key if config.order in ("by_source", "grid_2d") else None)
+    sizes = chunk_sizes(n, config, key, source_rank=key if ORDERS[config.order].key_is_group else None)
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     # every kept row in exactly one chunk
     seen = np.zeros(inp.num_rows, dtype=bool)
