@@ -21,7 +21,8 @@ class MissingDependencyError(UserError):
 def check_ranges(config) -> None:
     """Raise :class:`ConfigError` for a field of the dataclass ``config`` whose value does not fit what its
     ``field(metadata=...)`` declares: ``"min"`` / ``"max"`` (inclusive; for a list, every number in it),
-    ``"choices"`` (of a string). ``None`` values pass: they mean "not set".
+    ``"choices"``. ``None`` values pass where they mean "not set": a range's, and a choice's whose default is
+    ``None`` (elsewhere ``None`` is no choice, as any other value outside them).
 
     A number must also be finite, in every field, ranged or not: NaN would pass every range check (a comparison
     with NaN is false) and mean nothing downstream; no option means by infinity what a large finite value does not
@@ -31,7 +32,7 @@ def check_ranges(config) -> None:
 
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if isinstance(value, str) and "choices" in f.metadata:
+        if "choices" in f.metadata and (value is not None or f.default is not None):
             check_choice(f.name, value, f.metadata["choices"])
         for number in value if isinstance(value, (list, tuple)) else (value,):
             check_number(f.name, number, f.metadata)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scorers.columns import DTYPES
 from scorers.errors import ConfigError, UserError, check_ranges
 from scorers.flex_attention import packed_attention_field
+from scorers.option_fields import dtype_field
 
 REF_MODES = ("live", "precomputed", "peft")
 REF_REFRESHES = ("step", "never", "kl")
@@ -51,7 +51,7 @@ class StepwiseConfig:
         default=0, metadata={"min": 0, "help": "MixDPO: the last N steps (the hardest chunks of an easy→hard "
                              "partition) train with TRL's 'sft' loss (NLL of the chosen response) instead of DPO; at "
                              "most the steps trained."})
-    dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in.", "choices": DTYPES})
+    dtype: str = dtype_field()
     steps: int | None = field(
         default=None, metadata={"min": 1, "help": "Train only the first N chunks (default: all of them; more than the "
                                     "partition has is refused)."}

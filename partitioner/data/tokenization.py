@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from scorers.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, REJECTED_TRUNCATED
-from scorers.columns import SOURCE, TRUNCATION_MODES
+from scorers.columns import SOURCE
 from scorers.compat import trl_tokenize
-from scorers.errors import ConfigError, UserError, check_choice
+from scorers.errors import UserError, check_ranges
+from scorers.option_fields import max_length_field, truncation_mode_field
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +38,11 @@ class TokenizationError(UserError):
 class TokenizeConfig:
     """How pairs are tokenized; mirrors the matching ``DPOConfig`` fields."""
 
-    max_length: int | None = field(
-        default=1024, metadata={"help": "DPOConfig.max_length: prompt+completion longer than this is cut."}
-    )
-    truncation_mode: str = field(
-        default="keep_start", metadata={"help": "DPOConfig.truncation_mode: 'keep_start' or 'keep_end'."}
-    )
+    max_length: int | None = max_length_field()
+    truncation_mode: str = truncation_mode_field()
 
     def __post_init__(self):
-        check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2 or None, got {self.max_length}")
+        check_ranges(self)
 
 
 def tokenize_row(example: dict, tokenizer) -> dict:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from scorers.columns import DIFFICULTY, DTYPES, TRUNCATION_MODES, Direction
-from scorers.errors import ConfigError, check_choice, check_ranges
+from scorers.columns import DIFFICULTY, Direction
+from scorers.errors import ConfigError, check_ranges
 from scorers.flex_attention import packed_attention_field
 from scorers.onednn import LINEAR_KERNELS
+from scorers.option_fields import dtype_field, max_length_field, truncation_mode_field
 from scorers.signals import check_models, parse_signals
 
 from ..io import library_version
@@ -34,9 +35,9 @@ class ScoringConfig:
 
     model: str = field(default="bundled", metadata={"help": "Reference model: local path, hub id or 'bundled'."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer path; default: the model's."})
-    dtype: str = field(default="float32", metadata={"help": "float32 (TRL-exact), bfloat16 or float16."})
-    max_length: int | None = field(default=1024, metadata={"min": 2, "help": "DPOConfig.max_length."})
-    truncation_mode: str = field(default="keep_start", metadata={"help": "DPOConfig.truncation_mode."})
+    dtype: str = dtype_field()
+    max_length: int | None = max_length_field()
+    truncation_mode: str = truncation_mode_field()
     signals: list[str] = field(
         default_factory=lambda: ["ref_margin", "ref_margin_per_token"],
         metadata={"help": "Difficulty signals (comma-separated; scorers.signals.SIGNALS); the first is the "
@@ -54,18 +55,20 @@ class ScoringConfig:
     )
     seed: int = field(default=0, metadata={"min": 0, "help": "Seed of the random signal."})
     linear_kernel: str = field(default="auto", metadata={
+        "choices": LINEAR_KERNELS,
         "help": "transformers backend: fp32 GEMM of the linear layers on CPU: auto (oneDNN where a short measurement "
                 "finds it faster on this host; resolved once per scored folder and recorded), onednn or torch "
                 "(torch's default, MKL)."})
     packed_attention: str = packed_attention_field()
     backend: str = field(default="transformers", metadata={
+        "choices": BACKEND_NAMES,
         "help": "Reference log-prob backend: transformers, vllm (offline engine) or vllm-server (a running server)."})
     vllm_options: dict = field(default_factory=dict, metadata={
         "help": "vllm/vllm-server: keyword options of VLLMBackend / VLLMServerBackend, as JSON (e.g. "
                 "'{\"tensor_parallel_size\": 2}')."})
     server_url: str | None = field(default=None, metadata=_not_guarded("vllm-server: the server's base URL."))
     server_model: str | None = field(default=None, metadata=_not_guarded("vllm-server: served name, if not model."))
-    limit: int | None = field(default=None, metadata=_not_guarded("Score only the first N loaded rows."))
+    limit: int | None = field(default=None, metadata={"min": 1, **_not_guarded("Score only the first N loaded rows.")})
     overwrite: bool = field(default=False, metadata=_not_guarded("Start over when the folder holds other results."))
     device: str | None = field(default=None, metadata=_not_guarded("torch device; default cpu."))
     progress: bool = field(default=True, metadata=_not_guarded("Show progress bars."))
@@ -81,12 +84,6 @@ class ScoringConfig:
             self.difficulty_signal = self.signals[0]
         if self.difficulty_signal not in self.signals:
             raise ConfigError(f"difficulty_signal {self.difficulty_signal!r} is not among signals {self.signals}")
-        check_choice("dtype", self.dtype, DTYPES)
-        check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
-        check_choice("linear_kernel", self.linear_kernel, LINEAR_KERNELS)
-        check_choice("backend", self.backend, BACKEND_NAMES)
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
         check_models(parse_signals(self.signals), self)
         if len(self.rating_columns) != 2:
             raise ConfigError("rating_columns must name two columns: chosen's and rejected's")
