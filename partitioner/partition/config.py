@@ -103,7 +103,7 @@ class PartitionConfig:
         default=None, metadata={"help": "Cut points as quantiles of the order key, e.g. 0.25,0.5,0.75."}
     )
     min_chunk_size: int = field(
-        default=1, metadata={"min": 0, "help": "Chunks smaller than this are merged into the previous chunk (next for the first)."}
+        default=1, metadata={"min": 1, "help": "Chunks smaller than this are merged into the previous chunk (next for the first)."}
     )
     shuffle_within: bool = field(default=False, metadata={"help": "Seeded shuffle of the rows inside each chunk."})
     shard_format: str = field(
@@ -167,8 +167,4 @@ class PartitionConfig:
                 raise PartitionConfigError(f"thresholds need a score or column order, not {self.order!r}")
         if self.quantiles is not None and self.order in ("random", "by_source"):
             raise PartitionConfigError(f"quantiles need a score or column order, not {self.order!r}")
-        if self.min_chunk_size < 1:
-            raise PartitionConfigError(f"min_chunk_size must be >= 1, got {self.min_chunk_size}")
-        if self.batch_rows < 1:
-            raise PartitionConfigError(f"batch_rows must be >= 1, got {self.batch_rows}")
 
