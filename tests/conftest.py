@@ -34,7 +34,12 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     forced = config.getoption("--auto-linear-kernel")
-    if forced != "measure":  # subprocesses: tests/kernel_site/sitecustomize.py applies the same choice
+    if forced != "measure":
+        # this process, for the whole session (module- and session-scoped fixtures score too) ...
+        import scorers.onednn as onednn
+
+        onednn.onednn_is_faster = lambda *a, **kw: forced == "onednn"
+        # ... and every subprocess: tests/kernel_site/sitecustomize.py applies the same choice
         os.environ["SDPO_TESTS_AUTO_LINEAR_KERNEL"] = forced
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(KERNEL_SITE), os.environ.get("PYTHONPATH")) if p)
 
@@ -45,16 +50,8 @@ def _force_auto_linear_kernel(monkeypatch, choice: str) -> None:
     monkeypatch.setattr(onednn, "onednn_is_faster", lambda *a, **kw: choice == "onednn")
 
 
-@pytest.fixture(autouse=True)
-def _forced_auto_linear_kernel(request, monkeypatch):
-    """This process's side of ``--auto-linear-kernel``."""
-    forced = request.config.getoption("--auto-linear-kernel")
-    if forced != "measure":
-        _force_auto_linear_kernel(monkeypatch, forced)
-
-
 @pytest.fixture(params=AUTO_LINEAR_KERNELS)
-def each_auto_linear_kernel(request, monkeypatch, _forced_auto_linear_kernel) -> str:
+def each_auto_linear_kernel(request, monkeypatch) -> str:
     """Runs a kernel-dependent test once per outcome of linear_kernel='auto' (oneDNN, torch/MKL) whatever this host
     measures, so CI checks the choice every other host may make."""
     _force_auto_linear_kernel(monkeypatch, request.param)
