@@ -12,7 +12,6 @@ them (the learning-rate pilot, ``--pilot``) adds the pilot's table and the choic
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -120,13 +119,13 @@ def comparisons(metrics: dict, analysis: dict) -> list[dict]:
             for stratum in spec.get("strata", [PRIMARY]):
                 for key in spec.get("metrics", []):
                     todo.append((family, a, b, stratum, key))
+    sizes = {family: sum(t[0] == family for t in todo) for family, *_ in todo}
     out = []
     for i, (family, a, b, stratum, key) in enumerate(todo):
         clusters, runs = _cells(metrics, a, b, key, _strata(stratum, analysis["primary_sources"]))
         if not clusters:
             continue
-        size = sum(t[0] == family for t in todo)
-        corrected = 1 - 0.05 / size
+        corrected = 1 - 0.05 / sizes[family]
         both = cluster_bootstrap(clusters, levels=(0.95, corrected), resamples=resamples, seed=seed + i)
         rows_only = cluster_bootstrap(clusters, levels=(0.95,), resamples=resamples, seed=seed + i,
                                       resample_clusters=False)
@@ -226,7 +225,7 @@ def _num(form: str, x: float, scale: float = 1) -> str:
 
 
 def report_markdown(tables: dict, summary: dict) -> str:
-    from reproduce_tables import comparison_lines, header_lines, pilot_lines, value_lines
+    from reproduce_tables import comparison_lines, header_lines, pilot_lines, run_facts, value_lines
 
     lines = header_lines(tables, summary)
     if "pilot" in summary:
@@ -241,8 +240,6 @@ def report_markdown(tables: dict, summary: dict) -> str:
         cells = [f"{g[t]['mean']:.2f} ± {g[t]['std_err']:.2f} [{g[t]['run_sd']:.2f}]" if t in g else ""
                  for t in range(most)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    from reproduce_tables import run_facts
-
     lines += ["", run_facts(tables["run"])]
     return "\n".join(lines) + "\n"
 
@@ -305,7 +302,3 @@ def write_report(rows_dir: Path, results_md: Path) -> dict:
     atomic_write(results_md, f"{head}{BEGIN}\n{body}{END}{tail}")
     return summary
 
-
-def summary_json(summary: dict) -> str:
-    """The summary as JSON (for a notebook or a test)."""
-    return json.dumps(summary, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o), indent=1)
