@@ -12,8 +12,9 @@ the report (gzipped CSV, byte-reproducible):
 * ``truthfulqa.csv.gz``: ``repetition, fold, model, index, mc1, mc2`` (M0: repetition and fold -1);
 * ``run.json``: the configuration, arms, timings, commands and machine.
 
-``export_rows`` keeps, beside a run's own rows, those of the other arms already in ``rows_dir`` from a run of the
-same configuration (``--arms`` adds arms to the committed ones). ``load_tables(rows_dir)`` reads the tables back
+``export_rows`` keeps, beside a run's own rows, those of the other (repetition, arm) runs already in ``rows_dir`` from
+a run of the same configuration: ``--arms`` adds arms, ``--repetitions`` adds repetitions to the committed ones (run
+on another day or machine; each model's machine is recorded). ``load_tables(rows_dir)`` reads the tables back
 (as text, one dict per row) for ``reproduce_report.py``.
 """
 
@@ -30,7 +31,7 @@ from scorers.errors import UserError
 
 MODEL_FIELDS = ("repetition", "fold", "arm", "chunks", "optimizer_steps", "train_loss", "reference_source",
                 "reference_step", "kl_to_reference", "step_loss", "crossfit_seconds", "train_pairs", "eval_rows",
-                "train_seconds", "eval_seconds", "truthfulqa_seconds")
+                "train_seconds", "eval_seconds", "truthfulqa_seconds", "machine")
 
 
 # ------------------------------------------------------------------------------------------------ the tables
@@ -55,16 +56,18 @@ def _r(x: float) -> str:
     return repr(float(x))  # shortest round-trip text of the float
 
 
-def _previous_rows(rows_dir: Path, out: Path, arms) -> dict | None:
+def _previous_rows(rows_dir: Path, out: Path, runs: set) -> dict | None:
     """The tables already in ``rows_dir`` when they come from a run of the same configuration (same identity: the
-    same sample, folds, training and evaluation): the rows of its other arms are kept beside this run's, so arms
-    added later (a run with ``--arms``) join the committed ones. ``None`` when there are none to keep."""
+    same sample, folds, training and evaluation): the rows of the (repetition, arm) pairs not in ``runs`` (this
+    run's) are kept beside this run's, so arms or repetitions added later (a run with ``--arms`` or
+    ``--repetitions``) join the committed ones. ``None`` when there are none to keep."""
     if not (rows_dir / "run.json").exists():
         return None
     old = read_json(rows_dir / "run.json", "replication run")
     if old["config"]["identity"] != read_json(out / "config.json", "config")["identity"]:
         return None
-    other = lambda rows: [r for r in rows if r[2] not in arms]  # noqa: E731 - column 2 is the arm / model
+    # columns 0 and 2: the repetition and the arm / model (M0's TruthfulQA rows: repetition -1, never this run's)
+    other = lambda rows: [r for r in rows if (int(r[0]), r[2]) not in runs]  # noqa: E731
     tables = {name: other([list(r.values()) for r in read_csv_gz(rows_dir / f"{name}.csv.gz")])
               for name in ("arms", "probe", "truthfulqa")}
     tables["m0_truthfulqa"] = [r for r in tables["truthfulqa"] if r[2] == "M0"]
@@ -78,7 +81,8 @@ def export_rows(out: Path, rows_dir: Path, cfg, data: dict, machine: dict) -> No
     rows already there from the same configuration: see :func:`_previous_rows`)."""
     rows_dir.mkdir(parents=True, exist_ok=True)
     m0 = data["m0"]
-    previous = _previous_rows(rows_dir, out, set(cfg.arms))
+    runs = {(rep, arm) for rep in cfg.repetitions for arm in cfg.arms}
+    previous = _previous_rows(rows_dir, out, runs)
     if previous is not None and sorted(r["row_id"] for r in read_csv_gz(rows_dir / "m0.csv.gz")) != sorted(m0["row_id"]):
         raise UserError(f"{rows_dir} holds another sample's rows under the same configuration; use another rows_dir")
     if previous is None:  # else M0's rows stay the ones there (the same sample, scored by the first run)
@@ -128,9 +132,12 @@ def export_rows(out: Path, rows_dir: Path, cfg, data: dict, machine: dict) -> No
     if previous is not None:
         old = previous["run"]
         config["arms"] = {**{a: v for a, v in old["config"]["arms"].items() if a not in cfg.arms}, **config["arms"]}
-        models = [m for m in old["models"] if m["arm"] not in cfg.arms] + models
+        config["repetitions"] = sorted(set(old["config"]["repetitions"]) | set(config["repetitions"]))
+        kept = [m for m in old["models"] if (m["repetition"], m["arm"]) not in runs]
+        order = {arm: i for i, arm in enumerate(config["arms"])}
+        models = sorted(kept + models, key=lambda m: (m["repetition"], m["fold"], order[m["arm"]]))
         invocations = old.get("invocations", []) + invocations
-        machine = {"first_run": old.get("machine"), "added_arms": machine}
+        machine = {"first_run": old.get("machine"), "added_runs": machine}
     write_json(rows_dir / "run.json", {
         "config": config,
         "sample": {src: len(ids) for src, ids in data["sample"].items()},
