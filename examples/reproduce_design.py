@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from partitioner.run import BUNDLED_DATA
-from scorers.errors import ConfigError
+from sdpo_core.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 SHARED_DATA = HERE.parents[1] / "shared" / "data"
@@ -209,7 +209,7 @@ def question_folds(n_questions: int, folds: int, rep: int) -> list[int]:
 
 
 def truthfulqa_questions(cfg: ReproConfig) -> list[dict]:
-    from partitioner.truthfulqa import load_truthfulqa
+    from sdpo_eval.truthfulqa import load_truthfulqa
 
     if not cfg.truthfulqa:
         return []

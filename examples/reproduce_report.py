@@ -4,7 +4,7 @@ The tables (``m0``, ``arms``, ``probe``, ``truthfulqa`` as gzipped CSV, and ``ru
 ``reproduce_rows.py`` (``export_rows``, ``load_tables``; ``load_tables`` is importable from here too).
 
 ``write_report(rows_dir, results_md)`` computes the per-row metrics, the planned comparisons of the config's
-``comparisons`` (each family Holm-corrected on its own; :func:`partitioner.paired_stats.cluster_bootstrap`: training
+``comparisons`` (each family Holm-corrected on its own; :func:`sdpo_eval.paired_stats.cluster_bootstrap`: training
 runs, then rows within each run and stratum) and the plots, and replaces the generated section of ``results_md``
 (between the two markers below), leaving the rest (the reading) as it is. A ``pilot/`` folder of tables beside
 them (the learning-rate pilot, ``--pilot``) adds the pilot's table and the choice its rule makes.
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from partitioner.io import atomic_write
-from partitioner.paired_stats import cluster_bootstrap, holm
-from scorers.errors import UserError
-from scorers.stats import dpo_losses, dpo_margins
+from sdpo_eval.paired_stats import cluster_bootstrap, holm
+from sdpo_core.errors import UserError
+from sdpo_core.stats import dpo_losses, dpo_margins
 
 from reproduce_rows import load_tables
 

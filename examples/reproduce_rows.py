@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from partitioner.io import atomic_write, read_json, write_json
-from scorers.errors import UserError
+from sdpo_core.errors import UserError
 
 MODEL_FIELDS = ("repetition", "fold", "arm", "chunks", "optimizer_steps", "train_loss", "reference_source",
                 "reference_step", "kl_to_reference", "step_loss", "crossfit_seconds", "train_pairs", "eval_rows",

@@ -10,7 +10,7 @@ differ only in how the same training pairs are cut into steps and which referenc
 
 Per held-out row the harness keeps the summed log-probs of chosen and rejected under M0 and under every arm's final
 model; γ_ref (mean margin) of every intermediate M(t) on a fixed probe of each fold; and TruthfulQA MC1/MC2
-(:mod:`partitioner.truthfulqa`) of M0 and every final model, the questions cross-fitted over the folds the same way.
+(:mod:`sdpo_eval.truthfulqa`) of M0 and every final model, the questions cross-fitted over the folds the same way.
 The per-row tables go to ``rows_dir`` (``examples/results/`` for the committed run; written by
 ``reproduce_rows.py``); ``--report`` rebuilds every number and plot of RESULTS.md from them
 (``reproduce_report.py``), without training. The settings, and the seeded sample, folds and training pairs, are
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from partitioner.io import read_json, write_json
-from scorers.errors import ConfigError, UserError
+from sdpo_core.errors import ConfigError, UserError
 
 from reproduce_design import (DEFAULT_CONFIG, HERE, ReproConfig, assign_folds, draw_sample, question_folds,
                               training_ids, truthfulqa_questions)
@@ -123,7 +123,7 @@ def crossfit_table(cfg: ReproConfig, out: Path, scored_train: Path, rep: int, k:
 
 def run_model(cfg: ReproConfig, out: Path, rep: int, k: int, arm: str, data: dict, command: str) -> dict:
     """Train (or resume) one arm on fold k's training pairs, then evaluate it on fold k; returns its result."""
-    from partitioner.truthfulqa import score_truthfulqa
+    from sdpo_eval.truthfulqa import score_truthfulqa
     from trainer_plugin.config import StepwiseConfig
     from trainer_plugin.driver import train_stepwise
 
@@ -172,7 +172,7 @@ def crossfit_cost(out: Path, rep: int, k: int, arm: str) -> dict:
 # ----------------------------------------------------------------------------------------------------- the run
 def prepare(cfg: ReproConfig, out: Path) -> dict:
     """The sample, M0's scores and TruthfulQA answers (once), and every repetition's folds and training sets."""
-    from partitioner.truthfulqa import score_truthfulqa
+    from sdpo_eval.truthfulqa import score_truthfulqa
     from scorers.models import load_tokenizer
 
     started = time.perf_counter()

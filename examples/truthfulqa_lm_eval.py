@@ -2,7 +2,7 @@
 
 lm-eval's TruthfulQA tasks load the Hub's ``truthful_qa``; here its own task files (``truthfulqa_mc1.yaml``,
 ``truthfulqa_mc2.yaml``: prompt, choices, metric, ``process_results_mc2``) are copied into a local task folder whose
-data is a JSONL file written from ``TruthfulQA.csv`` (:func:`partitioner.truthfulqa.load_truthfulqa`). Only the
+data is a JSONL file written from ``TruthfulQA.csv`` (:func:`sdpo_eval.truthfulqa.load_truthfulqa`). Only the
 dataset lines and the task names change. Used by ``tests/test_truthfulqa.py`` (a subset) and, on all 817
 questions, for ``examples/RESULTS.md``::
 
@@ -68,7 +68,7 @@ def lm_eval_truthfulqa(model_path: str, questions: list[dict], folder: Path, bat
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from partitioner.truthfulqa import load_truthfulqa, score_truthfulqa
+    from sdpo_eval.truthfulqa import load_truthfulqa, score_truthfulqa
     from scorers.models import resolve_model_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

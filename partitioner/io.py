@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from scorers.errors import UserError
+from sdpo_core.errors import UserError
 
 TMP_INFIX = ".tmp-"
 

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scorers.errors import section
+from sdpo_core.config import section
 
 from .data.loading import LoadConfig
 from .partition.config import PartitionConfig

@@ -11,8 +11,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from .columns import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
-from .errors import ConfigError
+from sdpo_core.columns import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
+from sdpo_core.errors import ConfigError
 
 
 @dataclass(frozen=True)

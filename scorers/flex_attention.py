@@ -58,7 +58,7 @@ def chosen_kernel(device_type: str, requested: str = "auto") -> str:
     Raises:
         ConfigError: ``requested`` is not one of :data:`KERNELS`.
     """
-    from .errors import check_choice
+    from sdpo_core.config import check_choice
 
     check_choice("packed_attention", requested, KERNELS)
     if requested != "auto":

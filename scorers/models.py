@@ -14,9 +14,9 @@ import logging
 import os
 from pathlib import Path
 
-from .columns import DTYPES
+from sdpo_core.columns import DTYPES
 from .compat import drop_gguf_quantizer, set_model_name_or_path
-from .errors import MissingDependencyError, UserError
+from sdpo_core.errors import MissingDependencyError, UserError
 
 logger = logging.getLogger(__name__)
 

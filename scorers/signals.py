@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .columns import (
+from sdpo_core.columns import (
     CHOSEN_LOGPS,
     CHOSEN_TOKENS,
     POLICY_CHOSEN_LOGPS,
@@ -32,8 +32,8 @@ from .columns import (
     ROW_ID,
     Direction,
 )
-from .errors import ConfigError, UserError
-from .stats import dpo_margins
+from sdpo_core.errors import ConfigError, UserError
+from sdpo_core.stats import dpo_margins
 
 # The rating columns rating_gap reads unless ScoringConfig.rating_columns names others.
 DEFAULT_RATING_COLUMNS = ("score_chosen", "score_rejected")

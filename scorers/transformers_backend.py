@@ -17,9 +17,10 @@ import logging
 
 from .attention import layout_tensor, prefix_attention, unmodelled_sliding_window
 from .backend import LogProbBackend, token_columns
-from .columns import TRUNCATION_MODES
+from sdpo_core.columns import TRUNCATION_MODES
 from .compat import model_name_or_path
-from .errors import ConfigError, check_choice
+from sdpo_core.errors import ConfigError
+from sdpo_core.config import check_choice
 from .flex_attention import KERNELS
 from .onednn import (LINEAR_KERNELS, checked_onednn_swaps, linear_kernel, onednn_faster_for,
                      onednn_linear_available)

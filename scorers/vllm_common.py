@@ -10,7 +10,7 @@ completion position (never a top-1) and sum them in float64.
 from __future__ import annotations
 
 from .backend import kept_view, token_columns
-from .errors import MissingDependencyError, UserError
+from sdpo_core.errors import MissingDependencyError, UserError
 
 INSTALL_HINT = (
     "vLLM is not installed: on a GPU machine pip install 'sdpo-curriculum[vllm]'; on CPU pip install "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scorers.errors import ConfigError
+from sdpo_core.errors import ConfigError
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_NODES = 100_000

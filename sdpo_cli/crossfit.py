@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from partitioner.partition.config import PartitionConfig
-from scorers.errors import ConfigError, section
+from sdpo_core.errors import ConfigError
+from sdpo_core.config import section
 from trainer_plugin.selective import CROSSFIT_LOSS, CrossFitConfig
 
 from .options import build
@@ -109,7 +110,7 @@ def _check_partition(dataset, config: PartitionConfig) -> None:
 
     from partitioner import partition_preferences
     from partitioner.partition.config import PartitionConfigError
-    from scorers.columns import ROW_ID, SOURCE
+    from sdpo_core.columns import ROW_ID, SOURCE
 
     numeric = (pa.types.is_integer, pa.types.is_floating)
     keys = dataset.select_columns([f.name for f in dataset.data.schema if f.name != CROSSFIT_LOSS and (

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from partitioner.data.loading import LoadConfig
 from partitioner.data.tokenization import TokenizeConfig
-from scorers.errors import ConfigError, section
+from sdpo_core.errors import ConfigError
+from sdpo_core.config import section
 
 from .options import build
 
@@ -30,7 +31,7 @@ def add_arguments(options) -> None:
 
 
 def run(values: dict) -> int:
-    from scorers.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, REJECTED_TRUNCATED
+    from sdpo_core.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, REJECTED_TRUNCATED
 
     from partitioner.data.loading import load_preferences_with_rejects
     from partitioner.data.rejects import combine_rejects, write_rejects

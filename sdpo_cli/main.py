@@ -6,7 +6,7 @@ This package is the application layer above the three libraries (``scorers``, ``
 transformers, TRL) inside those functions only, so ``sdpo --help``, ``sdpo verify`` and ``sdpo stats`` never load
 them. Flags come from the commands' config dataclasses (:mod:`sdpo_cli.options`), as does ``--config file.yaml``.
 
-Errors raised for the user (:class:`scorers.errors.UserError`, and the operating system's answers about the user's
+Errors raised for the user (:class:`sdpo_core.errors.UserError`, and the operating system's answers about the user's
 paths: no such file, no permission, no space left, ...) are printed as one line of bounded length,
 ``sdpo: error: ...``, with exit status 2. Anything else is a bug and keeps its traceback.
 """
@@ -18,7 +18,7 @@ import errno
 import logging
 import sys
 
-from scorers.errors import UserError
+from sdpo_core.errors import UserError
 
 from . import crossfit, inspect, partition, run, score, stats, train, truthfulqa, verify
 from .options import Options

@@ -9,7 +9,7 @@ into the field's type and refuses anything else with one line:
 * integers and floats: numbers (a YAML list, a boolean or NaN is refused); strings (paths, names): strings only;
 * lists: comma-separated text or a YAML list; mappings: JSON text or a YAML mapping.
 
-A nested config (a composition such as ``RunConfig``, its fields declared with :func:`scorers.errors.section`)
+A nested config (a composition such as ``RunConfig``, its fields declared with :func:`sdpo_core.config.section`)
 gives each of its fields a flag ``--name`` (setting every nested field of that name where several share it) and
 ``--section.name`` (setting one); YAML takes them flat, dotted or nested.
 
@@ -28,7 +28,7 @@ import types
 import typing
 from pathlib import Path
 
-from scorers.errors import ConfigError
+from sdpo_core.errors import ConfigError
 
 from .config_file import load_config
 
@@ -159,7 +159,7 @@ class Options:
         """One flag per init field of ``cls`` (help from ``field(metadata={"help": ...})``), named ``prefix + name``.
 
         A field already added by another dataclass is skipped (the first one's flag sets both). A nested config
-        (a field declared with :func:`scorers.errors.section`) adds its own fields: see :meth:`_add_section`.
+        (a field declared with :func:`sdpo_core.config.section`) adds its own fields: see :meth:`_add_section`.
         """
         hints = typing.get_type_hints(cls)
         group = self.parser.add_argument_group(title or cls.__name__)
@@ -295,7 +295,7 @@ def _default(f: dataclasses.Field):
 def build(cls, values: dict, prefix: str = "", **overrides):
     """An instance of dataclass ``cls`` from the option values that name its fields (defaults for the rest).
 
-    A nested config field (:func:`scorers.errors.section`) is built from the composition's defaults for it, then
+    A nested config field (:func:`sdpo_core.config.section`) is built from the composition's defaults for it, then
     the flat values of its fields' names, then the ``section.name`` values (the most specific wins).
     """
     kwargs = {}

@@ -8,7 +8,8 @@ from partitioner.data.loading import LoadConfig
 from partitioner.scoring.config import ScoringConfig
 from partitioner.scoring.job import EXECUTORS
 from partitioner.scoring.ray_executor import RayConfig
-from scorers.errors import ConfigError, section
+from sdpo_core.errors import ConfigError
+from sdpo_core.config import section
 
 from .options import build
 

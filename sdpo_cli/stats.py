@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scorers.errors import ConfigError
+from sdpo_core.errors import ConfigError
 
 
 @dataclass
@@ -31,7 +31,7 @@ def run(values: dict) -> int:
 
     from partitioner.io import read_json
     from partitioner.partition.stats import partition_stats, plot_partition
-    from partitioner.training_record import STEPS_FILE, steps_frame
+    from trainer_plugin.training_record import STEPS_FILE, steps_frame
 
     partition = values.get("partition")
     plot, as_json = values.get("plot"), values.get("json", False)

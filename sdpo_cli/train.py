@@ -63,7 +63,7 @@ def dpo_config(values: dict, **fixed):
 
 def run(values: dict) -> int:
     from .options import build
-    from scorers.errors import ConfigError
+    from sdpo_core.errors import ConfigError
 
     from trainer_plugin.config import StepwiseConfig
     from trainer_plugin.driver import train_stepwise

@@ -1,5 +1,5 @@
 """``sdpo truthfulqa --model M --csv TruthfulQA.csv``: TruthfulQA MC1 / MC2 of a model, as lm-eval-harness scores it
-(:mod:`partitioner.truthfulqa`); per-question results to ``--output`` (JSON lines)."""
+(:mod:`sdpo_eval.truthfulqa`); per-question results to ``--output`` (JSON lines)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scorers.columns import DTYPES
-from scorers.errors import ConfigError, check_ranges
+from sdpo_core.columns import DTYPES
+from sdpo_core.errors import ConfigError
+from sdpo_core.config import check_ranges
 from scorers.flex_attention import packed_attention_field
 
 
@@ -40,7 +41,7 @@ def run(values: dict) -> int:
     from scorers.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     from partitioner.io import atomic_write
-    from partitioner.truthfulqa import load_truthfulqa, score_truthfulqa
+    from sdpo_eval.truthfulqa import load_truthfulqa, score_truthfulqa
     from .options import build
 
     cmd = build(TruthfulQACommand, values)

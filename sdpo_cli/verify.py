@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from scorers.errors import ConfigError
+from sdpo_core.errors import ConfigError
 
 
 def add_arguments(options) -> None:

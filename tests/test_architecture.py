@@ -13,12 +13,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("scorers", "partitioner", "trainer_plugin", "sdpo_cli")
-# package -> the project packages it may import (scorers <- partitioner <- trainer_plugin; the command line,
-# sdpo_cli, is the application layer above all three, and none of them imports it)
-ALLOWED = {"scorers": {"scorers"}, "partitioner": {"scorers", "partitioner"},
-           "trainer_plugin": {"scorers", "partitioner", "trainer_plugin"},
-           "sdpo_cli": {"scorers", "partitioner", "trainer_plugin", "sdpo_cli"}}
+PACKAGES = ("sdpo_core", "scorers", "partitioner", "trainer_plugin", "sdpo_eval", "sdpo_cli")
+# package -> the project packages it may import: sdpo_core (columns, errors, config checks, stats) is imported by
+# every layer and imports none; scorers <- partitioner <- trainer_plugin; sdpo_eval (benchmarks, paired
+# statistics) stands on scorers alone; the command line, sdpo_cli, is the application layer above all, and none of
+# them imports it
+ALLOWED = {"sdpo_core": {"sdpo_core"}, "scorers": {"sdpo_core", "scorers"},
+           "partitioner": {"sdpo_core", "scorers", "partitioner"},
+           "trainer_plugin": {"sdpo_core", "scorers", "partitioner", "trainer_plugin"},
+           "sdpo_eval": {"sdpo_core", "scorers", "sdpo_eval"},
+           "sdpo_cli": {"sdpo_core", "scorers", "partitioner", "trainer_plugin", "sdpo_eval", "sdpo_cli"}}
 MAX_LINES = 420
 
 
@@ -77,7 +81,7 @@ def test_dependencies_point_one_way():
             top = target.split(".")[0]
             if top in PACKAGES and top not in ALLOWED[pkg]:
                 wrong.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
-    assert not wrong, "imports against scorers <- partitioner <- trainer_plugin <- sdpo_cli:\n" + "\n".join(wrong)
+    assert not wrong, "imports against sdpo_core <- scorers <- partitioner <- trainer_plugin <- sdpo_cli:\n" + "\n".join(wrong)
 
 
 def test_no_import_cycles_between_modules():
@@ -129,8 +133,10 @@ def test_modules_stay_small():
     assert not big, f"modules over {MAX_LINES} lines: {big}"
 
 
-@pytest.mark.parametrize("module", ["partitioner", "sdpo_cli.main", "sdpo_cli.verify",
-                                    "sdpo_cli.stats", "partitioner.partition.folder"])
+@pytest.mark.parametrize("module", ["partitioner", "sdpo_cli.main", "sdpo_cli.verify", "sdpo_cli.stats",
+                                    "partitioner.partition.folder", "sdpo_core", "sdpo_core.config",
+                                    "sdpo_core.columns", "sdpo_core.stats", "sdpo_eval.paired_stats",
+                                    "trainer_plugin.training_record"])
 def test_light_modules_import_no_heavy_package(module):
     """What ``sdpo --help``/``verify``/``stats`` import at module level reaches no torch/transformers/TRL import."""
     heavy = ("torch", "transformers", "trl", "vllm", "ray", "datasets")
@@ -237,7 +243,7 @@ def _declaration(f) -> tuple:
 
 def test_sibling_configs_never_restate_an_option():
     """Two configs with an option of the same name declare it once, as a function returning its ``field(...)``
-    (``scorers.option_fields``, ``scorers.flex_attention.packed_attention_field``): one default, one help, one range
+    (``sdpo_core.option_fields``, ``scorers.flex_attention.packed_attention_field``): one default, one help, one range
     or choices. ``max_length``/``truncation_mode`` written out in both TokenizeConfig and ScoringConfig, and
     ``dtype`` in three configs, had drifted apart (a minimum declared in one and checked by hand in the other,
     choices listed in one and only named in the help of another)."""
@@ -270,14 +276,14 @@ METADATA_CHECKED = {"partitioner.scoring.config.ScoringConfig": {"rating_columns
 
 @pytest.mark.parametrize("qualified", sorted(METADATA_CHECKED))
 def test_option_values_are_checked_by_their_declared_metadata_only(qualified):
-    """A declared range or choice is the option's check (``scorers.errors.check_ranges``): every one refuses a value
+    """A declared range or choice is the option's check (``sdpo_core.config.check_ranges``): every one refuses a value
     outside it (``None`` too, for a choice that has a default), naming the option, and ``__post_init__`` restates
     none of them (no ``check_choice``, no ``if self.x < n: raise``), so the command line's choices, the help and
     the check cannot disagree."""
     import dataclasses
     import importlib
 
-    from scorers.errors import ConfigError
+    from sdpo_core.errors import ConfigError
 
     module, name = qualified.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)

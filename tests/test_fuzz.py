@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from partitioner.data.formats import MULTI_FORMATS
 from partitioner.data.loading import load_preferences_with_rejects
-from scorers.errors import UserError
+from sdpo_core.errors import UserError
 
 EXTENSIONS = [".jsonl", ".json", ".csv", ".parquet", ".arrow"]
 

@@ -17,7 +17,7 @@ import pytest
 from partitioner.data.formats import PreferenceDataError
 from partitioner.data.loading import load_preferences, load_preferences_with_rejects, pair_content_hash
 from partitioner.io import read_arrow_stream
-from scorers.columns import ROW_ID, SOURCE
+from sdpo_core.columns import ROW_ID, SOURCE
 
 REAL = {
     # file, detected format, rows, exact duplicates within the file

@@ -19,7 +19,7 @@ import pytest
 from partitioner.data.formats import PreferenceDataError, detect_row_format
 from partitioner.data.loading import LoadConfig, load_preferences, load_preferences_with_rejects, pair_content_hash
 from partitioner.data.multi_response import pair_indices
-from scorers.columns import ROW_ID
+from sdpo_core.columns import ROW_ID
 
 DATA = Path(__file__).resolve().parent / "data"
 # file: (layout, rows, pairs with best_vs_rest, pairs with all)

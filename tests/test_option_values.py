@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scorers.errors import UserError
+from sdpo_core.errors import UserError
 from sdpo_cli.main import main
 from sdpo_cli.options import Options, build
 from tests.test_fuzz import float_options
@@ -275,7 +275,7 @@ def test_an_option_given_twice_in_one_yaml_file_is_one_line(entries, flag, tmp_p
     stands for each of them): given twice it is one line naming both spellings (or, for the same key written twice,
     both lines); given once, the config holds the file's value, and a flag for it wins over the file."""
     from partitioner.run import RunConfig
-    from scorers.errors import ConfigError
+    from sdpo_core.errors import ConfigError
 
     options = Options(argparse.ArgumentParser())
     options.add_dataclass(RunConfig)

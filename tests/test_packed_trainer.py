@@ -370,7 +370,7 @@ def test_refuses_what_it_cannot_honour(m0, conversational, tmp_path):
     from peft import PromptTuningConfig
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from scorers.errors import ConfigError
+    from sdpo_core.errors import ConfigError
     from trainer_plugin.packed import PackedDPOTrainer
 
     cases = [

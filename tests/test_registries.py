@@ -21,8 +21,8 @@ from partitioner.partition.ordering import ORDER_NAMES, ORDERS
 from partitioner.scoring.backends import BACKEND_NAMES, BACKENDS
 from partitioner.scoring.config import ScoringConfig
 from partitioner.scoring.part_scorer import MODEL_LOADERS
-from scorers import columns
-from scorers.columns import Direction
+from sdpo_core import columns
+from sdpo_core.columns import Direction
 from scorers.signals import (
     DEFAULT_RATING_COLUMNS,
     MODEL_PASSES,

@@ -95,7 +95,7 @@ def test_paired_statistics():
     """Bootstrap interval around a known mean, McNemar's exact p on a known table, Holm's step-down."""
     import numpy as np
 
-    from partitioner.paired_stats import holm, mcnemar, paired_bootstrap
+    from sdpo_eval.paired_stats import holm, mcnemar, paired_bootstrap
 
     rng = np.random.default_rng(0)
     d = rng.normal(0.5, 1.0, size=2000)
@@ -118,7 +118,7 @@ def test_cluster_bootstrap_counts_runs_and_strata():
     same interval; the p-value is floored at 1 / resamples."""
     import numpy as np
 
-    from partitioner.paired_stats import cluster_bootstrap
+    from sdpo_eval.paired_stats import cluster_bootstrap
 
     rng = np.random.default_rng(1)
     big, small = rng.normal(0.0, 0.1, 400), rng.normal(1.0, 0.1, 20)  # equal weights: mean ~0.5, not ~0.05

@@ -103,7 +103,7 @@ def _differs(a: dict, b: dict) -> bool:
 def test_live_reference_of_step2_is_m1(partition2, partition3, tiny_model_dir, tmp_path):
     from partitioner.partition.folder import load_partition
     from trainer_plugin.driver import train_stepwise
-    from scorers.stats import margin_stats
+    from sdpo_core.stats import margin_stats
     from trainer_plugin.reference import score_pairs
 
     seen = {}
@@ -132,7 +132,7 @@ def test_live_reference_of_step2_is_m1(partition2, partition3, tiny_model_dir, t
         assert where["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
         assert where["reward_accuracy"] == expected["reward_accuracy"]
     # `sdpo stats RUN` shows the same per-step quantities.
-    from partitioner.training_record import steps_frame
+    from trainer_plugin.training_record import steps_frame
 
     frame = steps_frame(json.loads((out / "steps.json").read_text()))
     assert frame["gamma_ref_held_out"].to_list() == [
@@ -209,7 +209,7 @@ def test_ref_refresh_never_keeps_m0_as_every_steps_reference(partition2, tiny_mo
     torch.testing.assert_close(torch.tensor(ours["ref_chosen_logps"]), torch.tensor(c0), rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(torch.tensor(ours["ref_rejected_logps"]), torch.tensor(r0), rtol=1e-6, atol=1e-4)
     assert records[1]["reference_source"] == "scored with M0 (never refreshed)"
-    from scorers.errors import ConfigError
+    from sdpo_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ref_refresh 'never' needs"):
         StepwiseConfig(ref_mode="peft", ref_refresh="never")

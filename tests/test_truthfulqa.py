@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from partitioner.truthfulqa import QA_PREAMBLE, load_truthfulqa, mc_metrics, truthfulqa_context
-from scorers.errors import UserError
+from sdpo_eval.truthfulqa import QA_PREAMBLE, load_truthfulqa, mc_metrics, truthfulqa_context
+from sdpo_core.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_equal_to_lm_eval_harness(repo_root, truthfulqa_csv, tmp_path, monkeypat
     monkeypatch.syspath_prepend(str(repo_root / "examples"))
     from truthfulqa_lm_eval import lm_eval_truthfulqa
 
-    from partitioner.truthfulqa import score_truthfulqa
+    from sdpo_eval.truthfulqa import score_truthfulqa
     from scorers.models import resolve_model_path
 
     questions = load_truthfulqa(truthfulqa_csv, indices=[0, 1, 2, 37, 120, 400, 650, 816])

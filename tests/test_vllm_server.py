@@ -256,7 +256,7 @@ def test_cli_score_backend_vllm_server(server, tiny_model_dir, shared_data, tmp_
 
 
 def test_missing_vllm_gives_install_hint(monkeypatch, tiny_model_dir):
-    from scorers.errors import MissingDependencyError
+    from sdpo_core.errors import MissingDependencyError
     from scorers.vllm_backend import VLLMBackend
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees when it is not installed

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 
 import torch
 
-from scorers.columns import TOKEN_COLUMNS, TRL_REF_CHOSEN, TRL_REF_REJECTED
+from sdpo_core.columns import TOKEN_COLUMNS, TRL_REF_CHOSEN, TRL_REF_REJECTED
 
 from .distributed import processes_of, weights_are_sharded
 from .reference import score_pairs

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scorers.errors import ConfigError, UserError, check_ranges
+from sdpo_core.errors import ConfigError, UserError
+from sdpo_core.config import check_ranges
 from scorers.flex_attention import packed_attention_field
-from scorers.option_fields import dtype_field
+from sdpo_core.option_fields import dtype_field
 
 REF_MODES = ("live", "precomputed", "peft")
 REF_REFRESHES = ("step", "never", "kl")

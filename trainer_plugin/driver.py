@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from scorers.columns import ROW_ID
+from sdpo_core.columns import ROW_ID
 from scorers.compat import drop_trl_forward_patch, model_name_or_path
-from scorers.stats import margin_stats
+from sdpo_core.stats import margin_stats
 
 from .config import StepwiseConfig, StepwiseInputError
 from .distributed import Processes, check_saves_whole, processes_of, weights_are_sharded

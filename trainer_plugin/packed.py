@@ -16,7 +16,7 @@ backward pass each line is run again and back-propagated on its own (activations
 one extra forward of the split micro-batches. ``None`` (default): one forward per micro-batch, whose packed tokens
 are never more than TRL's padded ``2 x per_device_train_batch_size x longest row``.
 
-Raises (at construction, :class:`scorers.errors.ConfigError`): options the packed forward cannot honour.
+Raises (at construction, :class:`sdpo_core.errors.ConfigError`): options the packed forward cannot honour.
 
 Assumptions:
     a text decoder (:mod:`scorers.attention`): no vision inputs, no prompt-learning PEFT (virtual tokens), no MoE
@@ -42,7 +42,8 @@ from trl import DPOTrainer
 from scorers.attention import prefix_attention, unmodelled_sliding_window
 from scorers.compat import (dpo_trainer_flags, fused_lm_output, trl_disable_gradient_checkpointing,
                             trl_reference_replaced, trl_use_adapter)
-from scorers.errors import ConfigError, check_choice
+from sdpo_core.errors import ConfigError
+from sdpo_core.config import check_choice
 from scorers.flex_attention import KERNELS
 from scorers.packed_head import OPTIONAL_STATS, install_packed_head
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scorers.attention import layout_tensor
-from scorers.errors import UserError
+from sdpo_core.errors import UserError
 from scorers.packing import PackedRow, pack_line, pair_row, token_batches
 
 

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from scorers.columns import TOKEN_COLUMNS
+from sdpo_core.columns import TOKEN_COLUMNS
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from partitioner.io import read_json, write_json
-from scorers.columns import CHOSEN_LOGPS, REJECTED_LOGPS, ROW_ID, SOURCE
-from scorers.errors import ConfigError, check_ranges
+from sdpo_core.columns import CHOSEN_LOGPS, REJECTED_LOGPS, ROW_ID, SOURCE
+from sdpo_core.errors import ConfigError
+from sdpo_core.config import check_ranges
 
 from .config import StepwiseConfig
 

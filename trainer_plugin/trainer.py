@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from trl import DPOTrainer
 
-from scorers.columns import TRL_REF_CHOSEN, TRL_REF_REJECTED
+from sdpo_core.columns import TRL_REF_CHOSEN, TRL_REF_REJECTED
 from scorers.compat import KeepGivenRefLogps, trl_init_with_given_ref_logps
 
 from .packed import PackedForward

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scorers.columns import CHOSEN, PROMPT, REJECTED, ROW_ID, SOURCE
+from sdpo_core.columns import CHOSEN, PROMPT, REJECTED, ROW_ID, SOURCE
 
 from .formats import PreferenceDataError, RowReject, consumed_columns, convert_row
 from .identity import (DuplicateIndex, canonical_json, digest_keys, row_id_array, string_buffers,

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from scorers.errors import UserError
+from sdpo_core.errors import UserError
 
 from .fields import RowReject, field_value, messages_value, text_value
 

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from scorers.columns import ROW_ID, SOURCE
-from scorers.errors import check_ranges
+from sdpo_core.columns import ROW_ID, SOURCE
+from sdpo_core.config import check_ranges
 
 from ..io import atomic_file
 from .convert import BlockConverter, table_rows

@@ -44,7 +44,7 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from scorers.columns import CHOSEN, PROMPT, REJECTED, ROW_ID, SOURCE
+from sdpo_core.columns import CHOSEN, PROMPT, REJECTED, ROW_ID, SOURCE
 
 from .convert import OTHER_LAYOUT_COLUMNS
 from .fields import RowReject, field_value, message_value, messages_value, text_value

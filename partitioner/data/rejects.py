@@ -38,7 +38,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from scorers.columns import SOURCE
+from sdpo_core.columns import SOURCE
 
 from ..io import read_arrow_stream, write_arrow_stream
 

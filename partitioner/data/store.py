@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from scorers.columns import CHOSEN, PROMPT, REJECTED, ROW_ID, SOURCE
+from sdpo_core.columns import CHOSEN, PROMPT, REJECTED, ROW_ID, SOURCE
 
 from ..io import StorageError
 from .convert import JSON_TEXT

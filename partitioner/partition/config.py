@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scorers.errors import check_ranges
+from sdpo_core.config import check_ranges
 
 from .folder import PartitionError
 from .layout import SHARD_FORMATS

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from scorers.columns import ROW_ID
-from scorers.errors import UserError
+from sdpo_core.columns import ROW_ID
+from sdpo_core.errors import UserError
 
 from ..data.rejects import REJECTS_FILE
 from ..io import TMP_INFIX, StorageError, fsync_dir, read_arrow_stream, read_json, sha256_file, write_json

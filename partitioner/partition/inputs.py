@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from scorers.columns import ROW_ID
+from sdpo_core.columns import ROW_ID
 from scorers.compat import has_indices_mapping
 
 from ..data.rejects import REJECTS_FILE, read_rejects, rejects_table

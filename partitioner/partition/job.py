@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from scorers.columns import DIFFICULTY, ROW_ID, SOURCE
+from sdpo_core.columns import DIFFICULTY, ROW_ID, SOURCE
 
 from ..data.rejects import REJECTS_FILE, REJECTS_SCHEMA, reason_counts, write_rejects
 from ..io import StorageError, library_version

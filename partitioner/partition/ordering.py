@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scorers.columns import CHOSEN_LOGPS, DIFFICULTY, REJECTED_LOGPS, ROW_ID, SOURCE, Direction
-from scorers.stats import margin_stats_by
+from sdpo_core.columns import CHOSEN_LOGPS, DIFFICULTY, REJECTED_LOGPS, ROW_ID, SOURCE, Direction
+from sdpo_core.stats import margin_stats_by
 
 from .config import PartitionConfig, PartitionConfigError
 from .inputs import PartitionInput

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from scorers.columns import (
+from sdpo_core.columns import (
     CHOSEN_IDS,
     CHOSEN_LOGPS,
     CHOSEN_TOKENS,
@@ -24,7 +24,7 @@ from scorers.columns import (
     REJECTED_LOGPS,
     REJECTED_TOKENS,
 )
-from scorers.stats import margin_stats
+from sdpo_core.stats import margin_stats
 
 from ..io import StorageError
 from .folder import PartitionError, read_manifest

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from scorers.backend import LogProbBackend
-from scorers.errors import ConfigError
+from sdpo_core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from scorers.columns import DIFFICULTY, Direction
-from scorers.errors import ConfigError, check_ranges
+from sdpo_core.columns import DIFFICULTY, Direction
+from sdpo_core.errors import ConfigError
+from sdpo_core.config import check_ranges
 from scorers.flex_attention import packed_attention_field
 from scorers.onednn import LINEAR_KERNELS
-from scorers.option_fields import dtype_field, max_length_field, truncation_mode_field
+from sdpo_core.option_fields import dtype_field, max_length_field, truncation_mode_field
 from scorers.signals import check_models, parse_signals
 
 from ..io import library_version

@@ -20,9 +20,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from scorers.columns import CHOSEN_LOGPS, REJECTED_LOGPS, SOURCE
-from scorers.errors import UserError
-from scorers.stats import margin_stats_by
+from sdpo_core.columns import CHOSEN_LOGPS, REJECTED_LOGPS, SOURCE
+from sdpo_core.errors import UserError
+from sdpo_core.stats import margin_stats_by
 
 from ..data.rejects import REJECTS_FILE, reason_counts, write_rejects
 from ..io import (

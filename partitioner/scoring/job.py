@@ -19,7 +19,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from scorers.columns import CANONICAL, ROW_ID
+from sdpo_core.columns import CANONICAL, ROW_ID
 
 from .config import ScoringConfig, job_settings, pin_linear_kernel
 from .folder import ScoringError, finish, part_done, prepare_folder, write_part

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from scorers.columns import CHOSEN_LOGPS, CHOSEN_TOKENS, DIFFICULTY, REJECTED_LOGPS, REJECTED_TOKENS
+from sdpo_core.columns import CHOSEN_LOGPS, CHOSEN_TOKENS, DIFFICULTY, REJECTED_LOGPS, REJECTED_TOKENS
 from scorers.signals import compute_signal, parse_signals, passes_to_run, to_difficulty
 
 from .backends import make_backend

@@ -23,7 +23,7 @@ import csv
 import math
 from pathlib import Path
 
-from scorers.errors import UserError
+from sdpo_core.errors import UserError
 
 # lm-eval-harness's TruthfulQA preamble (tasks/truthfulqa/truthfulqa_mc1.yaml), verbatim.
 QA_PREAMBLE = (

@@ -1,21 +1,11 @@
-"""The one base class of errors a user can fix.
+"""The config dataclasses' machinery: value checks read from ``field(metadata=...)``, and nested sections.
 
-Every error raised for the user (bad input, a missing file, settings that cannot work, an optional dependency
-that is not installed) derives from :class:`UserError`; the ``sdpo`` command line prints its first line as
-``sdpo: error: ...`` and exits 2. Any other exception is a bug and keeps its traceback.
+Every config dataclass (``TokenizeConfig``, ``ScoringConfig``, ``PartitionConfig``, ``StepwiseConfig``, ...) declares
+an option's range or choices once, in its field's metadata; ``check_ranges`` in its ``__post_init__`` is the one
+check, and the command line derives its flags from the same fields.
 """
 
-
-class UserError(ValueError):
-    """Something the user can fix; the message is one line that says what and how."""
-
-
-class ConfigError(UserError):
-    """A configuration value that cannot work (raised by the config dataclasses' ``__post_init__``)."""
-
-
-class MissingDependencyError(UserError):
-    """An optional dependency is not installed; the message gives the install command."""
+from .errors import ConfigError
 
 
 def check_ranges(config) -> None:

@@ -1,12 +1,13 @@
-"""A training run's record as the data side reads it: the run folder's file names and ``steps.json`` as a table.
+"""A training run's record: the run folder's file names and ``steps.json`` as a table.
 
-The run folder (CONTRACTS.md section 4) is written by ``trainer_plugin``; its names are defined here, once, so that
-``sdpo stats RUN`` can read a run without importing the trainer.
+The run folder (CONTRACTS.md section 4) is written by :mod:`trainer_plugin.run_folder`; its names are defined
+here, once. This module imports no torch or TRL (``trainer_plugin/__init__.py`` imports nothing), so ``sdpo stats
+RUN`` reads a run without loading the trainer.
 """
 
 from __future__ import annotations
 
-from scorers.errors import UserError
+from sdpo_core.errors import UserError
 
 STEPS_FILE = "steps.json"  # per-step record: reference statistics, TRL metrics; rewritten after every step
 RUN_FILE = "run.json"  # what identifies the run (a rerun into the folder must match it)
