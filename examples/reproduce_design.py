@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from partitioner.run import BUNDLED_DATA
+from sdpo_core.config import check_ranges
 from sdpo_core.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
@@ -45,26 +46,29 @@ class ReproConfig:
     model: str = field(default="bundled", metadata={"help": "M0: path, hub id or 'bundled' (SmolLM2-135M)."})
     sources: dict | None = field(default=None, metadata={
         "help": "{source name: data file}; default: bundled orca_dpo_pairs and dpo_en_demo, shared HH harmless."})
-    max_length: int = field(default=256, metadata={"help": "DPOConfig.max_length of scoring, training, evaluation."})
+    max_length: int = field(default=256, metadata={
+        "help": "DPOConfig.max_length of scoring, training, evaluation.", "min": 8})
     max_prompt_tokens: int = field(default=128, metadata={
-        "help": "Only pairs whose prompt has at most this many tokens are used (room for the completions)."})
+        "help": "Only pairs whose prompt has at most this many tokens are used (room for the completions; less than "
+                "max_length).", "min": 1})
     sample_per_source: dict = field(default_factory=dict, metadata={
         "help": "{source: pairs in the cross-fitted sample}; a source not named: every eligible pair."})
     sample_seed: int = field(default=0, metadata={"help": "Seed of the sample (drawn once)."})
-    folds: int = field(default=2, metadata={"help": "K: folds of the sample, stratified by source."})
-    repetitions: list = field(default_factory=lambda: [0], metadata={
+    folds: int = field(default=2, metadata={"help": "K: folds of the sample, stratified by source.", "min": 2})
+    repetitions: list[int] = field(default_factory=lambda: [0], metadata={
         "help": "One seed per repetition: its fold assignment, training subsamples and training seed."})
     train_per_source: int = field(default=40, metadata={
-        "help": "Training pairs per source of each fold's models, drawn from the other folds (same for all arms)."})
-    train_sources: list | None = field(default=None, metadata={
+        "help": "Training pairs per source of each fold's models, drawn from the other folds (same for all arms).",
+        "min": 1})
+    train_sources: list[str] | None = field(default=None, metadata={
         "help": "Sources the models train on (default: every source); the others are only held out."})
-    run_folds: list | None = field(default=None, metadata={
+    run_folds: list[int] | None = field(default=None, metadata={
         "help": "Folds whose models are trained and evaluated (default: all; the pilot runs one)."})
     gamma_probe_per_fold: int = field(default=96, metadata={
-        "help": "Held-out rows of each fold on which γ_ref of every intermediate M(t) is measured."})
+        "help": "Held-out rows of each fold on which γ_ref of every intermediate M(t) is measured.", "min": 1})
     truthfulqa: str | None = field(default=DEFAULT_TRUTHFULQA, metadata={"help": "TruthfulQA.csv; null: skip."})
     truthfulqa_questions: int | None = field(default=None, metadata={
-        "help": "A fixed random subset of this many questions (truthfulqa_seed); null: all 817."})
+        "help": "A fixed random subset of this many questions (truthfulqa_seed); null: all 817.", "min": 1})
     truthfulqa_seed: int = field(default=0, metadata={"help": "Seed of the TruthfulQA subset."})
     arms: dict = field(default_factory=dict, metadata={
         "help": "{arm: PartitionConfig options}; 'reseed: true' draws the partition with the repetition's seed; "
@@ -72,7 +76,7 @@ class ReproConfig:
     comparisons: dict = field(default_factory=dict, metadata={
         "help": "{family: {metrics: [...], strata: [...], pairs: ['A - B', ...]}}: every planned comparison, fixed "
                 "before the run; each family is Holm-corrected on its own (reproduce_report.py)."})
-    primary_sources: list | None = field(default=None, metadata={
+    primary_sources: list[str] | None = field(default=None, metadata={
         "help": "Sources of the primary stratum, equally weighted (default: the training sources)."})
     bootstrap: dict = field(default_factory=lambda: {"resamples": 100000, "seed": 0}, metadata={
         "help": "Cluster bootstrap of the report: resamples and seed (recorded with the results)."})
@@ -81,7 +85,7 @@ class ReproConfig:
     training: dict = field(default_factory=dict, metadata={"help": "DPOConfig options shared by every arm."})
     stepwise: dict = field(default_factory=lambda: {"ref_mode": "precomputed"}, metadata={
         "help": "StepwiseConfig options shared by every arm."})
-    eval_batch_tokens: int = field(default=4096, metadata={"help": "Token budget per evaluation forward."})
+    eval_batch_tokens: int = field(default=4096, metadata={"help": "Token budget per evaluation forward.", "min": 1})
     device: str | None = field(default=None, metadata={"help": "Device of scoring and evaluation (cpu default)."})
     keep_models: bool = field(default=False, metadata={
         "help": "Keep every M(t)'s weights after its result is written (540 MB each for SmolLM2)."})
@@ -91,11 +95,10 @@ class ReproConfig:
 
     def __post_init__(self):
         self.sources = dict(self.sources or DEFAULT_SOURCES)
-        if self.max_length < 8 or not 0 < self.max_prompt_tokens < self.max_length:
-            raise ConfigError(f"need 8 <= max_length and 0 < max_prompt_tokens < max_length, got {self.max_length}, "
-                              f"{self.max_prompt_tokens}")
-        if self.folds < 2 or self.train_per_source < 1 or self.gamma_probe_per_fold < 1:
-            raise ConfigError("need folds >= 2, train_per_source >= 1 and gamma_probe_per_fold >= 1")
+        check_ranges(self)  # each option's declared minimum, as the product's configs check theirs
+        if self.max_prompt_tokens >= self.max_length:
+            raise ConfigError(f"max_prompt_tokens must be less than max_length, got {self.max_prompt_tokens} and "
+                              f"{self.max_length}")
         if not self.repetitions or not self.arms:
             raise ConfigError("give at least one repetition and one arm")
         unknown = set(self.sample_per_source) - set(self.sources)
@@ -120,17 +123,28 @@ class ReproConfig:
     @classmethod
     def from_yaml(cls, path, quick: bool = False, pilot: bool = False, **overrides) -> ReproConfig:
         """The config of a YAML file (with its ``pilot:`` then ``quick:`` overrides applied when asked), then
-        ``overrides``."""
-        import yaml
+        ``overrides``, read as ``sdpo --config`` reads a file (:func:`sdpo_cli.config_file.load_config`: bounded
+        size, a repeated key refused, an unknown option refused) and every value converted by its field's type
+        (:func:`sdpo_cli.options.converter`), the blocks' values too.
 
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
+        Raises:
+            ConfigError: an unknown option, a value of the wrong type or range, or an option given twice (one line).
+        """
+        import typing
+
+        from sdpo_cli.config_file import load_config
+        from sdpo_cli.options import converter
+
+        hints = typing.get_type_hints(cls)
+        converters = {f.name: converter(hints[f.name], f.name) for f in dataclasses.fields(cls)}
+        raw = load_config(str(path), converters)
         for block, wanted in (("pilot", pilot), ("quick", quick)):
             for key, value in (raw.get(block) or {}).items() if wanted else ():
+                if key not in converters:
+                    raise ConfigError(f"unknown option {key!r} in the {block}: block of {path}")
+                value = converters[key](value)
                 raw[key] = {**raw.get(key, {}), **value} if key in ("training", "stepwise") else value
-        raw.update({k: v for k, v in overrides.items() if v is not None})
+        raw.update({k: converters[k](v) for k, v in overrides.items() if v is not None})
         return cls(**raw)
 
     def folds_run(self) -> list[int]:

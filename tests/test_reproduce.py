@@ -140,7 +140,7 @@ def test_bad_settings_are_one_line_errors(examples, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_length: 256\nbatch: 4\n")
     assert main(["--config", str(bad)]) == 2
-    assert "unknown option(s) batch" in capsys.readouterr().err
+    assert "unknown option 'batch'" in capsys.readouterr().err
     assert main(["--arms", "dpo,nope", "--output-dir", str(tmp_path / "o")]) == 2
     assert "unknown arm(s) nope" in capsys.readouterr().err
     bad.write_text("training: {seed: 3}\narms: {dpo: {order: random, chunks: 1}}\n")
@@ -148,7 +148,13 @@ def test_bad_settings_are_one_line_errors(examples, tmp_path, capsys):
     assert "training.seed is set by the harness" in capsys.readouterr().err
     bad.write_text("folds: 1\narms: {dpo: {order: random, chunks: 1}}\n")
     assert main(["--config", str(bad)]) == 2
-    assert "folds >= 2" in capsys.readouterr().err
+    assert "folds must be >= 2, got 1" in capsys.readouterr().err
+    bad.write_text("folds: 2\nfolds: 3\narms: {dpo: {order: random, chunks: 1}}\n")  # the product's YAML reading
+    assert main(["--config", str(bad)]) == 2
+    assert "folds" in capsys.readouterr().err
+    bad.write_text("repetitions: [zero]\narms: {dpo: {order: random, chunks: 1}}\n")  # each value's type
+    assert main(["--config", str(bad)]) == 2
+    assert "repetitions: expected an integer" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["--report", str(tmp_path / "R.md"), "--rows-dir", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
