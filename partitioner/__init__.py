@@ -23,7 +23,7 @@ _LAZY = {
     "score_preferences": "scoring.job",
     "read_scored": "scoring.folder",
     "PartitionConfig": "partition.config",
-    "PartitionConfigError": "partition.config",
+    "PartitionConfigError": "partition.folder",
     "partition_preferences": "partition.job",
     "PartitionError": "partition.folder",
     "load_partition": "partition.folder",

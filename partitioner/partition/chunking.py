@@ -7,16 +7,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import PartitionConfig, PartitionConfigError
+from .folder import PartitionConfigError  # "PartitionConfig" annotations: config.py imports this registry
 
 
-def _equal(n: int, config: PartitionConfig, key, groups) -> list[int]:
+def _equal(n: int, config: "PartitionConfig", key, groups) -> list[int]:
     if config.chunks > n:
         raise PartitionConfigError(f"cannot cut {n} rows into {config.chunks} chunks (more chunks than rows)")
     return [len(a) for a in np.array_split(np.arange(n), config.chunks)]
 
 
-def _fractions(n: int, config: PartitionConfig, key, groups) -> list[int]:
+def _fractions(n: int, config: "PartitionConfig", key, groups) -> list[int]:
     if len(config.fractions) > n:
         raise PartitionConfigError(f"cannot cut {n} rows into {len(config.fractions)} chunks (more chunks than rows)")
     bounds = np.rint(np.cumsum([0.0] + config.fractions) * n).astype(int)
@@ -24,15 +24,15 @@ def _fractions(n: int, config: PartitionConfig, key, groups) -> list[int]:
     return np.diff(bounds).tolist()
 
 
-def _thresholds(n: int, config: PartitionConfig, key, groups) -> list[int]:
+def _thresholds(n: int, config: "PartitionConfig", key, groups) -> list[int]:
     return _cut(n, config, key, lambda: np.asarray(config.thresholds))
 
 
-def _quantiles(n: int, config: PartitionConfig, key, groups) -> list[int]:
+def _quantiles(n: int, config: "PartitionConfig", key, groups) -> list[int]:
     return _cut(n, config, key, lambda: np.quantile(key, config.quantiles))
 
 
-def _cut(n: int, config: PartitionConfig, key, cut_points) -> list[int]:
+def _cut(n: int, config: "PartitionConfig", key, cut_points) -> list[int]:
     """Sizes of the chunks between the points ``cut_points()`` on the order key."""
     if key is None:
         raise PartitionConfigError(f"chunking {config.chunking!r} needs an order with a key")
@@ -48,7 +48,7 @@ def _cut(n: int, config: PartitionConfig, key, cut_points) -> list[int]:
     return [s for s in sizes if s > 0]  # a cut outside the key's range gives no chunk
 
 
-def _group_runs(n: int, config: PartitionConfig, key, groups) -> list[int]:
+def _group_runs(n: int, config: "PartitionConfig", key, groups) -> list[int]:
     """source / grid: a chunk per run of equal group keys (the source's rank, the grid group)."""
     if groups is None:
         raise PartitionConfigError(f"chunking {config.chunking!r} needs order {CHUNKINGS[config.chunking].order}")
@@ -79,7 +79,7 @@ CHUNKINGS = {c.name: c for c in (
 CHUNKING_NAMES = tuple(CHUNKINGS)
 
 
-def chunk_sizes(n: int, config: PartitionConfig, key: np.ndarray | None, source_rank: np.ndarray | None = None) -> list[int]:
+def chunk_sizes(n: int, config: "PartitionConfig", key: np.ndarray | None, source_rank: np.ndarray | None = None) -> list[int]:
     """Sizes of consecutive chunks over ``n`` ordered rows (``key`` aligned with the order; ``source_rank``: the
     group keys of an order whose key is a group per row)."""
     chunking = CHUNKINGS.get(config.chunking)

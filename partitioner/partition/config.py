@@ -33,17 +33,15 @@ from dataclasses import dataclass, field
 
 from sdpo_core.config import check_ranges
 
-from .folder import PartitionError
+from .chunking import CHUNKING_NAMES
+from .folder import PartitionConfigError
 from .layout import SHARD_FORMATS
+from .ordering import ORDER_NAMES
 
-ORDERS = ("easy_to_hard", "hard_to_easy", "random", "by_source", "column", "grid_2d")
-CHUNKINGS = ("auto", "equal", "fractions", "thresholds", "quantiles", "source", "grid")
+ORDERS = ORDER_NAMES  # the registries' names (ordering.ORDERS, chunking.CHUNKINGS), declared there once
+CHUNKINGS = ("auto",) + CHUNKING_NAMES  # auto: picked from the options given
 GRID_STRATEGIES = ("sum_pd", "pc_first", "pd_first")
 KEEP_FROM = ("start", "end")
-
-
-class PartitionConfigError(PartitionError):
-    """Settings that cannot produce a partition for this input (one-line message)."""
 
 
 def _floats(value) -> list[float] | None:
@@ -61,7 +59,8 @@ def _floats(value) -> list[float] | None:
 class PartitionConfig:
     """How rows are ordered, chunked and written. Checked in ``__post_init__``; data-dependent checks at run."""
 
-    order: str = field(default="easy_to_hard", metadata={"help": f"Curriculum order: one of {', '.join(ORDERS)}."})
+    order: str = field(default="easy_to_hard", metadata={
+        "choices": ORDERS, "help": f"Curriculum order: one of {', '.join(ORDERS)}."})
     signal: str | None = field(
         default=None,
         metadata={"help": "Difficulty signal for easy_to_hard/hard_to_easy (a name from scoring.json); "
@@ -74,7 +73,8 @@ class PartitionConfig:
     )
     grid_levels: int = field(default=3, metadata={"min": 1, "help": "order grid_2d: equal-count levels per axis."})
     grid_strategy: str = field(
-        default="sum_pd", metadata={"help": f"order grid_2d: how the cells are visited: {', '.join(GRID_STRATEGIES)}."}
+        default="sum_pd", metadata={"choices": GRID_STRATEGIES,
+                                    "help": f"order grid_2d: how the cells are visited: {', '.join(GRID_STRATEGIES)}."}
     )
     keep_fraction: float = field(
         default=1.0,
@@ -91,7 +91,7 @@ class PartitionConfig:
     seed: int = field(default=0, metadata={"min": 0, "help": "Seed of order='random' and shuffle_within."})
     chunking: str = field(
         default="auto",
-        metadata={"help": f"One of {', '.join(CHUNKINGS)}; 'auto' picks from the options given "
+        metadata={"choices": CHUNKINGS, "help": f"One of {', '.join(CHUNKINGS)}; 'auto' picks from the options given "
                   "(fractions/thresholds/quantiles, 'source' for by_source, else 'equal')."},
     )
     chunks: int = field(default=3, metadata={"min": 1, "help": "Number of equal chunks (chunking='equal')."})
@@ -117,17 +117,10 @@ class PartitionConfig:
 
     def __post_init__(self):
         check_ranges(self)
-        if self.order not in ORDERS:
-            raise PartitionConfigError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
-        if self.chunking not in CHUNKINGS:
-            raise PartitionConfigError(f"unknown chunking {self.chunking!r}; choose one of {', '.join(CHUNKINGS)}")
         self.fractions, self.thresholds, self.quantiles = map(_floats, (self.fractions, self.thresholds, self.quantiles))
         given = [n for n in ("fractions", "thresholds", "quantiles") if getattr(self, n) is not None]
         if len(given) > 1:
             raise PartitionConfigError(f"give only one of fractions, thresholds, quantiles (got {', '.join(given)})")
-        if self.grid_strategy not in GRID_STRATEGIES:
-            raise PartitionConfigError(f"unknown grid_strategy {self.grid_strategy!r}; choose one of "
-                                       f"{', '.join(GRID_STRATEGIES)}")
         if not 0 < self.keep_fraction <= 1:
             raise PartitionConfigError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
         if self.keep_from != "start" and self.keep_fraction == 1:
@@ -148,7 +141,7 @@ class PartitionConfig:
         if self.signal and self.order not in ("easy_to_hard", "hard_to_easy", "grid_2d"):
             raise PartitionConfigError(f"--signal is only used with easy_to_hard/hard_to_easy/grid_2d, not "
                                        f"{self.order!r}")
-        if self.chunking == "equal" and (not isinstance(self.chunks, int) or self.chunks < 1):
+        if self.chunking == "equal" and not isinstance(self.chunks, int):  # its minimum: check_ranges
             raise PartitionConfigError(f"chunks must be a positive integer, got {self.chunks!r}")
         if self.fractions is not None:
             if any(f <= 0 for f in self.fractions):

@@ -39,6 +39,10 @@ class PartitionError(UserError):
     """A partition folder is missing, incomplete or does not match its manifest (one-line message)."""
 
 
+class PartitionConfigError(PartitionError):
+    """Settings that cannot produce a partition for this input (one-line message)."""
+
+
 def schema_columns(schema: pa.Schema) -> list[dict]:
     return [{"name": f.name, "type": str(f.type)} for f in schema]
 

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from sdpo_core.columns import CHOSEN_LOGPS, DIFFICULTY, REJECTED_LOGPS, ROW_ID, SOURCE, Direction
 from sdpo_core.stats import margin_stats_by
 
-from .config import PartitionConfig, PartitionConfigError
+from .folder import PartitionConfigError  # "PartitionConfig" annotations: config.py imports this registry
 from .inputs import PartitionInput
 
 
@@ -38,7 +38,7 @@ def numeric_column(inp: PartitionInput, name: str, what: str) -> np.ndarray:
     return values
 
 
-def _signal(inp: PartitionInput, config: PartitionConfig, name: str | None = None) -> tuple[str, np.ndarray, str, bool]:
+def _signal(inp: PartitionInput, config: "PartitionConfig", name: str | None = None) -> tuple[str, np.ndarray, str, bool]:
     """(signal name, values, column, higher_is_harder) for the score orders (``name`` default: ``config.signal``)."""
     signals = {s["name"]: s for s in (inp.scoring or {}).get("signals", [])}
     name = name or config.signal or DIFFICULTY
@@ -133,7 +133,7 @@ def _argsort(key: np.ndarray | None, row_ids, descending: bool = False) -> np.nd
     return _index_array(pc.sort_indices(pa.table(cols), sort_keys=sort_keys))
 
 
-def _by_signal(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict, *, hardest_first: bool):
+def _by_signal(inp: PartitionInput, config: "PartitionConfig", row_ids, info: dict, *, hardest_first: bool):
     name, values, col, higher_is_harder = _signal(inp, config)
     desc = hardest_first == higher_is_harder
     perm = _argsort(values, row_ids, descending=desc)
@@ -142,20 +142,20 @@ def _by_signal(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict
     return perm, values[perm], info
 
 
-def _by_column(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict):
+def _by_column(inp: PartitionInput, config: "PartitionConfig", row_ids, info: dict):
     values = numeric_column(inp, config.column, "order")
     perm = _argsort(values, row_ids, descending=not config.ascending)
     info.update(column=config.column, ascending=config.ascending)
     return perm, values[perm], info
 
 
-def _random(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict):
+def _random(inp: PartitionInput, config: "PartitionConfig", row_ids, info: dict):
     base = _argsort(None, row_ids)
     perm = base[np.random.default_rng(config.seed).permutation(len(base))]
     return perm, None, info
 
 
-def _by_source(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict):
+def _by_source(inp: PartitionInput, config: "PartitionConfig", row_ids, info: dict):
     acc = reward_accuracy_by_source(inp)
     codes, names = source_codes(inp)
     ranked = sorted(acc, key=lambda s: (-acc[s], s))
@@ -184,7 +184,7 @@ def _levels(harder: np.ndarray, row_ids, levels: int) -> np.ndarray:
     return (rank * levels) // max(len(harder), 1)
 
 
-def _grid_order(inp: PartitionInput, config: PartitionConfig, row_ids, info: dict):
+def _grid_order(inp: PartitionInput, config: "PartitionConfig", row_ids, info: dict):
     """2D-Curri-DPO's grid: PC level x PD level, cells visited by ``grid_strategy``; within a cell by PD difficulty.
 
     The order key is the visited group (cell, or diagonal for ``sum_pd``), so chunking ``grid`` cuts at its changes.
@@ -237,7 +237,7 @@ ORDERS = {o.name: o for o in (
 ORDER_NAMES = tuple(ORDERS)
 
 
-def compute_order(inp: PartitionInput, config: PartitionConfig) -> tuple[np.ndarray, np.ndarray | None, dict]:
+def compute_order(inp: PartitionInput, config: "PartitionConfig") -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Row positions in curriculum order, the order key aligned with them (or None), and the manifest's 'ordering'."""
     order = ORDERS.get(config.order)
     if order is None:
