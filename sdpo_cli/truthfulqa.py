@@ -7,9 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdpo_core.columns import DTYPES
-from sdpo_core.errors import ConfigError
 from sdpo_core.config import check_ranges
+from sdpo_core.option_fields import batch_tokens_field, device_field, dtype_field
 from scorers.flex_attention import packed_attention_field
 
 
@@ -17,20 +16,16 @@ from scorers.flex_attention import packed_attention_field
 class TruthfulQACommand:
     model: str = field(default="bundled", metadata={"help": "The model: a local folder, a hub id or 'bundled'."})
     csv: str | None = field(default=None, metadata={"help": "TruthfulQA.csv (817 questions)."})
-    limit: int | None = field(default=None, metadata={"help": "Only the first N questions."})
+    limit: int | None = field(default=None, metadata={"min": 1, "help": "Only the first N questions."})
     output: str | None = field(default=None, metadata={
         "help": "Write one JSON line per question (index, mc1, mc2, log-likelihood of every choice) here."})
-    dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in.", "choices": DTYPES})
-    device: str | None = field(default=None, metadata={"help": "Where to run (default cpu)."})
-    batch_tokens: int = field(default=4096, metadata={"help": "Token budget per forward."})
+    dtype: str = dtype_field()
+    device: str | None = device_field()
+    batch_tokens: int = batch_tokens_field()
     packed_attention: str = packed_attention_field()
 
     def __post_init__(self):
         check_ranges(self)
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if self.batch_tokens < 1:
-            raise ConfigError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
 
 
 def add_arguments(options) -> None:

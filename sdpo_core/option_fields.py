@@ -29,3 +29,14 @@ def truncation_mode_field():
     """``truncation_mode``: ``DPOConfig.truncation_mode`` (``TokenizeConfig``, ``ScoringConfig``)."""
     return field(default="keep_start", metadata={
         "choices": TRUNCATION_MODES, "help": "DPOConfig.truncation_mode: which end of a too-long sequence is kept."})
+
+
+def batch_tokens_field():
+    """``batch_tokens``: the token budget of one forward pass (``ScoringConfig``, ``sdpo truthfulqa``)."""
+    return field(default=4096, metadata={"min": 1, "help": "Token budget per forward pass."})
+
+
+def device_field(**config_local):
+    """``device``: the torch device a model runs on (``ScoringConfig``, ``sdpo truthfulqa``); ``config_local``:
+    metadata about one config's own use of it (``ScoringConfig``'s ``guards_resume=False``)."""
+    return field(default=None, metadata={"help": "torch device; default cpu.", **config_local})

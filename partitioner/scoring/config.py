@@ -15,7 +15,8 @@ from sdpo_core.errors import ConfigError
 from sdpo_core.config import check_ranges
 from scorers.flex_attention import packed_attention_field
 from scorers.onednn import LINEAR_KERNELS
-from sdpo_core.option_fields import dtype_field, max_length_field, truncation_mode_field
+from sdpo_core.option_fields import (batch_tokens_field, device_field, dtype_field, max_length_field,
+                                     truncation_mode_field)
 from scorers.signals import check_models, parse_signals
 
 from ..io import library_version
@@ -45,7 +46,7 @@ class ScoringConfig:
                           "difficulty unless difficulty_signal names another."},
     )
     difficulty_signal: str | None = field(default=None, metadata={"help": "Signal written as `difficulty`."})
-    batch_tokens: int = field(default=4096, metadata={"min": 1, "help": "Token budget per forward pass."})
+    batch_tokens: int = batch_tokens_field()
     rows_per_part: int = field(default=256, metadata={"min": 1, "help": "Rows per output part (the resume unit)."})
     packed: bool = field(default=True, metadata={"help": "Compute each prompt once (prefix-shared packed rows)."})
     beta: float = field(default=0.1, metadata={"min": 0, "help": "beta of the implicit_reward signal."})
@@ -71,7 +72,7 @@ class ScoringConfig:
     server_model: str | None = field(default=None, metadata=_not_guarded("vllm-server: served name, if not model."))
     limit: int | None = field(default=None, metadata={"min": 1, **_not_guarded("Score only the first N loaded rows.")})
     overwrite: bool = field(default=False, metadata=_not_guarded("Start over when the folder holds other results."))
-    device: str | None = field(default=None, metadata=_not_guarded("torch device; default cpu."))
+    device: str | None = device_field(guards_resume=False)
     progress: bool = field(default=True, metadata=_not_guarded("Show progress bars."))
 
     def __post_init__(self):
