@@ -1,6 +1,6 @@
 """The extension points' registries against README.md's tables and the command line's choices.
 
-Each registry (signals, orders, chunkings, layouts, backends) declares every entry once, with its help text; README.md
+Each registry (signals, orders, chunkings, layouts, backends, reference modes, refresh rules) declares every entry once, with its help text; README.md
 has one table per registry whose rows are the entries, in the registry's order, with that help, and no other row.
 The configs the command line is generated from accept exactly the registries' names.
 """
@@ -32,6 +32,9 @@ from scorers.signals import (
     parse_signals,
     to_difficulty,
 )
+from trainer_plugin.config import REF_MODES, REF_REFRESHES
+from trainer_plugin.ref_modes import REFERENCE_MODES
+from trainer_plugin.ref_refresh import REFRESH_RULES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -62,6 +65,7 @@ def readme_table(first_header: str) -> tuple[list[str], dict[str, list[str]]]:
 
 @pytest.mark.parametrize("header,registry", [
     ("signal", SIGNALS), ("order", ORDERS), ("chunking", CHUNKINGS), ("layout", LAYOUTS), ("backend", BACKENDS),
+    ("ref mode", REFERENCE_MODES), ("ref refresh", REFRESH_RULES),
 ])
 def test_readme_table_is_the_registry(header, registry):
     """Every entry in its README table, in the registry's order, with its help (the last cell); no other row."""
@@ -82,6 +86,7 @@ def test_readme_signal_table_columns():
 def test_command_line_choices_are_the_registries_names():
     """The configs the flags come from check (and list in their help) exactly the registries' names."""
     assert partition_config.ORDERS == ORDER_NAMES
+    assert REF_MODES == tuple(REFERENCE_MODES) and REF_REFRESHES == tuple(REFRESH_RULES)
     assert partition_config.CHUNKINGS == ("auto",) + CHUNKING_NAMES  # auto: picked from the options given
     fields = {f.name: f for f in dataclasses.fields(LoadConfig)}
     assert tuple(fields["format"].metadata["choices"]) == FORMATS == tuple(LAYOUTS)

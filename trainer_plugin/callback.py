@@ -64,10 +64,9 @@ from partitioner.partition.folder import read_manifest, verify_partition
 from scorers.compat import set_train_sampler
 
 from .callback_scores import ScoredReference
-from .ref_refresh import reference_moves
 from .config import StepwiseConfig
 from .inputs import load_detached_chunks
-from .ref_refresh import kl_probe
+from .ref_refresh import REFRESH_RULES, kl_probe, reference_moves
 from .reference import hard_refresh
 
 logger = logging.getLogger(__name__)
@@ -189,7 +188,7 @@ class StepwiseReferenceCallback(TrainerCallback):
         if self.config.ref_mode not in ("live", "precomputed"):
             raise ValueError(f"StepwiseReferenceCallback supports ref_mode 'live' and 'precomputed', not "
                              f"{self.config.ref_mode!r} (the stepwise driver merges each step's LoRA adapter)")
-        if self.config.ref_refresh == "kl" and self.config.ref_mode != "live":
+        if REFRESH_RULES[self.config.ref_refresh].measures_kl and self.config.ref_mode != "live":
             raise ValueError("StepwiseReferenceCallback's ref_refresh 'kl' needs a live reference model (ref_mode "
                              "'live'): the KL is measured against the reference's distribution")
         partition_dir = partition_dir if partition_dir is not None else self.config.partition_dir
@@ -247,7 +246,7 @@ class StepwiseReferenceCallback(TrainerCallback):
         rows_per_step = args.train_batch_size * args.gradient_accumulation_steps * shards
         self.sampler = ChunkOrderedSampler(self.chunk_sizes, rows_per_step, seed=args.data_seed or args.seed)
         set_train_sampler(trainer, self.sampler)
-        if self.config.ref_refresh == "kl":
+        if REFRESH_RULES[self.config.ref_refresh].measures_kl:
             self._probe = kl_probe(ds, self.config.kl_probe_rows, args.seed)
             self._truncation = (args.max_length, args.truncation_mode)  # the probe cut as the collator cuts rows
         trainer.add_callback(self)

@@ -9,8 +9,10 @@ from sdpo_core.config import check_ranges
 from scorers.flex_attention import packed_attention_field
 from sdpo_core.option_fields import dtype_field
 
-REF_MODES = ("live", "precomputed", "peft")
-REF_REFRESHES = ("step", "never", "kl")
+from .ref_refresh import REFRESH_RULE_NAMES
+
+REF_MODES = ("live", "precomputed", "peft")  # ref_modes.REFERENCE_MODES' names (that module imports torch)
+REF_REFRESHES = REFRESH_RULE_NAMES
 
 
 class StepwiseInputError(UserError):

@@ -33,7 +33,7 @@ from .config import StepwiseConfig, StepwiseInputError
 from .distributed import Processes, check_saves_whole, processes_of, weights_are_sharded
 from .inputs import check_tokenizer, ensure_tokens, load_chunks, load_held_out
 from .ref_modes import LiveReference, reference_mode
-from .ref_refresh import ReferenceSchedule, kl_probe
+from .ref_refresh import REFRESH_RULES, ReferenceSchedule, kl_probe
 from .reference import score_pairs, scores_differ
 from .run_folder import RunFolder
 
@@ -123,7 +123,8 @@ class _StepwiseRun:
             check_tokenizer(tokenizer, chunks, manifest)
         chunks, eval_dataset = _tokenized(procs, chunks, eval_dataset, tokenizer, args, config)
         score = _scorer(procs, tokenizer, args, config)
-        if config.ref_refresh == "kl" and (getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)):
+        measures_kl = REFRESH_RULES[config.ref_refresh].measures_kl
+        if measures_kl and (getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)):
             raise StepwiseInputError("ref_refresh 'kl' measures the KL with whole models: not under FSDP / DeepSpeed")
         mode = reference_mode(config, score, _can_reuse_scores(manifest, model_path, args, config), peft_config)
         with procs.main_first():  # the main process checks and cleans the folder before the others read it
@@ -303,7 +304,7 @@ def _identity(config, partition_dir, chunks, manifest, args) -> dict:
         "ref_mode": config.ref_mode,
         **({"ref_refresh": config.ref_refresh} if config.ref_refresh != "step" else {}),
         **({"kl_threshold": config.kl_threshold, "kl_probe_rows": config.kl_probe_rows}
-           if config.ref_refresh == "kl" else {}),
+           if REFRESH_RULES[config.ref_refresh].measures_kl else {}),
         **({"sft_steps": config.sft_steps} if config.sft_steps else {}),
         "partition": str(Path(partition_dir).resolve()) if isinstance(partition_dir, (str, os.PathLike)) else None,
         "chunks": [len(c) for c in chunks],

@@ -157,16 +157,38 @@ class PeftReference(LiveReference):
         return trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
 
 
-def reference_mode(config, score: Scorer, reuse_partition_scores: bool, peft_config=None) -> LiveReference:
-    """The strategy object of ``config.ref_mode`` (a ``StepwiseConfig``); ``peft_config`` defaults to a LoRA config
-    built from ``config.lora_*``."""
-    if config.ref_mode == "precomputed":
-        return PrecomputedReference(score, reuse_partition_scores)
-    if config.ref_mode == "peft":
-        if peft_config is None:
-            from peft import LoraConfig
+def _peft_reference(config, score: Scorer, reuse_partition_scores: bool, peft_config=None) -> PeftReference:
+    if peft_config is None:
+        from peft import LoraConfig
 
-            peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                     target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
-        return PeftReference(peft_config)
-    return LiveReference()
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                 target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+    return PeftReference(peft_config)
+
+
+@dataclass(frozen=True)
+class ReferenceMode:
+    """How step t's reference M(t-1) is held (``StepwiseConfig.ref_mode``)."""
+
+    name: str
+    help: str  # README.md's reference-mode table shows it
+    build: Callable  # (config, score, reuse_partition_scores, peft_config) -> the strategy object
+
+
+REFERENCE_MODES = {m.name: m for m in (
+    ReferenceMode("live", "a frozen copy of M(t-1) is handed to TRL as `ref_model` (left to itself, DPOTrainer would "
+                  "reload the original checkpoint as the reference at every step)",
+                  lambda config, score, reuse, peft_config=None: LiveReference()),
+    ReferenceMode("precomputed", "before step t, chunk t is scored with M(t-1) by the project's scorer and given to "
+                  "TRL as `ref_chosen_logps`/`ref_rejected_logps`; no reference model in memory while training "
+                  "(step 1 reuses the partition's M0 scores when they match)",
+                  lambda config, score, reuse, peft_config=None: PrecomputedReference(score, reuse)),
+    ReferenceMode("peft", "LoRA: before step t the adapters of steps < t are merged into the base, so TRL's "
+                  "adapter-disabled reference is M(t-1), never the bare base model", _peft_reference),
+)}
+
+
+def reference_mode(config, score: Scorer, reuse_partition_scores: bool, peft_config=None) -> LiveReference:
+    """The strategy object of ``config.ref_mode`` (a ``StepwiseConfig``; :data:`REFERENCE_MODES`); ``peft_config``
+    defaults to a LoRA config built from ``config.lora_*``."""
+    return REFERENCE_MODES[config.ref_mode].build(config, score, reuse_partition_scores, peft_config)

@@ -20,9 +20,32 @@ Assumptions:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefreshRule:
+    """When the reference moves (``StepwiseConfig.ref_refresh``)."""
+
+    name: str
+    help: str  # README.md's refresh table shows it
+    measures_kl: bool  # decides on the policy's KL to the current reference (needs a probe and a live reference)
+    moves: Callable[[float, float | None], bool]  # (kl_threshold, measured KL or None) -> the reference moves
+
+
+REFRESH_RULES = {r.name: r for r in (
+    RefreshRule("step", "sDPO: the reference of step t is M(t-1), the policy as it starts the step", False,
+                lambda threshold, kl: True),
+    RefreshRule("never", "M0 at every step: chunked DPO with a fresh optimizer per chunk, the control that separates "
+                "the refresh from the chunking", False, lambda threshold, kl: False),
+    RefreshRule("kl", "2D-Curri-DPO: before step t the reference moves to M(t-1) only when the mean per-token KL of "
+                "M(t-1) to the current reference on a probe of the training pairs exceeds `kl_threshold`", True,
+                lambda threshold, kl: kl > threshold),
+)}
+REFRESH_RULE_NAMES = tuple(REFRESH_RULES)
 
 
 def kl_probe(dataset, rows: int, seed: int):
@@ -38,10 +61,9 @@ def reference_moves(mode: str, threshold: float, measure_kl: Callable[[], float]
     decision (``None`` unless ``mode`` is 'kl'). 'step': always; 'never': never; 'kl': when ``measure_kl()`` (the
     mean per-token KL of the policy to the current reference on the probe) exceeds ``threshold``. The stepwise
     driver (:class:`ReferenceSchedule`) and the drop-in callback (``trainer_plugin.callback``) both decide here."""
-    if mode == "kl":
-        kl = float(measure_kl())
-        return kl > threshold, kl
-    return mode == "step", None
+    rule = REFRESH_RULES[mode]
+    kl = float(measure_kl()) if rule.measures_kl else None
+    return rule.moves(threshold, kl), kl
 
 
 class ReferenceSchedule:
