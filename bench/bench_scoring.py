@@ -64,21 +64,20 @@ def child_ours(args) -> dict:
             "tokens_computed": backend.tokens_computed, "padding": backend.padding_computed, "head_positions": n_scored}
 
 
-def child_trl(args) -> dict:
-    from trl import DPOConfig, DPOTrainer
+def instrument_trl_precompute(sync=lambda: None) -> tuple[dict, dict]:
+    """Wrap TRL's reference precompute (this process only): ``(timing, counts)``, filled as TRL runs: the seconds of
+    each precompute pass by dataset name (between two ``sync()`` calls, e.g. ``torch.cuda.synchronize``), and the
+    tokens and padding its batches compute."""
+    from trl import DPOTrainer
 
-    from scorers.models import load_causal_lm, load_tokenizer
-
-    _, canonical, _ = load_rows(args.rows, args.max_length)
-    model = load_causal_lm("bundled", dtype="float32")
-    tok = load_tokenizer("bundled")
     timing, counts = {}, {"tokens": 0, "padding": 0}
-    original = DPOTrainer._precompute_ref_logps
-    original_batch = DPOTrainer.compute_ref_log_probs
+    original, original_batch = DPOTrainer._precompute_ref_logps, DPOTrainer.compute_ref_log_probs
 
     def timed(self, dataset, name, batch_size):
+        sync()
         t0 = time.perf_counter()
         out = original(self, dataset, name, batch_size)
+        sync()
         timing[name] = time.perf_counter() - t0
         return out
 
@@ -87,8 +86,19 @@ def child_trl(args) -> dict:
         counts["padding"] += int((inputs["attention_mask"] == 0).sum())
         return original_batch(self, model, inputs)
 
-    DPOTrainer._precompute_ref_logps = timed
-    DPOTrainer.compute_ref_log_probs = counted
+    DPOTrainer._precompute_ref_logps, DPOTrainer.compute_ref_log_probs = timed, counted
+    return timing, counts
+
+
+def child_trl(args) -> dict:
+    from trl import DPOConfig, DPOTrainer
+
+    from scorers.models import load_causal_lm, load_tokenizer
+
+    _, canonical, _ = load_rows(args.rows, args.max_length)
+    model = load_causal_lm("bundled", dtype="float32")
+    tok = load_tokenizer("bundled")
+    timing, counts = instrument_trl_precompute()
     cfg = DPOConfig(output_dir=tempfile.mkdtemp(), bf16=False, use_cpu=True, report_to=[],
                     max_length=args.max_length, precompute_ref_log_probs=True, per_device_train_batch_size=8,
                     gradient_checkpointing=False, dataloader_num_workers=0)

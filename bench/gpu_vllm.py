@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_scoring import matmul_params  # noqa: E402 - bench/ is this script's own folder
+from bench_scoring import instrument_trl_precompute, matmul_params  # noqa: E402 - bench/ is this script's own folder
 from scorers.flex_attention import KERNELS  # noqa: E402
 
 
@@ -191,23 +191,7 @@ def trl_precompute(args, rows: list[dict]) -> tuple[float, dict, dict]:
     # canonical columns only; from_list gives a fresh fingerprint, so TRL's precompute cache cannot answer
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     model = load_causal_lm(args.model, dtype=args.dtype, device="cuda")
-    timing, counts = {}, {"tokens": 0, "padding": 0}
-    original, original_batch = DPOTrainer._precompute_ref_logps, DPOTrainer.compute_ref_log_probs
-
-    def timed(self, dataset, name, batch_size):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = original(self, dataset, name, batch_size)
-        torch.cuda.synchronize()
-        timing[name] = time.perf_counter() - t0
-        return out
-
-    def counted(self, model, inputs):
-        counts["tokens"] += int(inputs["attention_mask"].sum())
-        counts["padding"] += int((inputs["attention_mask"] == 0).sum())
-        return original_batch(self, model, inputs)
-
-    DPOTrainer._precompute_ref_logps, DPOTrainer.compute_ref_log_probs = timed, counted
+    timing, counts = instrument_trl_precompute(sync=torch.cuda.synchronize)
     # weights in the scoring dtype and no autocast, as our backend computes; TF32 as the process has it
     cfg = DPOConfig(output_dir=tempfile.mkdtemp(), bf16=False, fp16=False, report_to=[], max_length=args.max_length,
                     precompute_ref_log_probs=True, precompute_ref_batch_size=args.trl_batch,
