@@ -168,6 +168,56 @@ def _run(cmd, repo_root, timeout=900) -> str:
     return proc.stdout + proc.stderr
 
 
+def _fake_results(out: Path, rep: int, arms: list[str], rows: list[str], identity: dict, shift: float) -> None:
+    """A finished results folder of one repetition (what ``run`` leaves), with made-up scores."""
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"identity": identity, "repetitions": [rep],
+                                                 "arms": {a: {"order": "random"} for a in arms}, "analysis": {}}))
+    for k in (0, 1):
+        held = rows[k::2]
+        for i, arm in enumerate(arms):
+            r = {"repetition": rep, "fold": k, "arm": arm, "row_id": held, "chosen_logps": [-1.0 - shift - i] * 2,
+                 "rejected_logps": [-2.0] * 2, "chunks": [2], "probe_row_id": held[:1], "probe_scores": [],
+                 "truthfulqa": [], "command": f"python reproduce_sdpo.py --repetitions {rep}",
+                 "machine": {"processor": f"host {rep}"}, "train_seconds": 1.0}
+            path = out / "results" / f"rep{rep}" / f"fold{k}" / f"{arm}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(r))
+
+
+def test_export_adds_repetitions_to_the_committed_rows(examples, tmp_path):
+    """A repetition run later (``--repetitions 1``, another day or machine) joins the committed rows of the same
+    configuration; rerunning a repetition replaces its own rows only, and the same export gives the same bytes."""
+    from types import SimpleNamespace
+
+    from reproduce_rows import export_rows, load_tables
+
+    rows = ["r0", "r1", "r2", "r3"]
+    m0 = {"row_id": rows, "source": ["a"] * 4, "chosen_logps": [-1.0] * 4, "rejected_logps": [-2.0] * 4,
+          "chosen_tokens": [3] * 4, "rejected_tokens": [3] * 4}
+    data = {"m0": m0, "m0_truthfulqa": [], "sample": {"a": rows}, "questions": [], "m0_scoring_seconds": 1.0}
+    identity, arms, rows_dir = {"model": "m"}, ["dpo", "sdpo"], tmp_path / "rows"
+    for rep in (0, 1):
+        _fake_results(tmp_path / f"out{rep}", rep, arms, rows, identity, shift=rep)
+        cfg = SimpleNamespace(arms={a: {"order": "random"} for a in arms}, repetitions=[rep])
+        export_rows(tmp_path / f"out{rep}", rows_dir, cfg, data, {"processor": f"host {rep}"})
+    tables = load_tables(rows_dir)
+    assert sorted({(r["repetition"], r["arm"]) for r in tables["arms"]}) == [
+        ("0", "dpo"), ("0", "sdpo"), ("1", "dpo"), ("1", "sdpo")] and len(tables["arms"]) == 16
+    run = tables["run"]
+    assert [(m["repetition"], m["fold"], m["arm"]) for m in run["models"]] == [
+        (rep, k, a) for rep in (0, 1) for k in (0, 1) for a in arms]
+    assert run["config"]["repetitions"] == [0, 1] and len(run["commands"]) == 2
+    assert [m["machine"]["processor"] for m in run["models"]] == ["host 0"] * 4 + ["host 1"] * 4
+    before = {p.name: p.read_bytes() for p in rows_dir.iterdir()}
+    export_rows(tmp_path / "out1", rows_dir, SimpleNamespace(arms={a: {} for a in arms}, repetitions=[1]), data,
+                {"processor": "host 1"})
+    assert {p.name: p.read_bytes() for p in rows_dir.glob("*.csv.gz")} == {
+        n: b for n, b in before.items() if n.endswith(".csv.gz")}  # rep 1's rows replaced by the same rows
+    assert [r["chosen_logps"] for r in load_tables(rows_dir)["arms"] if r["repetition"] == "0"] == [
+        repr(-1.0), repr(-1.0), repr(-2.0), repr(-2.0)] * 2  # rep 0's rows kept as committed
+
+
 @pytest.mark.slow
 def test_quick_mode_killed_resumes_and_reports(repo_root, shared_data, tmp_path):
     """--quick on SmolLM2, cross-fitted: killed inside a stepwise run once its step 1 is complete; the rerun keeps the
