@@ -27,7 +27,8 @@ from .options import Options
 COMMANDS = {
     "inspect": (inspect, "load and validate preference data; print formats, counts and rejects"),
     "score": (score, "score pairs with a reference model (resumable)"),
-    "partition": (partition, "order and chunk preference data into Arrow shards + manifest (scoring first if needed)"),
+    "partition": (partition, "order and chunk preference data into Arrow or Parquet shards + dataset card + "
+                             "manifest (scoring first if needed)"),
     "stats": (stats, "per-chunk statistics of a partition, or per-step ones of a training run"),
     "verify": (verify, "check a partition's checksums, row accounting and schema"),
     "crossfit": (crossfit, "SelectiveDPO: cross-fitted held-out DPO loss of scored pairs, then the easiest share "

@@ -51,8 +51,8 @@ def _floats(value) -> list[float] | None:
         value = [v for v in value.replace(" ", "").split(",") if v]
     try:
         return [float(v) for v in value]
-    except (TypeError, ValueError) as e:
-        raise PartitionConfigError(f"expected a list of numbers, got {value!r}") from e
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: an integer past float's range
+        raise PartitionConfigError(f"expected a list of numbers, got {str(value)[:60]}") from e
 
 
 @dataclass
