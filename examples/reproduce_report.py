@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from partitioner.io import atomic_write
-from sdpo_eval.paired_stats import cluster_bootstrap, holm
 from sdpo_core.errors import UserError
 from sdpo_core.stats import dpo_losses, dpo_margins
+from sdpo_eval.paired_stats import cluster_bootstrap, holm
 
 from reproduce_rows import load_tables
 

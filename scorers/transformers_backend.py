@@ -19,8 +19,8 @@ from .attention import layout_tensor, prefix_attention, unmodelled_sliding_windo
 from .backend import LogProbBackend, token_columns
 from sdpo_core.columns import TRUNCATION_MODES
 from .compat import model_name_or_path
-from sdpo_core.errors import ConfigError
 from sdpo_core.config import check_choice
+from sdpo_core.errors import ConfigError
 from .flex_attention import KERNELS
 from .onednn import (LINEAR_KERNELS, checked_onednn_swaps, linear_kernel, onednn_faster_for,
                      onednn_linear_available)

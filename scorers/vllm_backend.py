@@ -25,8 +25,8 @@ import os
 
 from .backend import LogProbBackend
 from sdpo_core.columns import DTYPES, TRUNCATION_MODES
-from sdpo_core.errors import ConfigError, UserError
 from sdpo_core.config import check_choice
+from sdpo_core.errors import ConfigError, UserError
 from .vllm_common import actual_logprob, collect, import_vllm, scored_positions, side_sequences, token_chunks
 
 logger = logging.getLogger(__name__)

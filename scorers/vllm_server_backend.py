@@ -28,8 +28,8 @@ from pathlib import Path
 
 from .backend import LogProbBackend
 from sdpo_core.columns import TRUNCATION_MODES
-from sdpo_core.errors import ConfigError, UserError
 from sdpo_core.config import check_choice
+from sdpo_core.errors import ConfigError, UserError
 from .vllm_common import actual_logprob, collect, scored_positions, side_sequences
 
 logger = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from partitioner.partition.config import PartitionConfig
-from sdpo_core.errors import ConfigError
 from sdpo_core.config import section
+from sdpo_core.errors import ConfigError
 from trainer_plugin.selective import CROSSFIT_LOSS, CrossFitConfig
 
 from .options import build

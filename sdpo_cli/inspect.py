@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from partitioner.data.loading import LoadConfig
 from partitioner.data.tokenization import TokenizeConfig
-from sdpo_core.errors import ConfigError
 from sdpo_core.config import section
+from sdpo_core.errors import ConfigError
 
 from .options import build
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from partitioner.data.loading import LoadConfig
 from partitioner.partition.config import PartitionConfig
 from partitioner.scoring.config import ScoringConfig
-from sdpo_core.errors import ConfigError
 from sdpo_core.config import section
+from sdpo_core.errors import ConfigError
 
 from .options import build
 

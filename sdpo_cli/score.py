@@ -8,8 +8,8 @@ from partitioner.data.loading import LoadConfig
 from partitioner.scoring.config import ScoringConfig
 from partitioner.scoring.job import EXECUTORS
 from partitioner.scoring.ray_executor import RayConfig
-from sdpo_core.errors import ConfigError
 from sdpo_core.config import section
+from sdpo_core.errors import ConfigError
 
 from .options import build
 

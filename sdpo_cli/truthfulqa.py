@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scorers.flex_attention import packed_attention_field
 from sdpo_core.config import check_ranges
 from sdpo_core.option_fields import batch_tokens_field, device_field, dtype_field
-from scorers.flex_attention import packed_attention_field
 
 
 @dataclass

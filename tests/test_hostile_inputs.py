@@ -19,9 +19,9 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from sdpo_cli.main import main as sdpo
 from partitioner.data.formats import PreferenceDataError
 from partitioner.data.loading import load_preferences_with_rejects
+from sdpo_cli.main import main as sdpo
 
 GOOD = [{"prompt": f"Question {i}?", "chosen": f"Right answer {i}.", "rejected": f"Wrong answer {i}."} for i in range(20)]
 CONV = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "chosen": [{"role": "assistant", "content": f"A{i}."}],

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdpo_core.errors import UserError
 from sdpo_cli.main import main
 from sdpo_cli.options import Options, build
+from sdpo_core.errors import UserError
 from tests.test_fuzz import float_options
 
 

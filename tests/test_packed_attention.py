@@ -19,8 +19,8 @@ from test_trainer import partition2  # noqa: F401  (fixture)
 from test_scoring_backend import pairs, tiny_model  # noqa: F401  (fixtures)
 
 from scorers.attention import layout_tensor, prefix_attention, prefix_shared_attention
-from sdpo_core.errors import ConfigError
 from scorers.flex_attention import bucket_length, chosen_kernel, flex_prefix_attention
+from sdpo_core.errors import ConfigError
 
 
 class _Layer:

@@ -28,10 +28,10 @@ from partitioner import (
     read_manifest,
     verify_partition,
 )
-from sdpo_cli.main import main as sdpo_main
 from partitioner.data.rejects import reject_record, write_rejects
 from partitioner.io import read_arrow_stream, write_arrow_stream, write_json, write_marker
 from partitioner.scoring.folder import ScoringError, finish, write_part
+from sdpo_cli.main import main as sdpo_main
 
 
 def _chars(messages) -> int:

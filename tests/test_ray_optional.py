@@ -7,9 +7,9 @@ import sys
 import datasets
 import pytest
 
-from sdpo_cli.main import main
 from partitioner import ScoringConfig, score_preferences
 from partitioner.scoring.ray_executor import INDEX_COLUMN, INSTALL_HINT, PART_COLUMN, RayUnavailableError, PartAssembler
+from sdpo_cli.main import main
 
 
 @pytest.fixture

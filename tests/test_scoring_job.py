@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 from conftest import real_pairs, subprocess_env
 
-from partitioner.io import read_arrow_stream
 from partitioner.data.tokenization import TokenizationError
+from partitioner.io import read_arrow_stream
 from partitioner.scoring.config import ScoringConfig
 from partitioner.scoring.folder import ScoringError, read_scored
 from partitioner.scoring.job import score_preferences

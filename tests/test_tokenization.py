@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from partitioner.data.loading import load_preferences, load_preferences_with_rejects
-from sdpo_core.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, ROW_ID
 from partitioner.data.tokenization import TokenizationError, TokenizeConfig, tokenize_preferences
+from sdpo_core.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, ROW_ID
 
 FILES = {
     "orca": "orca_dpo_pairs/validation.jsonl",

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from sdpo_eval.truthfulqa import QA_PREAMBLE, load_truthfulqa, mc_metrics, truthfulqa_context
 from sdpo_core.errors import UserError
+from sdpo_eval.truthfulqa import QA_PREAMBLE, load_truthfulqa, mc_metrics, truthfulqa_context
 
 
 @pytest.fixture(scope="module")

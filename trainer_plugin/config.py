@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sdpo_core.errors import ConfigError, UserError
-from sdpo_core.config import check_ranges
 from scorers.flex_attention import packed_attention_field
+from sdpo_core.config import check_ranges
+from sdpo_core.errors import ConfigError, UserError
 from sdpo_core.option_fields import dtype_field
 
 from .ref_refresh import REFRESH_RULE_NAMES

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from sdpo_core.columns import ROW_ID
 from scorers.compat import drop_trl_forward_patch, model_name_or_path
+from sdpo_core.columns import ROW_ID
 from sdpo_core.stats import margin_stats
 
 from .config import StepwiseConfig, StepwiseInputError

@@ -10,8 +10,8 @@ from partitioner.data.tokenization import TokenizeConfig, tokenize_preferences, 
 from partitioner.io import StorageError, sha256_file
 from partitioner.partition.folder import MANIFEST, PartitionError, load_partition, read_manifest, verify_partition
 from partitioner.partition.layout import shard_dataset
-from sdpo_core.columns import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS, ROW_ID
 from scorers.models import chat_template_sha256
+from sdpo_core.columns import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS, ROW_ID
 
 from .config import StepwiseInputError
 

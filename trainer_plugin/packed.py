@@ -42,10 +42,10 @@ from trl import DPOTrainer
 from scorers.attention import prefix_attention, unmodelled_sliding_window
 from scorers.compat import (dpo_trainer_flags, fused_lm_output, trl_disable_gradient_checkpointing,
                             trl_reference_replaced, trl_use_adapter)
-from sdpo_core.errors import ConfigError
-from sdpo_core.config import check_choice
 from scorers.flex_attention import KERNELS
 from scorers.packed_head import OPTIONAL_STATS, install_packed_head
+from sdpo_core.config import check_choice
+from sdpo_core.errors import ConfigError
 
 from .packed_batch import PackedBatch, pack_collated
 

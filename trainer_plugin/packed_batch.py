@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scorers.attention import layout_tensor
-from sdpo_core.errors import UserError
 from scorers.packing import PackedRow, pack_line, pair_row, token_batches
+from sdpo_core.errors import UserError
 
 
 class PackedLayoutError(UserError):

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from partitioner.io import write_arrow_stream
-from sdpo_core.columns import CHOSEN_LOGPS, REJECTED_LOGPS, ROW_ID, TRL_REF_CHOSEN, TRL_REF_REJECTED
 from scorers.compat import drop_trl_forward_patch
+from sdpo_core.columns import CHOSEN_LOGPS, REJECTED_LOGPS, ROW_ID, TRL_REF_CHOSEN, TRL_REF_REJECTED
 
 from .reference import frozen_copy
 

@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 
 from partitioner.io import read_json, read_marker, write_json, write_marker
-from trainer_plugin.training_record import RUN_FILE, STEP_DIR, STEP_MARKER, STEPS_FILE
 from sdpo_core.columns import ROW_ID
+from trainer_plugin.training_record import RUN_FILE, STEP_DIR, STEP_MARKER, STEPS_FILE
 
 from .config import StepwiseInputError
 

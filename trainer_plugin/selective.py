@@ -26,8 +26,8 @@ import numpy as np
 
 from partitioner.io import read_json, write_json
 from sdpo_core.columns import CHOSEN_LOGPS, REJECTED_LOGPS, ROW_ID, SOURCE
-from sdpo_core.errors import ConfigError
 from sdpo_core.config import check_ranges
+from sdpo_core.errors import ConfigError
 
 from .config import StepwiseConfig
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from trl import DPOTrainer
 
-from sdpo_core.columns import TRL_REF_CHOSEN, TRL_REF_REJECTED
 from scorers.compat import KeepGivenRefLogps, trl_init_with_given_ref_logps
+from sdpo_core.columns import TRL_REF_CHOSEN, TRL_REF_REJECTED
 
 from .packed import PackedForward
 

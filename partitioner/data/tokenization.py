@@ -21,11 +21,11 @@ import json
 import logging
 from dataclasses import dataclass
 
+from scorers.compat import trl_tokenize
 from sdpo_core.columns import CHOSEN_IDS, CHOSEN_TRUNCATED, PROMPT_IDS, REJECTED_IDS, REJECTED_TRUNCATED
 from sdpo_core.columns import SOURCE
-from scorers.compat import trl_tokenize
-from sdpo_core.errors import UserError
 from sdpo_core.config import check_ranges
+from sdpo_core.errors import UserError
 from sdpo_core.option_fields import max_length_field, truncation_mode_field
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from sdpo_core.columns import ROW_ID
 from scorers.compat import has_indices_mapping
+from sdpo_core.columns import ROW_ID
 
 from ..data.rejects import REJECTS_FILE, read_rejects, rejects_table
 from ..io import sha256_file

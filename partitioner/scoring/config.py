@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from sdpo_core.columns import DIFFICULTY, Direction
-from sdpo_core.errors import ConfigError
-from sdpo_core.config import check_ranges
 from scorers.flex_attention import packed_attention_field
 from scorers.onednn import LINEAR_KERNELS
+from sdpo_core.columns import DIFFICULTY, Direction
+from sdpo_core.config import check_ranges
+from sdpo_core.errors import ConfigError
 from sdpo_core.option_fields import (batch_tokens_field, device_field, dtype_field, max_length_field,
                                      truncation_mode_field)
 from scorers.signals import check_models, parse_signals

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from sdpo_core.columns import CHOSEN_LOGPS, CHOSEN_TOKENS, DIFFICULTY, REJECTED_LOGPS, REJECTED_TOKENS
 from scorers.signals import compute_signal, parse_signals, passes_to_run, to_difficulty
+from sdpo_core.columns import CHOSEN_LOGPS, CHOSEN_TOKENS, DIFFICULTY, REJECTED_LOGPS, REJECTED_TOKENS
 
 from .backends import make_backend
 from .config import ScoringConfig

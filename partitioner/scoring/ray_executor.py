@@ -37,8 +37,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-from sdpo_core.errors import ConfigError, MissingDependencyError
 from sdpo_core.config import check_ranges
+from sdpo_core.errors import ConfigError, MissingDependencyError
 
 from .folder import ScoringError
 from .part_scorer import PartScorer
