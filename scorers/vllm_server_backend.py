@@ -54,7 +54,7 @@ class VLLMServerBackend(LogProbBackend):
         max_length, truncation_mode: ``DPOConfig``'s; the collator's truncation is applied.
         batch_size: prompts per request; max_concurrency: requests in flight.
         timeout: seconds per request; retries: attempts after the first on connection errors, timeouts and 5xx;
-            backoff: first wait in seconds (doubling, capped at 30 s).
+            backoff: first wait in seconds, doubling up to max_backoff (the longest wait between two attempts).
         api_key: sent as a bearer token when given.
         progress: one progress bar over pairs.
 
@@ -76,16 +76,19 @@ class VLLMServerBackend(LogProbBackend):
         timeout: float = 600.0,
         retries: int = 6,
         backoff: float = 1.0,
+        max_backoff: float = 30.0,
         api_key: str | None = None,
         progress: bool = True,
     ):
         check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
-        if batch_size < 1 or max_concurrency < 1 or retries < 0 or timeout <= 0:
-            raise ConfigError("batch_size and max_concurrency must be >= 1, retries >= 0, timeout > 0")
+        if batch_size < 1 or max_concurrency < 1 or retries < 0 or timeout <= 0 or not 0 <= backoff <= max_backoff:
+            raise ConfigError("batch_size and max_concurrency must be >= 1, retries >= 0, timeout > 0, "
+                              "0 <= backoff <= max_backoff")
         self.url = url.rstrip("/").removesuffix("/v1")
         self.max_length, self.truncation_mode = max_length, truncation_mode
         self.batch_size, self.max_concurrency = batch_size, max_concurrency
-        self.timeout, self.retries, self.backoff, self.api_key = timeout, retries, backoff, api_key
+        self.timeout, self.retries, self.api_key = timeout, retries, api_key
+        self.backoff, self.max_backoff = backoff, max_backoff
         self.progress = progress
         self.served, self.max_model_len = self._check_model(model, served_model_name)
         if tokenizer is not None:
@@ -102,7 +105,7 @@ class VLLMServerBackend(LogProbBackend):
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
-                wait = min(self.backoff * 2 ** (attempt - 1), 30.0)
+                wait = min(self.backoff * 2.0 ** min(attempt - 1, 64), self.max_backoff)  # no float overflow
                 logger.warning("vLLM server %s%s: %s; retry %d/%d in %.1f s", self.url, path, last, attempt,
                                self.retries, wait)
                 time.sleep(wait)

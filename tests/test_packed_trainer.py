@@ -2,11 +2,11 @@
 and LLaMA-Factory, conversational and standard text, cut by keep_start and keep_end), same batch and seed.
 
 Tolerances (the issue's): every logged loss and metric within 1e-4 relative or 1e-6 absolute; after one step every
-parameter's gradient with cosine >= 0.9999 and |g - g_TRL| <= 1e-3 |g_TRL|; after 10 steps θ10 - θ0 of each tensor
-within 1e-2 relative. The rewards are the exception, moved by fp32 summation order alone: a reward is β·(log π -
+parameter's gradient with cosine >= 0.9999 and |g - g_TRL| <= 1e-3 |g_TRL|; after an epoch (6 steps, every pair once,
+the last batch a single pair) θ6 - θ0 of each tensor within 1e-2 relative. The rewards are the exception, moved by fp32 summation order alone: a reward is β·(log π -
 log π_ref), the difference of two fp32 sums of ~10³ nats, each known to about one ulp (6e-5 at 600), so a reward
 of 0.02 is only known to ~1e-5 absolute, whoever computes it. For rewards/* the tolerance is therefore
-β·8·ulp(|logps|) absolute (:func:`reward_floor`), and the 10-step tests measure it: TRL against itself at another
+β·8·ulp(|logps|) absolute (:func:`reward_floor`), and the epoch tests measure it: TRL against itself at another
 batch shape (``pad_to_multiple_of``: other padded lengths, so other kernels' summation order) moves the rewards by
 a nonzero amount within that bound, and ours stays within it too (or within 3x TRL's own deviation).
 """
@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 MAX_LENGTH = 128
+EPOCH_STEPS = 6  # the 21 pairs at batch 4: 5 full batches and one of a single pair
 BATCH = 4
 SHORT_LLAMAFACTORY_ROWS = [21, 23, 102, 134, 269]
 NOT_METRICS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "epoch", "step", "total_flos"}
@@ -66,7 +67,7 @@ def dpo_args(tmp_path, **kw):
 
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, learning_rate=1e-3,
                 max_length=MAX_LENGTH, bf16=False, use_cpu=True, report_to=[], gradient_checkpointing=False,
-                save_strategy="no", logging_steps=1, max_steps=10, disable_tqdm=True, seed=7)
+                save_strategy="no", logging_steps=1, max_steps=EPOCH_STEPS, disable_tqdm=True, seed=7)
     return DPOConfig(**{**base, **kw})
 
 
@@ -204,16 +205,17 @@ def test_packed_lines_hold_the_collators_tokens(conversational, text_rows, smoll
 
 
 @pytest.mark.parametrize("rows_name,mode", [("conversational", "keep_start"), ("text_rows", "keep_end")])
-def test_ten_steps_match_trl(request, m0, tmp_path, rows_name, mode):
+def test_an_epoch_matches_trl(request, m0, tmp_path, rows_name, mode):
     from trl import DPOTrainer
 
     from trainer_plugin.packed import PackedDPOTrainer
 
     rows = request.getfixturevalue(rows_name)
+    assert math.ceil(len(rows) / BATCH) == EPOCH_STEPS and len(rows) % BATCH == 1
     trl, trl_logs, trl_grads = train(DPOTrainer, m0, rows, dpo_args(tmp_path, truncation_mode=mode))
     _, floor_logs, _ = train(DPOTrainer, m0, rows, dpo_args(tmp_path, truncation_mode=mode, pad_to_multiple_of=96))
     ours, ours_logs, ours_grads = train(PackedDPOTrainer, m0, rows, dpo_args(tmp_path, truncation_mode=mode))
-    assert trl.state.global_step == ours.state.global_step == 10
+    assert trl.state.global_step == ours.state.global_step == EPOCH_STEPS
     floor = assert_logs_match(trl_logs, ours_logs, floor_logs)
     # fp32 summation order alone moves TRL's own rewards (by a nonzero amount on the hosts seen so far; a host whose
     # kernels happen to sum both shapes alike would move them by 0), by no more than the bound used for them

@@ -21,18 +21,23 @@ ARMS = ["dpo", "sdpo", "sdpo_fixed_ref", "sdpo_random_2", "selective_dpo"]
 # config): the one method with harness code of its own (cross-fitting before the partition); grid_2d, ref_refresh
 # 'kl' and sft_steps are partition/driver options, tested in tests/test_difficulty_methods.py. It keeps the suite's
 # time. TruthfulQA (null in the CPU config) is switched on in the copy, so the harness's TruthfulQA path runs too.
+# M0 is the tiny random Llama (real tokenizer) in both the quick test and the notebook: they check the harness's
+# bookkeeping (folds, kill and resume, tables, report), which no number of the model changes; SmolLM2 itself is
+# trained and scored by the trainer, scoring and TruthfulQA tests.
 SUBSET = {"selective_dpo": 3}  # arms trained on a subset of the fold's pairs: how many
 EXTRA_ARMS = {"selective_dpo": {"order": "column", "column": "crossfit_dpo_loss", "keep_fraction": 0.5, "chunks": 2,
                                 "crossfit": {"folds": 2}, "stepwise": {"ref_refresh": "never"}}}
 
 
-def quick_config(repo_root, shared_data, tmp_path) -> Path:
-    """examples/configs/reproduce.yaml with SelectiveDPO added and TruthfulQA on (6 questions in --quick)."""
+def quick_config(repo_root, shared_data, model_dir, tmp_path) -> Path:
+    """examples/configs/reproduce.yaml with SelectiveDPO added, TruthfulQA on (6 questions in --quick) and M0 the
+    model at ``model_dir``."""
     import yaml
 
     raw = yaml.safe_load((repo_root / "examples" / "configs" / "reproduce.yaml").read_text())
     raw["arms"].update(EXTRA_ARMS)
     raw["truthfulqa"] = str(shared_data / "truthfulqa" / "TruthfulQA.csv")
+    raw["model"] = str(model_dir)
     path = tmp_path / "reproduce_quick.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -219,8 +224,8 @@ def test_export_adds_repetitions_to_the_committed_rows(examples, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_mode_killed_resumes_and_reports(repo_root, shared_data, tmp_path):
-    """--quick on SmolLM2, cross-fitted: killed inside a stepwise run once its step 1 is complete; the rerun keeps the
+def test_quick_mode_killed_resumes_and_reports(repo_root, shared_data, tiny_model_dir, tmp_path):
+    """--quick (M0 the tiny Llama), cross-fitted: killed inside a stepwise run once its step 1 is complete; the rerun keeps the
     finished results, resumes that run after step 1 and finishes the rest; every sampled pair is held out exactly
     once, never trained on by its own fold's models, and HH (held out only) never trained on; --report fills a
     RESULTS.md from the per-row tables."""
@@ -228,7 +233,7 @@ def test_quick_mode_killed_resumes_and_reports(repo_root, shared_data, tmp_path)
 
     out = tmp_path / "quick"
     cmd = [sys.executable, str(repo_root / "examples" / "reproduce_sdpo.py"), "--quick", "--output-dir", str(out),
-           "--config", str(quick_config(repo_root, shared_data, tmp_path))]
+           "--config", str(quick_config(repo_root, shared_data, tiny_model_dir, tmp_path))]
     proc = subprocess.Popen(cmd, cwd=repo_root, env=script_env(repo_root), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     in_arm, killed, first = False, False, []
@@ -304,8 +309,8 @@ def test_quick_mode_killed_resumes_and_reports(repo_root, shared_data, tmp_path)
 
 
 @pytest.mark.slow
-def test_notebook_executes_at_ci_size(repo_root, tmp_path, monkeypatch):
-    """examples/inspect_partition.ipynb runs top to bottom (two arms, SmolLM2, quick sizes) with nbclient."""
+def test_notebook_executes_at_ci_size(repo_root, tiny_model_dir, tmp_path, monkeypatch):
+    """examples/inspect_partition.ipynb runs top to bottom (two arms, quick sizes, M0 the tiny Llama) with nbclient."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -313,6 +318,7 @@ def test_notebook_executes_at_ci_size(repo_root, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)  # the kernel inherits this environment
     monkeypatch.setenv("SDPO_NOTEBOOK_SIZE", "ci")
     monkeypatch.setenv("SDPO_NOTEBOOK_OUT", str(tmp_path / "nb"))
+    monkeypatch.setenv("SDPO_NOTEBOOK_MODEL", str(tiny_model_dir))
     nb = nbformat.read(repo_root / "examples" / "inspect_partition.ipynb", as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":

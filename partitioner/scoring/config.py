@@ -24,7 +24,7 @@ from .backends import BACKEND_NAMES
 
 SCHEMA_VERSION = 1
 # vLLM server client options that change how requests travel, never a number.
-VLLM_TRANSPORT_OPTIONS = ("max_concurrency", "timeout", "retries", "backoff", "api_key")
+VLLM_TRANSPORT_OPTIONS = ("max_concurrency", "timeout", "retries", "backoff", "max_backoff", "api_key")
 
 
 def _not_guarded(help_: str) -> dict:
