@@ -13,11 +13,13 @@ training and evaluation are in ``reproduce_sdpo.py``, which imports these from h
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from partitioner.io import sha256_file
 from partitioner.run import BUNDLED_DATA
 from sdpo_core.config import check_ranges
 from sdpo_core.errors import ConfigError
@@ -151,7 +153,13 @@ class ReproConfig:
         return sorted(self.run_folds) if self.run_folds is not None else list(range(self.folds))
 
     def identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+        """The settings that fix every number of a run, its data named by content (:func:`content_fingerprint`):
+        the same configuration run from another checkout or data folder is the same run."""
+        ident = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+        ident["sources"] = {name: content_fingerprint(spec) for name, spec in self.sources.items()}
+        if self.truthfulqa is not None:
+            ident["truthfulqa"] = content_fingerprint(self.truthfulqa)
+        return ident
 
     def analysis(self) -> dict:
         return {k: getattr(self, k) for k in ANALYSIS}
@@ -163,6 +171,22 @@ class ReproConfig:
     @property
     def truncation_mode(self) -> str:
         return self.training.get("truncation_mode", "keep_start")
+
+
+def content_fingerprint(spec):
+    """``sha256:<hex>`` of a local file's bytes (of a local folder: of its files' relative paths and contents, in
+    sorted order); a list of them for a list; anything else (a hub id, a glob) as given."""
+    if isinstance(spec, (list, tuple)):
+        return [content_fingerprint(s) for s in spec]
+    path = Path(spec)
+    if path.is_file():
+        return "sha256:" + sha256_file(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(q for q in path.rglob("*") if q.is_file()):
+            digest.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+        return "sha256:" + digest.hexdigest()
+    return spec
 
 
 # ------------------------------------------------------------------------------------------------- data set-up

@@ -166,6 +166,39 @@ def test_bad_settings_are_one_line_errors(examples, tmp_path, capsys):
     assert err.startswith("reproduce_sdpo: error:") and len(err.strip().splitlines()) == 1
 
 
+
+def test_identity_names_the_data_by_content(examples, repo_root, tmp_path):
+    """The same files in another folder (another checkout) give the same identity, so a rerun there resumes and
+    its rows join the committed ones; other bytes give another identity; the committed run is the committed
+    config's (when ../shared is here: HH is read from it)."""
+    import dataclasses
+    import shutil
+
+    from reproduce_design import DEFAULT_CONFIG, ReproConfig
+
+    cfg = ReproConfig.from_yaml(DEFAULT_CONFIG)
+    bundled = repo_root / "partitioner" / "bundled"
+    copies = {}
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in ("orca_dpo_pairs.jsonl", "llamafactory_dpo_en_demo.json"):
+            shutil.copy(bundled / f, folder / f)
+        copies[name] = dataclasses.replace(cfg, sources={"orca": str(folder / "orca_dpo_pairs.jsonl"),
+                                                         "llamafactory_en": str(folder),
+                                                         "hh_harmless": "Anthropic/hh-rlhf"},
+                                           sample_per_source={}, train_sources=None, primary_sources=None)
+    a, b = copies["a"].identity(), copies["b"].identity()
+    assert a == b and a["sources"]["orca"].startswith("sha256:") and a["sources"]["hh_harmless"] == "Anthropic/hh-rlhf"
+    with open(tmp_path / "b" / "orca_dpo_pairs.jsonl", "a") as f:
+        f.write("\n")
+    assert copies["b"].identity()["sources"]["orca"] != a["sources"]["orca"]
+    (tmp_path / "b" / "extra.json").write_text("[]")  # a folder source: any file added changes it
+    assert copies["b"].identity()["sources"]["llamafactory_en"] != a["sources"]["llamafactory_en"]
+    if (repo_root.parent / "shared" / "data").is_dir():
+        committed = json.loads((examples / "results" / "run.json").read_text())["config"]["identity"]
+        assert committed == json.loads(json.dumps(cfg.identity()))
+
 def _run(cmd, repo_root, timeout=900) -> str:
     proc = subprocess.run(cmd, cwd=repo_root, env=script_env(repo_root), capture_output=True, text=True,
                           timeout=timeout)
