@@ -13,6 +13,7 @@ retries finish the job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -120,9 +121,25 @@ def _cfg(model_dir, **kw):
     return ScoringConfig(**base)
 
 
+@contextlib.contextmanager
+def actor_threads():
+    """The local job at an actor's torch thread count (``num_cpus``, 1 by default: Ray sets a worker's
+    OMP_NUM_THREADS to it). An fp32 GEMM may sum in another order at another thread count (seen with oneDNN and MKL
+    limited to AVX2), and these tests compare bytes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(RayConfig().num_cpus))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def local_scored(tiny_model_dir, pairs, tmp_path_factory):
-    return score_preferences(pairs, tmp_path_factory.mktemp("local") / "scored", _cfg(tiny_model_dir))
+    with actor_threads():
+        return score_preferences(pairs, tmp_path_factory.mktemp("local") / "scored", _cfg(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +153,9 @@ def saved_pairs(pairs, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def saved_local_scored(saved_pairs, tiny_model_dir, tmp_path_factory) -> Path:
     """The local job on the saved folder (its schema metadata differs from the in-memory pairs')."""
-    return score_preferences(str(saved_pairs), tmp_path_factory.mktemp("local-saved") / "scored",
-                             _cfg(tiny_model_dir))
+    with actor_threads():
+        return score_preferences(str(saved_pairs), tmp_path_factory.mktemp("local-saved") / "scored",
+                                 _cfg(tiny_model_dir))
 
 
 def _files(out: Path) -> dict[str, bytes]:
