@@ -40,6 +40,27 @@ MAX_LENGTH = 320
 ROWS_PER_PART = 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_auto_kernel(request, tiny_model_dir):
+    """Every job here resolves ``linear_kernel="auto"`` alike: this process's, its driver subprocesses' and the local
+    reference's, to this host's measurement taken once. Each job resolves it for its own folder, and where oneDNN's
+    and MKL's GEMMs time alike (AVX2-only hosts) two jobs could pick differently; these tests compare their bytes.
+    Forced as ``--auto-linear-kernel`` forces it (tests/conftest.py), which, when given, is left as it is."""
+    from conftest import KERNEL_SITE
+
+    import scorers.onednn as onednn
+
+    if request.config.getoption("--auto-linear-kernel") != "measure":
+        yield
+        return
+    choice = onednn.auto_linear_kernel(str(tiny_model_dir))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onednn, "onednn_is_faster", lambda *a, **kw: choice == "onednn")
+        mp.setenv("SDPO_TESTS_AUTO_LINEAR_KERNEL", choice)  # subprocesses: tests/kernel_site/sitecustomize.py
+        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(KERNEL_SITE), os.environ.get("PYTHONPATH")) if p))
+        yield choice
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
