@@ -44,10 +44,16 @@ def pytest_configure(config):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(KERNEL_SITE), os.environ.get("PYTHONPATH")) if p)
 
 
-def _force_auto_linear_kernel(monkeypatch, choice: str) -> None:
+def _force_auto_linear_kernel(monkeypatch, choice: str, subprocesses: bool = False) -> None:
+    """``linear_kernel="auto"`` picks ``choice`` in this process and, with ``subprocesses``, in every Python
+    subprocess started while ``monkeypatch`` holds (tests/kernel_site/sitecustomize.py, as pytest_configure does)."""
     import scorers.onednn as onednn
 
     monkeypatch.setattr(onednn, "onednn_is_faster", lambda *a, **kw: choice == "onednn")
+    if subprocesses:
+        monkeypatch.setenv("SDPO_TESTS_AUTO_LINEAR_KERNEL", choice)
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(KERNEL_SITE), os.environ.get("PYTHONPATH"))
+                                                         if p))
 
 
 @pytest.fixture(params=AUTO_LINEAR_KERNELS)

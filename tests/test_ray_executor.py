@@ -46,18 +46,16 @@ def one_auto_kernel(request, tiny_model_dir):
     reference's, to this host's measurement taken once. Each job resolves it for its own folder, and where oneDNN's
     and MKL's GEMMs time alike (AVX2-only hosts) two jobs could pick differently; these tests compare their bytes.
     Forced as ``--auto-linear-kernel`` forces it (tests/conftest.py), which, when given, is left as it is."""
-    from conftest import KERNEL_SITE
+    from conftest import _force_auto_linear_kernel
 
-    import scorers.onednn as onednn
+    from scorers.onednn import auto_linear_kernel
 
     if request.config.getoption("--auto-linear-kernel") != "measure":
         yield
         return
-    choice = onednn.auto_linear_kernel(str(tiny_model_dir))
+    choice = auto_linear_kernel(str(tiny_model_dir))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(onednn, "onednn_is_faster", lambda *a, **kw: choice == "onednn")
-        mp.setenv("SDPO_TESTS_AUTO_LINEAR_KERNEL", choice)  # subprocesses: tests/kernel_site/sitecustomize.py
-        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(KERNEL_SITE), os.environ.get("PYTHONPATH")) if p))
+        _force_auto_linear_kernel(mp, choice, subprocesses=True)
         yield choice
 
 
