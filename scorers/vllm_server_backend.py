@@ -81,6 +81,11 @@ class VLLMServerBackend(LogProbBackend):
         progress: bool = True,
     ):
         check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
+        numbers = {"batch_size": batch_size, "max_concurrency": max_concurrency, "retries": retries, "timeout": timeout,
+                   "backoff": backoff, "max_backoff": max_backoff}
+        wrong = [k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if wrong:  # e.g. a string in --vllm-options: one line, not a TypeError below
+            raise ConfigError(f"{', '.join(wrong)} must be number(s)")
         if batch_size < 1 or max_concurrency < 1 or retries < 0 or timeout <= 0 or not 0 <= backoff <= max_backoff:
             raise ConfigError("batch_size and max_concurrency must be >= 1, retries >= 0, timeout > 0, "
                               "0 <= backoff <= max_backoff")

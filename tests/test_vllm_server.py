@@ -213,6 +213,8 @@ def test_unreachable_server_one_line_error():
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="backoff <= max_backoff"):
         VLLMServerBackend(f"http://127.0.0.1:{_free_port()}", backoff=2, max_backoff=1)
+    with pytest.raises(ConfigError, match="max_backoff must be number"):
+        VLLMServerBackend(f"http://127.0.0.1:{_free_port()}", max_backoff="x")
 
 
 def test_cli_score_backend_vllm_server(server, tiny_model_dir, shared_data, tmp_path, capsys):
